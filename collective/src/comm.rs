@@ -1,0 +1,191 @@
+//! The communicator the workers use: collectives with algorithm choice, error context and abort on failure.
+
+use crate::algo::{basic, one_shot, two_shot};
+use crate::env::JobEnv;
+use crate::error::{Error, Result};
+use crate::transport::shm::{ShmTransport, WaitPolicy, DEFAULT_CAPACITY};
+use crate::transport::Transport;
+
+/// Which allreduce algorithm runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// One-shot up to [`Communicator::one_shot_max`] bytes, reduce-scatter + allgather above.
+    Auto,
+    /// Always one-shot (messages larger than an outbox fall back to two-shot).
+    OneShot,
+    /// Always reduce-scatter + allgather.
+    TwoShot,
+}
+
+/// Default crossover between one-shot and two-shot, in bytes. Measured with `ringlm bench-comm --algorithm ...`
+/// on 2 ranks here (BENCHMARKS.md): one-shot's single synchronisation only wins below ~512 B; from 1 KiB on,
+/// moving half the lines each way (two-shot) wins, 8 KiB: 0.98 vs 1.48 µs, 32 KiB: 4.8 vs 5.5 µs.
+pub const DEFAULT_ONE_SHOT_MAX: usize = 512;
+
+/// A rank's handle on the job: rank, size and the collectives.
+pub struct Communicator {
+    env: JobEnv,
+    transport: Option<Box<dyn Transport>>,
+    algorithm: Algorithm,
+    one_shot_max: usize,
+}
+
+impl Communicator {
+    /// Joins the job described by the environment (see [`JobEnv::from_env`]).
+    pub fn from_env() -> Result<Communicator> {
+        Communicator::new(JobEnv::from_env()?)
+    }
+
+    /// Joins the job `env` describes; a job of one needs no shared memory.
+    pub fn new(env: JobEnv) -> Result<Communicator> {
+        let num = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        let transport: Option<Box<dyn Transport>> = if env.size > 1 {
+            let capacity = num("RINGLM_SHM_CAPACITY").unwrap_or(DEFAULT_CAPACITY);
+            let t = ShmTransport::attach(
+                &env.job,
+                env.rank,
+                env.size,
+                capacity,
+                WaitPolicy::from_env(env.size),
+            )
+            .map_err(|e| Error::InOp {
+                op: "attach",
+                rank: env.rank,
+                source: Box::new(e),
+            })?;
+            Some(Box::new(t))
+        } else {
+            None
+        };
+        let algorithm = match std::env::var("RINGLM_ALLREDUCE").as_deref() {
+            Ok("one-shot") => Algorithm::OneShot,
+            Ok("two-shot") => Algorithm::TwoShot,
+            Ok("auto") | Err(_) => Algorithm::Auto,
+            Ok(other) => {
+                return Err(Error::Env(format!(
+                    "RINGLM_ALLREDUCE={other:?}: expected auto, one-shot or two-shot"
+                )))
+            }
+        };
+        Ok(Communicator {
+            env,
+            transport,
+            algorithm,
+            one_shot_max: num("RINGLM_ONE_SHOT_MAX").unwrap_or(DEFAULT_ONE_SHOT_MAX),
+        })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.env.rank
+    }
+
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.env.size
+    }
+
+    /// The job description this communicator was built from.
+    pub fn env(&self) -> &JobEnv {
+        &self.env
+    }
+
+    /// Sets the allreduce algorithm (benchmarks compare them).
+    pub fn set_algorithm(&mut self, algorithm: Algorithm) {
+        self.algorithm = algorithm;
+    }
+
+    /// Largest message, in bytes, that `Algorithm::Auto` sends one-shot.
+    pub fn one_shot_max(&self) -> usize {
+        self.one_shot_max
+    }
+
+    /// Tells the other ranks to stop waiting for this one (call before exiting on an error).
+    pub fn abort(&self) {
+        if let Some(t) = &self.transport {
+            t.abort();
+        }
+    }
+
+    fn run<T>(
+        &mut self,
+        op: &'static str,
+        f: impl FnOnce(&mut dyn Transport) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let rank = self.env.rank;
+        let Some(t) = self.transport.as_deref_mut() else {
+            return Ok(None);
+        };
+        match f(t) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                // Peers blocked on this rank learn at once instead of at their next liveness check.
+                t.abort();
+                Err(Error::InOp {
+                    op,
+                    rank,
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.run("barrier", basic::barrier).map(|_| ())
+    }
+
+    /// Replaces `buf` on every rank by `root`'s `buf`.
+    pub fn broadcast(&mut self, root: usize, buf: &mut Vec<u8>) -> Result<()> {
+        if root >= self.size() {
+            return Err(Error::Mismatch(format!(
+                "broadcast root {root} is not below world size {}",
+                self.size()
+            )));
+        }
+        self.run("broadcast", |t| basic::broadcast(t, root, buf))
+            .map(|_| ())
+    }
+
+    /// Every rank's `mine`, in rank order, on every rank.
+    pub fn allgather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .run("allgather", |t| basic::allgather(t, mine))?
+            .unwrap_or_else(|| vec![mine.to_vec()]))
+    }
+
+    /// Every rank's `mine` concatenated in rank order, on every rank.
+    pub fn allgather_f32(&mut self, mine: &[f32]) -> Result<Vec<f32>> {
+        let parts = self.allgather(crate::algo::f32_bytes(mine))?;
+        let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() / 4).sum());
+        for p in parts {
+            out.extend(
+                p.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap())),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Sums `data` over all ranks, in place; the result is bitwise identical on every rank.
+    pub fn allreduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        let one_shot = match self.algorithm {
+            Algorithm::Auto => bytes <= self.one_shot_max,
+            Algorithm::OneShot => true,
+            Algorithm::TwoShot => false,
+        };
+        self.run("allreduce", |t| {
+            if one_shot && bytes <= t.capacity() {
+                one_shot::allreduce_sum(t, data)
+            } else {
+                two_shot::allreduce_sum(t, data)
+            }
+        })
+        .map(|_| ())
+    }
+}
