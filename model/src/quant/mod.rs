@@ -1,0 +1,3 @@
+//! Quantized weight formats.
+
+pub mod nf4;
