@@ -148,9 +148,9 @@ impl Nf4Tensor {
             absmax.push(am);
             // bitsandbytes clamps the divisor to 1e-38 so an all-zero block maps to level 7 (0.0), not NaN.
             let inv = 1.0 / am.max(1e-38);
+            // Full blocks multiply by the reciprocal, a short last block divides (as bitsandbytes does).
+            let full = block.len() == BLOCK;
             for (i, &v) in block.iter().enumerate() {
-                let full = block.len() == BLOCK;
-                // Full blocks multiply by the reciprocal, a short last block divides (as bitsandbytes does).
                 let s = if full { v * inv } else { v / am.max(1e-38) };
                 let q = nearest_level(s.clamp(-1.0, 1.0), &mids);
                 let idx = b * BLOCK + i;
