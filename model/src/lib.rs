@@ -2,12 +2,20 @@
 //!
 //! # Modules
 //! - [`quant`]: weight formats. [`quant::nf4`] is bitsandbytes' NF4 with double-quantized scales, bit-exact.
-//!
-//! Still to come (see the issues): the GEMV/GEMM kernels over NF4 and BF16 weights, the thread pool, the
-//! safetensors loader and the Yuan2 and Llama architectures.
+//! - [`kernels`]: GEMV (decode) and GEMM (prefill) over NF4 and BF16 weights, each with a scalar reference
+//!   and SIMD versions (AVX-512, AVX2) chosen at run time.
+//! - [`pool`]: the persistent, pinned thread pool the kernels run on.
+//! - [`weight`]: a linear layer's weight in f32, NF4 or bf16, and how it is split over ranks.
+//! - [`hf`]: Hugging Face checkpoints (safetensors, sharded or not), memory-mapped.
+//! - [`arch`]: architectures; [`arch::yuan2`] is Yuan 2.0 with its LFA convolutions.
 #![deny(missing_docs)]
 
+pub mod arch;
 mod error;
+pub mod hf;
+pub mod kernels;
+pub mod pool;
 pub mod quant;
+pub mod weight;
 
 pub use error::{Error, Result};

@@ -1,5 +1,6 @@
 //! ringlm: the worker program. Under `ringrun` every rank runs it; alone it is a job of one.
 
+mod benchk;
 mod commcmd;
 
 use std::process::ExitCode;
@@ -23,15 +24,20 @@ struct Cli {
 enum Command {
     /// Measure barrier, broadcast, allgather and allreduce between the ranks, beside a memcpy of the same bytes.
     BenchComm(commcmd::BenchArgs),
+    /// Measure the NF4 and BF16 kernels: GEMV bandwidth beside a streaming read, GEMM beside the FMA peak.
+    BenchKernels(benchk::Args),
     /// Check the collectives' results on seeded data (used by the test suite; exits non-zero on a wrong result).
     CommCheck(commcmd::CheckArgs),
 }
 
 fn main() -> ExitCode {
+    // Like other command-line tools: a closed pipe (ringlm ... | head) ends the program quietly.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::BenchComm(a) => commcmd::bench(a),
         Command::CommCheck(a) => commcmd::check(a),
+        Command::BenchKernels(a) => benchk::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,855 @@
+//! Yuan 2.0 (2B / 51B / 102B), as the official Hugging Face modeling code (Yuan-2.0 repository,
+//! `yuan_hf_model.py`) computes it:
+//!
+//! - pre-norm decoder layers: `x += attn(rmsnorm(x))`, `x += mlp(rmsnorm(x))`, final RMSNorm, lm_head;
+//! - Localized Filtering (LFA) before q/k: two causal convolutions of kernel 2 along time,
+//!   `conv1: H → H/2`, `conv2: H/2 → H`, both with bias, zero padding before the first position, then
+//!   `RMSNorm(eps 1e-6)(conv2 + h)` where `h` is the normed layer input; v comes from `h` itself;
+//! - q and k interleaved per head: in the stacked output `[q_proj(x); k_proj(x)]`, query head i is rows
+//!   `[2i·d, 2i·d+d)` and key head i the next d rows (`torch.chunk(qk.view(.., heads, 2d), 2)`);
+//! - RoPE on the full head dimension (rotate_half), base 10000; softmax in f32 with scale 1/sqrt(d);
+//! - MLP `down(gate(x) · silu(up(x)))` — the SiLU is on up_proj;
+//! - with `reset_attention_mask`, a token does not attend to anything up to the last eod token before it
+//!   (positions are not reset).
+//!
+//! Every projection is split Megatron-style over tensor-parallel ranks ([`Shard`]): q, k, v, conv1, gate and
+//! up by output rows (column-parallel), o, conv2 and down by input columns (row-parallel, followed by an
+//! allreduce, visible in [`Model::forward`]), lm_head by vocabulary rows. Norms are replicated.
+
+use std::path::Path;
+
+use super::{argmax, rms_norm, silu, Collective, Shard};
+use crate::error::{Error, Result};
+use crate::hf::Checkpoint;
+use crate::kernels::Kernels;
+use crate::pool::Pool;
+use crate::weight::{Format, Weight};
+
+/// eps of the LFA output norm: LlamaRMSNorm's default, which the official code does not override.
+const LFA_EPS: f32 = 1e-6;
+
+/// The hyper-parameters of config.json.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Hidden size H.
+    pub hidden: usize,
+    /// MLP width.
+    pub ffn: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// RMSNorm eps of the layer and final norms.
+    pub eps: f32,
+    /// The end-of-document token.
+    pub eod: u32,
+    /// The separator token (end of a prompt).
+    pub sep: u32,
+    /// Whether attention stops at eod tokens.
+    pub reset_attention_mask: bool,
+    /// Longest sequence the model was trained for.
+    pub max_positions: usize,
+    /// lm_head shares the embedding matrix.
+    pub tie_embeddings: bool,
+    /// RoPE base.
+    pub rope_base: f32,
+}
+
+impl Config {
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    /// Reads and checks config.json.
+    pub fn from_json(v: &serde_json::Value) -> Result<Config> {
+        let model_type = v["model_type"].as_str().unwrap_or("");
+        if model_type != "yuan" {
+            return Err(Error::Format(format!(
+                "model_type {model_type:?} is not a Yuan 2.0 checkpoint (expected \"yuan\")"
+            )));
+        }
+        let num = |k: &str| -> Result<usize> {
+            v[k].as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| Error::Format(format!("config.json: {k} missing or not an integer")))
+        };
+        let act = v["hidden_act"].as_str().unwrap_or("silu");
+        if act != "silu" {
+            return Err(Error::Format(format!(
+                "config.json: hidden_act {act:?} is not supported (silu is)"
+            )));
+        }
+        let c = Config {
+            vocab: num("vocab_size")?,
+            hidden: num("hidden_size")?,
+            ffn: num("intermediate_size")?,
+            layers: num("num_hidden_layers")?,
+            heads: num("num_attention_heads")?,
+            eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+            eod: v["eod_token"]
+                .as_u64()
+                .or(v["eod_token_id"].as_u64())
+                .unwrap_or(77185) as u32,
+            sep: v["sep_token"]
+                .as_u64()
+                .or(v["sep_token_id"].as_u64())
+                .unwrap_or(77187) as u32,
+            reset_attention_mask: v["reset_attention_mask"].as_bool().unwrap_or(false),
+            max_positions: v["max_position_embeddings"].as_u64().unwrap_or(8192) as usize,
+            tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
+            rope_base: v["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
+        };
+        if c.vocab == 0 || c.hidden == 0 || c.heads == 0 || c.layers == 0 || c.ffn == 0 {
+            return Err(Error::Format("config.json: sizes must be positive".into()));
+        }
+        if !c.hidden.is_multiple_of(c.heads)
+            || !c.head_dim().is_multiple_of(2)
+            || !c.hidden.is_multiple_of(2)
+        {
+            return Err(Error::Format(format!(
+                "config.json: hidden_size {} must split into {} heads of even size",
+                c.hidden, c.heads
+            )));
+        }
+        Ok(c)
+    }
+
+    /// Reads `dir/config.json`.
+    pub fn load(dir: &Path) -> Result<Config> {
+        let p = dir.join("config.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::Io(e).file(&p))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Format(format!("invalid JSON: {e}")).file(&p))?;
+        Config::from_json(&v).map_err(|e| e.file(&p))
+    }
+
+    /// Tensor-parallel rank counts this model can be split over (heads, LFA channels and MLP width must divide).
+    pub fn valid_np(&self) -> Vec<usize> {
+        (1..=self.heads).filter(|&n| self.splits(n)).collect()
+    }
+
+    fn splits(&self, n: usize) -> bool {
+        self.heads.is_multiple_of(n)
+            && (self.hidden / 2).is_multiple_of(n)
+            && self.ffn.is_multiple_of(n)
+            && self.vocab >= n
+    }
+
+    /// Checks that `np` ranks can shard the model.
+    pub fn check_np(&self, np: usize) -> Result<()> {
+        if np == 0 || !self.splits(np) {
+            return Err(Error::Shape(format!(
+                "this model cannot be split over {np} ranks: {} heads, {} LFA channels and an MLP of {} must \
+                 divide evenly; possible values: {:?}",
+                self.heads,
+                self.hidden / 2,
+                self.ffn,
+                self.valid_np()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The embedding table, kept whole on every rank (one row is read per token).
+#[derive(Clone, Debug)]
+enum Embedding {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+/// One decoder layer's weights, this rank's slice (c = this rank's LFA channels, n = its heads × d,
+/// f = its MLP width).
+#[derive(Debug)]
+struct Layer {
+    input_norm: Vec<f32>, // (H,)
+    post_norm: Vec<f32>,  // (H,)
+    lfa_norm: Vec<f32>,   // (H,)
+    conv1: Weight,        // (c, 2H): [kernel tap for t-1 | tap for t], column-parallel
+    conv1_bias: Vec<f32>, // (c,)
+    conv2: Weight,        // (H, 2c): [tap for t-1 | tap for t], row-parallel
+    conv2_bias: Vec<f32>, // (H,), added once, after the allreduce
+    wq: Weight,           // (n, H), heads de-interleaved, column-parallel
+    wk: Weight,           // (n, H)
+    wv: Weight,           // (n, H)
+    wo: Weight,           // (H, n), row-parallel
+    gate: Weight,         // (f, H), column-parallel
+    up: Weight,           // (f, H)
+    down: Weight,         // (H, f), row-parallel
+}
+
+/// Per-op timers, accumulated over a run (nanoseconds).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Profile {
+    /// Linear layers (q, k, v, o, MLP, lm_head).
+    pub linear: u64,
+    /// LFA convolutions.
+    pub conv: u64,
+    /// Attention scores, softmax and weighted sums (with RoPE).
+    pub attention: u64,
+    /// Allreduce and allgather.
+    pub comm: u64,
+    /// Everything else (norms, embedding, activation).
+    pub other: u64,
+}
+
+impl Profile {
+    /// Total time.
+    pub fn total(&self) -> u64 {
+        self.linear + self.conv + self.attention + self.comm + self.other
+    }
+}
+
+/// The model as this rank holds it.
+pub struct Model {
+    /// Hyper-parameters.
+    pub config: Config,
+    /// Which slice this is.
+    pub shard: Shard,
+    layers: Vec<Layer>,
+    embed: Embedding,
+    final_norm: Vec<f32>, // (H,)
+    lm_head: Weight,      // (vocab slice, H)
+    vocab: std::ops::Range<usize>,
+    /// Kernels the linear layers run.
+    pub kernels: Kernels,
+    /// RoPE inverse frequencies (d/2,).
+    inv_freq: Vec<f32>,
+    /// Time spent per kind of op since the last reset.
+    pub profile: Profile,
+}
+
+/// The caches of one sequence.
+pub struct State {
+    /// Tokens processed so far (the next position).
+    pub pos: usize,
+    capacity: usize,
+    /// Position of the last eod token seen, for the document mask.
+    last_eod: Option<usize>,
+    keys: Vec<Vec<f32>>,   // per layer (capacity, n)
+    values: Vec<Vec<f32>>, // per layer (capacity, n)
+    /// The LFA's memory per layer: the last normed input h[t-1] and conv1's output for it. Caching conv1's
+    /// output instead of the two last inputs (as the official code does) gives the same numbers and saves
+    /// recomputing conv1 for t-1 at every step.
+    lfa_h: Vec<Vec<f32>>, // per layer (H,)
+    lfa_o1: Vec<Vec<f32>>, // per layer (c,)
+}
+
+/// Loads one weight: rows × cols of f32 from `values`, kept in `format`.
+fn weight(
+    values: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    format: Format,
+    name: &str,
+) -> Result<Weight> {
+    Weight::new(values, rows, cols, format).map_err(|e| e.tensor(name))
+}
+
+/// Columns [c0, c1) of a row-major rows × cols matrix.
+fn columns(m: &[f32], cols: usize, c0: usize, c1: usize) -> Vec<f32> {
+    m.chunks(cols)
+        .flat_map(|row| row[c0..c1].iter().copied())
+        .collect()
+}
+
+impl Model {
+    /// Loads this rank's slice of a Hugging Face checkpoint. `format` is how the projections and
+    /// convolutions are kept; the lm_head is kept in `head_format`.
+    pub fn load(
+        dir: &Path,
+        shard: Shard,
+        format: Format,
+        head_format: Format,
+        kernels: Kernels,
+    ) -> Result<Model> {
+        let config = Config::load(dir)?;
+        config.check_np(shard.size)?;
+        let ck = Checkpoint::open(dir)?;
+        let c = &config;
+        let (h, d) = (c.hidden, c.head_dim());
+        let heads = shard.even(c.heads);
+        let (n0, n1) = (heads.start * d, heads.end * d);
+        let n = n1 - n0;
+        let chans = shard.even(h / 2);
+        let ch = chans.len();
+        let ffn = shard.even(c.ffn);
+        let vocab = shard.uneven(c.vocab);
+        let mut layers = Vec::with_capacity(c.layers);
+        for l in 0..c.layers {
+            let p = format!("model.layers.{l}.");
+            let name = |s: &str| format!("{p}{s}");
+            // q/k: undo the per-head interleave of the stacked [q; k] output, then keep this rank's heads.
+            let q = ck.take(&name("self_attn.q_proj.weight"), &[h, h])?;
+            let k = ck.take(&name("self_attn.k_proj.weight"), &[h, h])?;
+            let stacked_row = |r: usize| {
+                if r < h {
+                    &q[r * h..(r + 1) * h]
+                } else {
+                    &k[(r - h) * h..(r - h + 1) * h]
+                }
+            };
+            let mut wq = Vec::with_capacity(n * h);
+            let mut wk = Vec::with_capacity(n * h);
+            for head in heads.clone() {
+                for i in 0..d {
+                    wq.extend_from_slice(stacked_row(2 * head * d + i));
+                    wk.extend_from_slice(stacked_row(2 * head * d + d + i));
+                }
+            }
+            let v = ck.take(&name("self_attn.v_proj.weight"), &[h, h])?;
+            let o = ck.take(&name("self_attn.o_proj.weight"), &[h, h])?;
+            // conv weights are (out, in, 2, 1): tap 0 meets x[t-1], tap 1 meets x[t].
+            let c1 = ck.take(&name("self_attn.lf_gate.conv1.weight"), &[h / 2, h, 2, 1])?;
+            let mut conv1 = Vec::with_capacity(ch * 2 * h);
+            for out in chans.clone() {
+                for tap in 0..2 {
+                    conv1.extend((0..h).map(|i| c1[(out * h + i) * 2 + tap]));
+                }
+            }
+            let b1 = ck.take(&name("self_attn.lf_gate.conv1.bias"), &[h / 2])?;
+            let c2 = ck.take(&name("self_attn.lf_gate.conv2.weight"), &[h, h / 2, 2, 1])?;
+            let mut conv2 = Vec::with_capacity(h * 2 * ch);
+            for out in 0..h {
+                for tap in 0..2 {
+                    conv2.extend(chans.clone().map(|i| c2[(out * (h / 2) + i) * 2 + tap]));
+                }
+            }
+            let gate = ck.take(&name("mlp.gate_proj.weight"), &[c.ffn, h])?;
+            let up = ck.take(&name("mlp.up_proj.weight"), &[c.ffn, h])?;
+            let down = ck.take(&name("mlp.down_proj.weight"), &[h, c.ffn])?;
+            ck.ignore(&name("self_attn.rotary_emb.inv_freq"));
+            layers.push(Layer {
+                input_norm: ck.take(&name("input_layernorm.weight"), &[h])?,
+                post_norm: ck.take(&name("post_attention_layernorm.weight"), &[h])?,
+                lfa_norm: ck.take(&name("self_attn.lf_gate.output_layernorm.weight"), &[h])?,
+                conv1: weight(
+                    conv1,
+                    ch,
+                    2 * h,
+                    format,
+                    &name("self_attn.lf_gate.conv1.weight"),
+                )?,
+                conv1_bias: b1[chans.clone()].to_vec(),
+                conv2: weight(
+                    conv2,
+                    h,
+                    2 * ch,
+                    format,
+                    &name("self_attn.lf_gate.conv2.weight"),
+                )?,
+                conv2_bias: ck.take(&name("self_attn.lf_gate.conv2.bias"), &[h])?,
+                wq: weight(wq, n, h, format, &name("self_attn.q_proj.weight"))?,
+                wk: weight(wk, n, h, format, &name("self_attn.k_proj.weight"))?,
+                wv: weight(
+                    v[n0 * h..n1 * h].to_vec(),
+                    n,
+                    h,
+                    format,
+                    &name("self_attn.v_proj.weight"),
+                )?,
+                wo: weight(
+                    columns(&o, h, n0, n1),
+                    h,
+                    n,
+                    format,
+                    &name("self_attn.o_proj.weight"),
+                )?,
+                gate: weight(
+                    gate[ffn.start * h..ffn.end * h].to_vec(),
+                    ffn.len(),
+                    h,
+                    format,
+                    &name("mlp.gate_proj.weight"),
+                )?,
+                up: weight(
+                    up[ffn.start * h..ffn.end * h].to_vec(),
+                    ffn.len(),
+                    h,
+                    format,
+                    &name("mlp.up_proj.weight"),
+                )?,
+                down: weight(
+                    columns(&down, c.ffn, ffn.start, ffn.end),
+                    h,
+                    ffn.len(),
+                    format,
+                    &name("mlp.down_proj.weight"),
+                )?,
+            });
+        }
+        let embed_raw = ck.raw("model.embed_tokens.weight")?;
+        if embed_raw.shape != [c.vocab, h] {
+            return Err(Error::Shape(format!(
+                "shape {:?}, the config implies [{}, {h}]",
+                embed_raw.shape, c.vocab
+            ))
+            .tensor("model.embed_tokens.weight"));
+        }
+        let embed_f32 = embed_raw
+            .to_f32()
+            .map_err(|e| e.tensor("model.embed_tokens.weight"))?;
+        let head_values = if ck.has("lm_head.weight") {
+            if c.tie_embeddings {
+                ck.ignore("lm_head.weight");
+                embed_f32[vocab.start * h..vocab.end * h].to_vec()
+            } else {
+                let w = ck.take("lm_head.weight", &[c.vocab, h])?;
+                w[vocab.start * h..vocab.end * h].to_vec()
+            }
+        } else if c.tie_embeddings {
+            embed_f32[vocab.start * h..vocab.end * h].to_vec()
+        } else {
+            return Err(Error::Format(
+                "lm_head.weight is missing and tie_word_embeddings is false".into(),
+            )
+            .file(dir));
+        };
+        let lm_head = weight(head_values, vocab.len(), h, head_format, "lm_head.weight")?;
+        let embed = if format == Format::F32 {
+            Embedding::F32(embed_f32)
+        } else {
+            Embedding::Bf16(embed_f32.iter().map(|&x| half::bf16::from_f32(x)).collect())
+        };
+        let final_norm = ck.take("model.norm.weight", &[h])?;
+        let unused = ck.unused();
+        if !unused.is_empty() {
+            return Err(Error::Format(format!(
+                "unexpected tensors (not part of a Yuan 2.0 model of this config): {}",
+                unused.join(", ")
+            ))
+            .file(dir));
+        }
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        Ok(Model {
+            config,
+            shard,
+            layers,
+            embed,
+            final_norm,
+            lm_head,
+            vocab,
+            kernels,
+            inv_freq,
+            profile: Profile::default(),
+        })
+    }
+
+    /// The same model with every weight dequantized to f32: the exact-arithmetic twin of a quantized model,
+    /// which the quantized kernels are checked against.
+    pub fn dequantized(&self) -> Model {
+        let f = |w: &Weight| {
+            Weight::new(w.to_f32(), w.rows(), w.cols(), Format::F32)
+                .expect("a valid weight stays valid")
+        };
+        Model {
+            config: self.config.clone(),
+            shard: self.shard,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Layer {
+                    input_norm: l.input_norm.clone(),
+                    post_norm: l.post_norm.clone(),
+                    lfa_norm: l.lfa_norm.clone(),
+                    conv1: f(&l.conv1),
+                    conv1_bias: l.conv1_bias.clone(),
+                    conv2: f(&l.conv2),
+                    conv2_bias: l.conv2_bias.clone(),
+                    wq: f(&l.wq),
+                    wk: f(&l.wk),
+                    wv: f(&l.wv),
+                    wo: f(&l.wo),
+                    gate: f(&l.gate),
+                    up: f(&l.up),
+                    down: f(&l.down),
+                })
+                .collect(),
+            embed: self.embed.clone(),
+            final_norm: self.final_norm.clone(),
+            lm_head: f(&self.lm_head),
+            vocab: self.vocab.clone(),
+            kernels: self.kernels,
+            inv_freq: self.inv_freq.clone(),
+            profile: Profile::default(),
+        }
+    }
+
+    /// The vocabulary rows this rank's lm_head produces.
+    pub fn vocab_range(&self) -> std::ops::Range<usize> {
+        self.vocab.clone()
+    }
+
+    /// Bytes of weights one decode step streams on this rank (projections, convolutions, lm_head).
+    pub fn weight_bytes(&self) -> usize {
+        let per_layer = |l: &Layer| {
+            [
+                &l.conv1, &l.conv2, &l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down,
+            ]
+            .iter()
+            .map(|w| w.bytes())
+            .sum::<usize>()
+        };
+        self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.bytes()
+    }
+
+    /// Fresh caches for a sequence of up to `capacity` tokens.
+    pub fn new_state(&self, capacity: usize) -> State {
+        let c = &self.config;
+        let n = self.layers.first().map(|l| l.wq.rows()).unwrap_or(0);
+        let ch = self.layers.first().map(|l| l.conv1.rows()).unwrap_or(0);
+        State {
+            pos: 0,
+            capacity,
+            last_eod: None,
+            keys: (0..c.layers).map(|_| vec![0f32; capacity * n]).collect(),
+            values: (0..c.layers).map(|_| vec![0f32; capacity * n]).collect(),
+            lfa_h: (0..c.layers).map(|_| vec![0f32; c.hidden]).collect(),
+            lfa_o1: (0..c.layers).map(|_| vec![0f32; ch]).collect(),
+        }
+    }
+
+    fn embed_row(&self, id: u32, out: &mut [f32]) -> Result<()> {
+        let h = self.config.hidden;
+        let id = id as usize;
+        if id >= self.config.vocab {
+            return Err(Error::Shape(format!(
+                "token id {id} is outside the vocabulary of {} tokens",
+                self.config.vocab
+            )));
+        }
+        match &self.embed {
+            Embedding::F32(e) => out.copy_from_slice(&e[id * h..(id + 1) * h]),
+            Embedding::Bf16(e) => {
+                for (o, v) in out.iter_mut().zip(&e[id * h..(id + 1) * h]) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` (appended at `state.pos`) through the model and returns this rank's slice of the
+    /// logits for every token (`all_logits`) or for the last one: `(rows, vocab slice)` row-major.
+    pub fn forward(
+        &mut self,
+        pool: &Pool,
+        comm: &mut dyn Collective,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let m = tokens.len();
+        if m == 0 {
+            return Err(Error::Shape("no tokens to run".into()));
+        }
+        if state.pos + m > state.capacity {
+            return Err(Error::Shape(format!(
+                "sequence of {} tokens exceeds the context of {}",
+                state.pos + m,
+                state.capacity
+            )));
+        }
+        let c = self.config.clone();
+        let (h, d) = (c.hidden, c.head_dim());
+        let k = self.kernels;
+        let mut prof = self.profile;
+        let mut t = std::time::Instant::now();
+        // Charges the time since the last mark to one kind of op.
+        let mark = |slot: &mut u64, t: &mut std::time::Instant| {
+            let now = std::time::Instant::now();
+            *slot += (now - *t).as_nanos() as u64;
+            *t = now;
+        };
+
+        // Document start of every new token: nothing at or before the last eod before it is visible.
+        let mut doc_start = Vec::with_capacity(m);
+        for (i, &id) in tokens.iter().enumerate() {
+            doc_start.push(if c.reset_attention_mask {
+                state.last_eod.map_or(0, |e| e + 1)
+            } else {
+                0
+            });
+            if c.reset_attention_mask && id == c.eod {
+                state.last_eod = Some(state.pos + i);
+            }
+        }
+
+        // x = embed_tokens(input_ids)
+        let mut x = vec![0f32; m * h];
+        for (i, &id) in tokens.iter().enumerate() {
+            self.embed_row(id, &mut x[i * h..(i + 1) * h])?;
+        }
+        mark(&mut prof.other, &mut t);
+
+        let mut hn = vec![0f32; m * h];
+        for (li, layer) in self.layers.iter().enumerate() {
+            let n = layer.wq.rows();
+            let ch = layer.conv1.rows();
+            // h = input_layernorm(x)
+            for i in 0..m {
+                rms_norm(
+                    &x[i * h..(i + 1) * h],
+                    &layer.input_norm,
+                    c.eps,
+                    &mut hn[i * h..(i + 1) * h],
+                );
+            }
+            mark(&mut prof.other, &mut t);
+
+            // LFA: o1[t] = conv1 · [h[t-1]; h[t]] + b1, o2[t] = conv2 · [o1[t-1]; o1[t]] + b2
+            let mut cat1 = vec![0f32; m * 2 * h];
+            for i in 0..m {
+                let prev = if i == 0 {
+                    &state.lfa_h[li][..]
+                } else {
+                    &hn[(i - 1) * h..i * h]
+                };
+                cat1[i * 2 * h..i * 2 * h + h].copy_from_slice(prev);
+                cat1[i * 2 * h + h..(i + 1) * 2 * h].copy_from_slice(&hn[i * h..(i + 1) * h]);
+            }
+            let mut o1 = vec![0f32; m * ch];
+            layer.conv1.matmul(&k, pool, &cat1, m, &mut o1)?;
+            for row in o1.chunks_mut(ch) {
+                for (v, b) in row.iter_mut().zip(&layer.conv1_bias) {
+                    *v += b;
+                }
+            }
+            let mut cat2 = vec![0f32; m * 2 * ch];
+            for i in 0..m {
+                let prev = if i == 0 {
+                    &state.lfa_o1[li][..]
+                } else {
+                    &o1[(i - 1) * ch..i * ch]
+                };
+                cat2[i * 2 * ch..i * 2 * ch + ch].copy_from_slice(prev);
+                cat2[i * 2 * ch + ch..(i + 1) * 2 * ch].copy_from_slice(&o1[i * ch..(i + 1) * ch]);
+            }
+            let mut o2 = vec![0f32; m * h];
+            layer.conv2.matmul(&k, pool, &cat2, m, &mut o2)?;
+            mark(&mut prof.conv, &mut t);
+            comm.allreduce_sum(&mut o2)?; // conv2 is row-parallel over the LFA channels
+            mark(&mut prof.comm, &mut t);
+            state.lfa_h[li].copy_from_slice(&hn[(m - 1) * h..m * h]);
+            state.lfa_o1[li].copy_from_slice(&o1[(m - 1) * ch..m * ch]);
+            // lf = output_layernorm(conv2 + b2 + h)
+            let mut lf = vec![0f32; m * h];
+            for i in 0..m {
+                let row = &mut o2[i * h..(i + 1) * h];
+                for ((v, b), r) in row
+                    .iter_mut()
+                    .zip(&layer.conv2_bias)
+                    .zip(&hn[i * h..(i + 1) * h])
+                {
+                    *v += b + r;
+                }
+                rms_norm(row, &layer.lfa_norm, LFA_EPS, &mut lf[i * h..(i + 1) * h]);
+            }
+            mark(&mut prof.other, &mut t);
+
+            // q, k from the filtered state; v from h.
+            let mut q = vec![0f32; m * n];
+            let mut kk = vec![0f32; m * n];
+            let mut v = vec![0f32; m * n];
+            layer.wq.matmul(&k, pool, &lf, m, &mut q)?;
+            layer.wk.matmul(&k, pool, &lf, m, &mut kk)?;
+            layer.wv.matmul(&k, pool, &hn, m, &mut v)?;
+            mark(&mut prof.linear, &mut t);
+
+            // RoPE, then append k and v to the cache.
+            for i in 0..m {
+                let p = state.pos + i;
+                self.rope(&mut q[i * n..(i + 1) * n], p, d);
+                self.rope(&mut kk[i * n..(i + 1) * n], p, d);
+            }
+            state.keys[li][state.pos * n..(state.pos + m) * n].copy_from_slice(&kk);
+            state.values[li][state.pos * n..(state.pos + m) * n].copy_from_slice(&v);
+            let mut att = vec![0f32; m * n];
+            attention(
+                &q,
+                &state.keys[li],
+                &state.values[li],
+                state.pos,
+                &doc_start,
+                n,
+                d,
+                &mut att,
+            );
+            mark(&mut prof.attention, &mut t);
+
+            // x += o_proj(att)
+            let mut a = vec![0f32; m * h];
+            layer.wo.matmul(&k, pool, &att, m, &mut a)?;
+            mark(&mut prof.linear, &mut t);
+            comm.allreduce_sum(&mut a)?; // o_proj is row-parallel over the heads
+            mark(&mut prof.comm, &mut t);
+            for (xv, av) in x.iter_mut().zip(&a) {
+                *xv += av;
+            }
+            // x += down(gate(h2) * silu(up(h2))), h2 = post_attention_layernorm(x)
+            for i in 0..m {
+                rms_norm(
+                    &x[i * h..(i + 1) * h],
+                    &layer.post_norm,
+                    c.eps,
+                    &mut hn[i * h..(i + 1) * h],
+                );
+            }
+            mark(&mut prof.other, &mut t);
+            let f = layer.gate.rows();
+            let mut g = vec![0f32; m * f];
+            let mut u = vec![0f32; m * f];
+            layer.gate.matmul(&k, pool, &hn, m, &mut g)?;
+            layer.up.matmul(&k, pool, &hn, m, &mut u)?;
+            mark(&mut prof.linear, &mut t);
+            for (gv, uv) in g.iter_mut().zip(&u) {
+                *gv *= silu(*uv);
+            }
+            mark(&mut prof.other, &mut t);
+            let mut dn = vec![0f32; m * h];
+            layer.down.matmul(&k, pool, &g, m, &mut dn)?;
+            mark(&mut prof.linear, &mut t);
+            comm.allreduce_sum(&mut dn)?; // down_proj is row-parallel over the MLP width
+            mark(&mut prof.comm, &mut t);
+            for (xv, dv) in x.iter_mut().zip(&dn) {
+                *xv += dv;
+            }
+            mark(&mut prof.other, &mut t);
+        }
+        state.pos += m;
+
+        // logits = lm_head(norm(x)) for the rows asked for.
+        let rows: Vec<usize> = if all_logits {
+            (0..m).collect()
+        } else {
+            vec![m - 1]
+        };
+        let mut xn = vec![0f32; rows.len() * h];
+        for (j, &i) in rows.iter().enumerate() {
+            rms_norm(
+                &x[i * h..(i + 1) * h],
+                &self.final_norm,
+                c.eps,
+                &mut xn[j * h..(j + 1) * h],
+            );
+        }
+        mark(&mut prof.other, &mut t);
+        let vl = self.vocab.len();
+        let mut logits = vec![0f32; rows.len() * vl];
+        self.lm_head
+            .matmul(&k, pool, &xn, rows.len(), &mut logits)?;
+        mark(&mut prof.linear, &mut t);
+        self.profile = prof;
+        Ok(logits)
+    }
+
+    /// Rotates every head of `v` (heads × d) for position `p`: rotate_half on the full head dimension.
+    fn rope(&self, v: &mut [f32], p: usize, d: usize) {
+        let half = d / 2;
+        for head in v.chunks_mut(d) {
+            for i in 0..half {
+                let angle = p as f32 * self.inv_freq[i];
+                let (sin, cos) = angle.sin_cos();
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
+    }
+
+    /// Full-vocabulary logits from every rank's slice (tensor parallel) — rows × vocab.
+    pub fn gather_logits(
+        &self,
+        comm: &mut dyn Collective,
+        local: &[f32],
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        if self.shard.size == 1 {
+            return Ok(local.to_vec());
+        }
+        let all = comm.allgather_f32(local)?;
+        // Rank r's slice is rows × its vocab range; reassemble row by row.
+        let mut out = vec![0f32; rows * self.config.vocab];
+        let mut off = 0;
+        for r in 0..self.shard.size {
+            let range = Shard {
+                rank: r,
+                size: self.shard.size,
+            }
+            .uneven(self.config.vocab);
+            for row in 0..rows {
+                out[row * self.config.vocab + range.start..row * self.config.vocab + range.end]
+                    .copy_from_slice(&all[off + row * range.len()..off + (row + 1) * range.len()]);
+            }
+            off += rows * range.len();
+        }
+        Ok(out)
+    }
+
+    /// Greedy next token over the whole vocabulary, from this rank's slice of one logits row: a distributed
+    /// argmax (each rank's best value and index, gathered); ties go to the lowest index, as single-process.
+    pub fn greedy(&self, comm: &mut dyn Collective, local_row: &[f32]) -> Result<u32> {
+        let i = argmax(local_row);
+        let best = [local_row[i], (self.vocab.start + i) as f32];
+        let all = comm.allgather_f32(&best)?;
+        let mut pick = (f32::NEG_INFINITY, u32::MAX);
+        for pair in all.chunks(2) {
+            let (v, id) = (pair[0], pair[1] as u32);
+            if v > pick.0 || (v == pick.0 && id < pick.1) {
+                pick = (v, id);
+            }
+        }
+        Ok(pick.1)
+    }
+}
+
+/// Causal attention of `m` new queries (positions pos..pos+m) over the cached keys and values, each query
+/// limited to its document (`doc_start`). q, out: (m, n); caches: (capacity, n), n = heads × d.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    pos: usize,
+    doc_start: &[usize],
+    n: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let m = q.len() / n;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut scores = vec![0f32; pos + m];
+    for i in 0..m {
+        let qpos = pos + i;
+        let lo = doc_start[i];
+        for head in 0..n / d {
+            let qh = &q[i * n + head * d..i * n + head * d + d];
+            let mut max = f32::NEG_INFINITY;
+            for j in lo..=qpos {
+                let kh = &keys[j * n + head * d..j * n + head * d + d];
+                let s = crate::kernels::reference::dot_f32(qh, kh) * scale;
+                scores[j] = s;
+                max = max.max(s);
+            }
+            let mut sum = 0f32;
+            for s in &mut scores[lo..=qpos] {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out[i * n + head * d..i * n + head * d + d];
+            o.fill(0.0);
+            for j in lo..=qpos {
+                let w = scores[j] / sum;
+                let vh = &values[j * n + head * d..j * n + head * d + d];
+                for (ov, vv) in o.iter_mut().zip(vh) {
+                    *ov += w * vv;
+                }
+            }
+        }
+    }
+}

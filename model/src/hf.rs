@@ -1,0 +1,210 @@
+//! Hugging Face checkpoints: config.json plus model.safetensors, or sharded model-*.safetensors with
+//! model.safetensors.index.json. Files are memory-mapped; a tensor is converted to f32 only when asked for,
+//! one at a time, so loading never holds a second copy of the whole model.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// A memory-mapped safetensors file.
+struct File {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// All tensors of a checkpoint directory, by name.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<File>,
+    /// Tensor name → index into `files`.
+    index: BTreeMap<String, usize>,
+    /// Names handed out by [`Checkpoint::take`] so far, for the "extra tensors" check.
+    taken: std::cell::RefCell<BTreeSet<String>>,
+}
+
+/// A tensor's metadata and raw little-endian bytes.
+pub struct RawTensor<'a> {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Bytes.
+    pub data: &'a [u8],
+}
+
+impl RawTensor<'_> {
+    /// The values as f32 (from f32, bf16 or f16).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let b = self.data;
+        Ok(match self.dtype {
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::Format(format!(
+                    "unsupported dtype {other:?} (f32, bf16 and f16 are)"
+                )))
+            }
+        })
+    }
+}
+
+fn map_file(path: &Path) -> Result<File> {
+    let f = std::fs::File::open(path).map_err(|e| Error::Io(e).file(path))?;
+    // Safety: the file is opened read-only; a concurrent writer would be a user error, as for every mmap reader.
+    let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::Io(e).file(path))?;
+    // Validates the header and that every tensor's bytes lie inside the file (catches truncation).
+    SafeTensors::deserialize(&map)
+        .map_err(|e| Error::Format(format!("not a valid safetensors file: {e}")).file(path))?;
+    Ok(File {
+        path: path.to_path_buf(),
+        map,
+    })
+}
+
+impl Checkpoint {
+    /// Opens `dir` (model.safetensors or the index of a sharded checkpoint).
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut files = Vec::new();
+        let mut index = BTreeMap::new();
+        if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::Io(e).file(&index_path))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Format(format!("invalid JSON: {e}")).file(&index_path))?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| Error::Format("no weight_map object".into()).file(&index_path))?;
+            let mut by_file: BTreeMap<String, usize> = BTreeMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    Error::Format(format!("{name}: file is not a string")).file(&index_path)
+                })?;
+                if file.contains('/') || file.contains("..") {
+                    return Err(Error::Format(format!(
+                        "{name}: file {file:?} is outside the directory"
+                    ))
+                    .file(&index_path));
+                }
+                let i = match by_file.get(file) {
+                    Some(&i) => i,
+                    None => {
+                        files.push(map_file(&dir.join(file))?);
+                        by_file.insert(file.to_string(), files.len() - 1);
+                        files.len() - 1
+                    }
+                };
+                index.insert(name.clone(), i);
+            }
+            // Every listed tensor must really be in its file.
+            for (name, &i) in &index {
+                let st = SafeTensors::deserialize(&files[i].map).unwrap();
+                if st.tensor(name).is_err() {
+                    return Err(Error::Format(format!(
+                        "tensor {name} is listed in the index but missing"
+                    ))
+                    .file(&files[i].path));
+                }
+            }
+        } else if single.exists() {
+            files.push(map_file(&single)?);
+            let st = SafeTensors::deserialize(&files[0].map).unwrap();
+            for name in st.names() {
+                index.insert(name.to_string(), 0);
+            }
+        } else {
+            return Err(Error::Format(format!(
+                "no model.safetensors or model.safetensors.index.json in {}",
+                dir.display()
+            )));
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+            taken: Default::default(),
+        })
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether a tensor exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The file a tensor lives in.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).map(|&i| self.files[i].path.as_path())
+    }
+
+    /// A tensor's raw view; marks it as used.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let &i = self.index.get(name).ok_or_else(|| {
+            Error::Format(format!("tensor {name} is missing from the checkpoint")).file(&self.dir)
+        })?;
+        let st = SafeTensors::deserialize(&self.files[i].map).unwrap();
+        let t = st.tensor(name).map_err(|e| {
+            Error::Format(e.to_string())
+                .tensor(name)
+                .file(&self.files[i].path)
+        })?;
+        self.taken.borrow_mut().insert(name.to_string());
+        Ok(RawTensor {
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            data: t.data(),
+        })
+    }
+
+    /// A tensor as f32, checked against the expected shape.
+    pub fn take(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.raw(name)?;
+        let ctx = |e: Error| e.tensor(name).file(self.file_of(name).unwrap());
+        if t.shape != shape {
+            return Err(ctx(Error::Shape(format!(
+                "shape {:?}, the config implies {shape:?}",
+                t.shape
+            ))));
+        }
+        t.to_f32().map_err(ctx)
+    }
+
+    /// Marks tensors that are read but not needed (e.g. rotary inv_freq buffers).
+    pub fn ignore(&self, name: &str) {
+        self.taken.borrow_mut().insert(name.to_string());
+    }
+
+    /// Tensors present in the files that no one asked for.
+    pub fn unused(&self) -> Vec<String> {
+        let taken = self.taken.borrow();
+        self.index
+            .keys()
+            .filter(|n| !taken.contains(*n))
+            .cloned()
+            .collect()
+    }
+
+    /// Bytes of all tensor files.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.map.len() as u64).sum()
+    }
+}

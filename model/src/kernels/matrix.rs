@@ -1,0 +1,301 @@
+//! Weight matrices in the layouts the kernels read.
+
+use crate::error::{Error, Result};
+use crate::quant::nf4::{dynamic_map, Nf4Tensor, BLOCK, NESTED_BLOCK};
+
+/// The dynamic map, computed once for every matrix.
+fn shared_map() -> &'static [f32; 256] {
+    static MAP: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    MAP.get_or_init(dynamic_map)
+}
+
+/// A 64-byte aligned byte buffer: vector loads never split a cache line at the start of a row.
+#[derive(Clone)]
+pub struct AlignedBytes {
+    words: Vec<[u8; 64]>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    /// A zeroed buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> AlignedBytes {
+        AlignedBytes {
+            words: vec![[0u8; 64]; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    /// Copies `src` into a fresh aligned buffer.
+    pub fn from_slice(src: &[u8]) -> AlignedBytes {
+        let mut a = AlignedBytes::zeroed(src.len());
+        a.as_mut_slice().copy_from_slice(src);
+        a
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+
+    /// The bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBytes({} bytes)", self.len)
+    }
+}
+
+/// An NF4 weight matrix `[rows × cols]` (y = W·x has `rows` outputs), in bitsandbytes' layout: row-major
+/// codes, first element in the high nibble, one 8-bit scale code per 64 weights, one f32 per 256 blocks and a
+/// tensor offset. Scales stay double-quantized in memory and are decoded by the kernels, so a weight costs
+/// 4.127 bits of memory traffic.
+#[derive(Clone, Debug)]
+pub struct Nf4Matrix {
+    rows: usize,
+    cols: usize,
+    packed: AlignedBytes,
+    scale_codes: Vec<u8>,
+    nested: Vec<f32>,
+    offset: f32,
+    map: &'static [f32; 256],
+}
+
+impl Nf4Matrix {
+    /// Takes a quantized 2-D tensor. Rows must hold whole blocks (cols a multiple of 64) so that no block
+    /// straddles two rows: each output then needs only its own row's scales.
+    pub fn new(t: &Nf4Tensor) -> Result<Nf4Matrix> {
+        let [rows, cols] = t.shape[..] else {
+            return Err(Error::Shape(format!(
+                "NF4 matrix must be 2-D, got shape {:?}",
+                t.shape
+            )));
+        };
+        Nf4Matrix::from_parts(
+            rows,
+            cols,
+            &t.packed,
+            t.absmax_code.clone(),
+            t.nested_absmax.clone(),
+            t.offset,
+        )
+    }
+
+    /// From raw parts in bitsandbytes' layout (as stored in a shard file); every length is checked.
+    pub fn from_parts(
+        rows: usize,
+        cols: usize,
+        packed: &[u8],
+        scale_codes: Vec<u8>,
+        nested: Vec<f32>,
+        offset: f32,
+    ) -> Result<Nf4Matrix> {
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(Error::Shape(format!(
+                "NF4 matrix {rows}×{cols}: needs rows > 0 and columns a positive multiple of {BLOCK}"
+            )));
+        }
+        let blocks = rows * cols / BLOCK;
+        let checks = [
+            ("packed codes", packed.len(), rows * cols / 2),
+            ("scale codes", scale_codes.len(), blocks),
+            ("nested scales", nested.len(), blocks.div_ceil(NESTED_BLOCK)),
+        ];
+        for (what, got, want) in checks {
+            if got != want {
+                return Err(Error::Shape(format!(
+                    "NF4 {rows}×{cols}: {got} {what}, expected {want}"
+                )));
+            }
+        }
+        Ok(Nf4Matrix {
+            rows,
+            cols,
+            packed: AlignedBytes::from_slice(packed),
+            scale_codes,
+            nested,
+            offset,
+            map: shared_map(),
+        })
+    }
+
+    /// Quantizes an f32 matrix.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Result<Nf4Matrix> {
+        Nf4Matrix::new(&Nf4Tensor::quantize(w, &[rows, cols])?)
+    }
+
+    /// Output dimension.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input dimension.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Packed codes of row `r` (cols / 2 bytes).
+    #[inline]
+    pub fn row_codes(&self, r: usize) -> &[u8] {
+        let n = self.cols / 2;
+        &self.packed.as_slice()[r * n..(r + 1) * n]
+    }
+
+    /// Decoded f32 scale of block `b` of row `r`.
+    #[inline]
+    pub fn scale(&self, r: usize, b: usize) -> f32 {
+        let g = r * (self.cols / BLOCK) + b;
+        self.map[self.scale_codes[g] as usize] * self.nested[g / NESTED_BLOCK] + self.offset
+    }
+
+    /// The parts the SIMD kernels decode scales from: (8-bit codes of all blocks, nested f32 per 256 blocks,
+    /// offset, the dynamic map).
+    pub fn scale_parts(&self) -> (&[u8], &[f32], f32, &[f32; 256]) {
+        (&self.scale_codes, &self.nested, self.offset, self.map)
+    }
+
+    /// Decodes the scales of row `r` into `out` (cols / 64 values).
+    #[inline]
+    pub fn row_scales(&self, r: usize, out: &mut [f32]) {
+        for (b, s) in out.iter_mut().enumerate() {
+            *s = self.scale(r, b);
+        }
+    }
+
+    /// Bytes a full pass over the matrix reads: codes and both levels of scales.
+    pub fn bytes(&self) -> usize {
+        self.packed.as_slice().len() + self.scale_codes.len() + 4 * self.nested.len() + 4
+    }
+
+    /// Row `r` in f32 (for tests and for the prefill tiles).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let levels = crate::quant::nf4::LEVELS;
+        for (b, chunk) in self.row_codes(r).chunks(BLOCK / 2).enumerate() {
+            let s = self.scale(r, b);
+            for (i, &byte) in chunk.iter().enumerate() {
+                out[b * BLOCK + 2 * i] = levels[(byte >> 4) as usize] * s;
+                out[b * BLOCK + 2 * i + 1] = levels[(byte & 15) as usize] * s;
+            }
+        }
+    }
+
+    /// The whole matrix in f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_mut(self.cols).enumerate() {
+            self.dequantize_row(r, row);
+        }
+        out
+    }
+}
+
+/// A bf16 weight matrix `[rows × cols]`, row-major.
+#[derive(Clone, Debug)]
+pub struct Bf16Matrix {
+    rows: usize,
+    cols: usize,
+    data: AlignedBytes,
+}
+
+impl Bf16Matrix {
+    /// From bf16 values.
+    pub fn new(values: &[half::bf16], rows: usize, cols: usize) -> Result<Bf16Matrix> {
+        if rows == 0 || cols == 0 || values.len() != rows * cols {
+            return Err(Error::Shape(format!(
+                "bf16 matrix {rows}×{cols} given {} values",
+                values.len()
+            )));
+        }
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
+        Ok(Bf16Matrix {
+            rows,
+            cols,
+            data: AlignedBytes::from_slice(&bytes),
+        })
+    }
+
+    /// Rounds f32 values to bf16 (round to nearest even, as torch does).
+    pub fn from_f32(values: &[f32], rows: usize, cols: usize) -> Result<Bf16Matrix> {
+        let v: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        Bf16Matrix::new(&v, rows, cols)
+    }
+
+    /// Output dimension.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input dimension.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r` as raw bf16 bits.
+    #[inline]
+    pub fn row(&self, r: usize) -> &[u16] {
+        let s = self.data.as_slice();
+        let all =
+            unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, self.rows * self.cols) };
+        &all[r * self.cols..(r + 1) * self.cols]
+    }
+
+    /// Bytes a full pass reads.
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * 2
+    }
+
+    /// Row `r` in f32.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        for (o, &b) in out.iter_mut().zip(self.row(r)) {
+            *o = f32::from_bits((b as u32) << 16);
+        }
+    }
+}
+
+/// An f32 weight matrix `[rows × cols]`, row-major: weights kept as loaded.
+#[derive(Clone, Debug)]
+pub struct F32Matrix {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl F32Matrix {
+    /// From row-major values.
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Result<F32Matrix> {
+        if rows == 0 || cols == 0 || data.len() != rows * cols {
+            return Err(Error::Shape(format!(
+                "f32 matrix {rows}×{cols} given {} values",
+                data.len()
+            )));
+        }
+        Ok(F32Matrix { rows, cols, data })
+    }
+
+    /// Output dimension.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input dimension.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    /// Bytes a full pass reads.
+    pub fn bytes(&self) -> usize {
+        4 * self.data.len()
+    }
+}

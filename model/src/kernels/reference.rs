@@ -1,0 +1,59 @@
+//! Scalar reference kernels: the definition the SIMD kernels are tested against, and the fallback on any CPU.
+//! All take f32 activations and accumulate in f32, block by block.
+
+use super::matrix::{Bf16Matrix, F32Matrix, Nf4Matrix};
+use crate::quant::nf4::{BLOCK, LEVELS};
+
+/// y[r] = W[r]·x for r in `rows` (y is indexed by row).
+pub fn gemv_nf4_rows(w: &Nf4Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
+    for r in rows {
+        let mut acc = 0f32;
+        for (b, chunk) in w.row_codes(r).chunks(BLOCK / 2).enumerate() {
+            let xb = &x[b * BLOCK..(b + 1) * BLOCK];
+            let mut part = 0f32;
+            for (i, &byte) in chunk.iter().enumerate() {
+                part += LEVELS[(byte >> 4) as usize] * xb[2 * i]
+                    + LEVELS[(byte & 15) as usize] * xb[2 * i + 1];
+            }
+            acc += part * w.scale(r, b);
+        }
+        y[r] = acc;
+    }
+}
+
+/// y[r] = W[r]·x for a bf16 matrix.
+pub fn gemv_bf16_rows(w: &Bf16Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
+    for r in rows {
+        y[r] = w
+            .row(r)
+            .iter()
+            .zip(x)
+            .map(|(&b, &v)| f32::from_bits((b as u32) << 16) * v)
+            .sum();
+    }
+}
+
+/// f32 dot product with 16 independent partial sums (vectorizes, and is the same on every ISA).
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ta.iter().zip(tb) {
+        s += x * y;
+    }
+    s
+}
+
+/// y[r] = W[r]·x for an f32 matrix.
+pub fn gemv_f32_rows(w: &F32Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
+    for r in rows {
+        y[r] = dot_f32(w.row(r), x);
+    }
+}

@@ -1,0 +1,184 @@
+//! Every kernel variant against f64 math on the dequantized weights, for shapes that are not multiples of the
+//! vector width (ggml's test-quantize-fns in spirit: named thresholds, deterministic data, odd sizes).
+
+use model::kernels::{Bf16Matrix, Isa, KernelChoice, Kernels, Nf4Matrix};
+use model::pool::Pool;
+
+/// Reference kernels (f32 activations, f32 accumulation) vs f64: max error over outputs / output RMS.
+const REFERENCE_TOL: f64 = 1e-5;
+/// SIMD kernels with bf16 activations (AVX-512 GEMV): rounding x to 8 mantissa bits.
+const BF16_ACT_TOL: f64 = 1e-2;
+
+fn data(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// max |y - exact| / rms(exact), exact = f64 product of the dequantized weights and x.
+fn rel_err(w: &[f32], rows: usize, cols: usize, x: &[f32], m: usize, y: &[f32]) -> f64 {
+    let mut max = 0f64;
+    let mut sq = 0f64;
+    for t in 0..m {
+        for r in 0..rows {
+            let exact: f64 = (0..cols)
+                .map(|k| w[r * cols + k] as f64 * x[t * cols + k] as f64)
+                .sum();
+            max = max.max((y[t * rows + r] as f64 - exact).abs());
+            sq += exact * exact;
+        }
+    }
+    max / (sq / (rows * m) as f64).sqrt().max(1e-30)
+}
+
+fn isas() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|i| i.supported())
+        .collect()
+}
+
+fn tol(isa: Isa, gemv: bool) -> f64 {
+    if isa == Isa::Avx512 && gemv {
+        BF16_ACT_TOL
+    } else {
+        REFERENCE_TOL
+    }
+}
+
+#[test]
+fn nf4_gemv_and_gemm_match_f64_for_odd_shapes() {
+    let pools = [Pool::new(1, None), Pool::new(3, None)];
+    for &(rows, cols) in &[
+        (1, 64),
+        (3, 192),
+        (5, 320),
+        (17, 1024),
+        (64, 128),
+        (7, 2048),
+    ] {
+        let w = Nf4Matrix::quantize(&data(rows as u64, rows * cols), rows, cols).unwrap();
+        let wf = w.dequantize();
+        for isa in isas() {
+            let k = Kernels::with_isa(isa).unwrap();
+            for pool in &pools {
+                let x = data(7, cols);
+                let mut y = vec![0f32; rows];
+                k.gemv_nf4(pool, &w, &x, &mut y).unwrap();
+                let e = rel_err(&wf, rows, cols, &x, 1, &y);
+                assert!(
+                    e <= tol(isa, true),
+                    "{isa:?} NF4 GEMV {rows}x{cols}: error {e:e}"
+                );
+                for m in [2, 3, 5, 16] {
+                    let x = data(11 + m as u64, m * cols);
+                    let mut y = vec![0f32; m * rows];
+                    k.gemm_nf4(pool, &w, &x, m, &mut y).unwrap();
+                    let e = rel_err(&wf, rows, cols, &x, m, &y);
+                    assert!(
+                        e <= tol(isa, false),
+                        "{isa:?} NF4 GEMM {rows}x{cols} m={m}: error {e:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_gemv_and_gemm_match_f64_for_odd_shapes() {
+    let pool = Pool::new(2, None);
+    for &(rows, cols) in &[(1, 1), (3, 3), (5, 33), (17, 100), (9, 1023), (4, 2048)] {
+        let w = Bf16Matrix::from_f32(&data(rows as u64 + 100, rows * cols), rows, cols).unwrap();
+        let mut wf = vec![0f32; rows * cols];
+        for r in 0..rows {
+            w.dequantize_row(r, &mut wf[r * cols..(r + 1) * cols]);
+        }
+        for isa in isas() {
+            let k = Kernels::with_isa(isa).unwrap();
+            let x = data(5, cols);
+            let mut y = vec![0f32; rows];
+            k.gemv_bf16(&pool, &w, &x, &mut y).unwrap();
+            let e = rel_err(&wf, rows, cols, &x, 1, &y);
+            assert!(
+                e <= tol(isa, true),
+                "{isa:?} BF16 GEMV {rows}x{cols}: error {e:e}"
+            );
+            for m in [2, 7] {
+                let x = data(3 + m as u64, m * cols);
+                let mut y = vec![0f32; m * rows];
+                k.gemm_bf16(&pool, &w, &x, m, &mut y).unwrap();
+                let e = rel_err(&wf, rows, cols, &x, m, &y);
+                assert!(
+                    e <= tol(isa, false),
+                    "{isa:?} BF16 GEMM {rows}x{cols} m={m}: error {e:e}"
+                );
+            }
+        }
+    }
+}
+
+/// The figures quoted in BENCHMARKS.md, on a layer-sized matrix: printed, and bounded.
+#[test]
+fn fast_kernel_error_on_a_layer_sized_matrix() {
+    let (rows, cols) = (256, 2048);
+    let w = Nf4Matrix::quantize(&data(42, rows * cols), rows, cols).unwrap();
+    let wf = w.dequantize();
+    let x = data(43, cols);
+    let pool = Pool::new(2, None);
+    for isa in isas() {
+        let mut y = vec![0f32; rows];
+        Kernels::with_isa(isa)
+            .unwrap()
+            .gemv_nf4(&pool, &w, &x, &mut y)
+            .unwrap();
+        let e = rel_err(&wf, rows, cols, &x, 1, &y);
+        eprintln!("NF4 GEMV 256x2048 {isa:?}: max error / output RMS = {e:.2e}");
+        assert!(e <= tol(isa, true));
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let (rows, cols) = (37, 512);
+    let w = Nf4Matrix::quantize(&data(1, rows * cols), rows, cols).unwrap();
+    let x = data(2, cols);
+    let k = Kernels::new(KernelChoice::Fast);
+    let mut first: Option<Vec<f32>> = None;
+    for t in 1..=4 {
+        let mut y = vec![0f32; rows];
+        k.gemv_nf4(&Pool::new(t, None), &w, &x, &mut y).unwrap();
+        match &first {
+            None => first = Some(y),
+            Some(f) => assert_eq!(f, &y, "{t} threads"),
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let pool = Pool::new(1, None);
+    let k = Kernels::new(KernelChoice::Fast);
+    let w = Nf4Matrix::quantize(&data(1, 4 * 64), 4, 64).unwrap();
+    let mut y = vec![0f32; 4];
+    assert!(k.gemv_nf4(&pool, &w, &[0.0; 63], &mut y).is_err());
+    assert!(k.gemv_nf4(&pool, &w, &[0.0; 64], &mut [0.0; 3]).is_err());
+    assert!(k.gemm_nf4(&pool, &w, &[0.0; 128], 0, &mut []).is_err());
+    assert!(k
+        .gemm_nf4(&pool, &w, &[0.0; 128], 2, &mut [0.0; 7])
+        .is_err());
+    assert!(Nf4Matrix::quantize(&[], 0, 64).is_err(), "zero rows");
+    assert!(
+        Nf4Matrix::quantize(&data(1, 4 * 60), 4, 60).is_err(),
+        "columns not whole blocks"
+    );
+    assert!(Bf16Matrix::from_f32(&[1.0; 5], 2, 3).is_err());
+    assert!("fastest".parse::<KernelChoice>().is_err());
+}

@@ -1,0 +1,198 @@
+//! Yuan2 against the official PyTorch code's logits (../shared/golden/yuan-tiny-a/golden.json).
+//!
+//! Tolerance 2e-4 absolute on logits of std ~1: the reference's own cache-vs-recompute difference is ~5e-6, and
+//! f32 sums in another order move the logits by ~1e-6; 2e-4 leaves room for that and nothing structural
+//! (a wrong interleave or mask moves logits by O(0.1)).
+
+use std::path::PathBuf;
+
+use model::arch::yuan2::Model;
+use model::arch::{argmax, Shard, Solo};
+use model::kernels::{KernelChoice, Kernels};
+use model::pool::Pool;
+use model::weight::Format;
+
+const TOL: f32 = 2e-4;
+
+fn dir() -> Option<PathBuf> {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/yuan-tiny-a");
+    if d.exists() {
+        Some(d)
+    } else {
+        eprintln!("\n*** SKIPPED: {} is absent ***\n", d.display());
+        None
+    }
+}
+
+struct Case {
+    prompt: Vec<u32>,
+    prefill: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+    steps: Vec<Vec<f32>>,
+}
+
+fn cases(dir: &std::path::Path) -> Vec<Case> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let rows = |x: &serde_json::Value| -> Vec<Vec<f32>> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect()
+    };
+    let ids = |x: &serde_json::Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            prompt: ids(&c["prompt_ids"]),
+            prefill: rows(&c["prefill_logits"]),
+            greedy: ids(&c["greedy_ids"]),
+            steps: rows(&c["step_logits"]),
+        })
+        .collect()
+}
+
+/// Runs a case: all prefill logits, then greedy decode; returns (prefill rows, greedy ids, step rows).
+fn run(
+    model: &mut Model,
+    pool: &Pool,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<Vec<f32>>, Vec<u32>, Vec<Vec<f32>>) {
+    let v = model.config.vocab;
+    let mut state = model.new_state(prompt.len() + steps + 1);
+    let logits = model
+        .forward(pool, &mut Solo, &mut state, prompt, true)
+        .unwrap();
+    let prefill: Vec<Vec<f32>> = logits.chunks(v).map(|r| r.to_vec()).collect();
+    let mut step_rows = vec![prefill.last().unwrap().clone()];
+    let mut ids = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(step_rows.last().unwrap()) as u32;
+        ids.push(next);
+        step_rows.push(
+            model
+                .forward(pool, &mut Solo, &mut state, &[next], false)
+                .unwrap(),
+        );
+    }
+    (prefill, ids, step_rows)
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn f32_forward_matches_the_official_code() {
+    let Some(dir) = dir() else { return };
+    let pool = Pool::new(2, None);
+    for choice in [KernelChoice::Reference, KernelChoice::Fast] {
+        let mut model = Model::load(
+            &dir,
+            Shard::WHOLE,
+            Format::F32,
+            Format::F32,
+            Kernels::new(choice),
+        )
+        .unwrap();
+        for (ci, case) in cases(&dir).iter().enumerate() {
+            let (prefill, ids, steps) = run(&mut model, &pool, &case.prompt, case.greedy.len());
+            let dp = max_diff(&prefill, &case.prefill);
+            let ds = max_diff(&steps, &case.steps);
+            eprintln!("{choice:?} case {ci} ({} prompt tokens): prefill max diff {dp:.2e}, steps {ds:.2e}", case.prompt.len());
+            assert!(dp <= TOL, "case {ci}: prefill logits differ by {dp}");
+            assert!(ds <= TOL, "case {ci}: step logits differ by {ds}");
+            assert_eq!(ids, case.greedy, "case {ci}: greedy ids");
+        }
+    }
+}
+
+/// NF4 with the reference kernels equals the f32 path run on the dequantized weights: the quantized kernels
+/// add no error of their own beyond f32 rounding (1e-3 leaves room for reordered sums).
+#[test]
+fn nf4_reference_kernels_equal_f32_on_dequantized_weights() {
+    let Some(dir) = dir() else { return };
+    let pool = Pool::new(2, None);
+    let kernels = Kernels::new(KernelChoice::Reference);
+    let mut nf4 = Model::load(&dir, Shard::WHOLE, Format::Nf4, Format::Bf16, kernels).unwrap();
+    let mut twin = nf4.dequantized();
+    for (ci, case) in cases(&dir).iter().enumerate() {
+        let a = run(&mut nf4, &pool, &case.prompt, case.greedy.len());
+        let b = run(&mut twin, &pool, &case.prompt, case.greedy.len());
+        let d = max_diff(&a.0, &b.0).max(max_diff(&a.2, &b.2));
+        eprintln!("NF4 reference vs dequantized f32, case {ci}: max diff {d:.2e}");
+        assert!(d <= 1e-3, "case {ci}: {d}");
+        assert_eq!(a.1, b.1, "case {ci}: greedy ids");
+    }
+}
+
+/// The fast kernels round activations to bf16 in the GEMV: measured against the reference NF4 path, bounded.
+#[test]
+fn nf4_fast_kernels_stay_close_to_the_reference() {
+    let Some(dir) = dir() else { return };
+    let pool = Pool::new(2, None);
+    let mut r = Model::load(
+        &dir,
+        Shard::WHOLE,
+        Format::Nf4,
+        Format::Bf16,
+        Kernels::new(KernelChoice::Reference),
+    )
+    .unwrap();
+    let mut f = Model::load(
+        &dir,
+        Shard::WHOLE,
+        Format::Nf4,
+        Format::Bf16,
+        Kernels::new(KernelChoice::Fast),
+    )
+    .unwrap();
+    let (mut worst, mut agree, mut total) = (0f32, 0, 0);
+    for case in cases(&dir) {
+        let a = run(&mut r, &pool, &case.prompt, case.greedy.len());
+        // Feed the reference's tokens to both so the rows compare the same contexts.
+        let mut state = f.new_state(case.prompt.len() + case.greedy.len() + 1);
+        let v = f.config.vocab;
+        let mut rows = vec![f
+            .forward(&pool, &mut Solo, &mut state, &case.prompt, true)
+            .unwrap()
+            .chunks(v)
+            .last()
+            .unwrap()
+            .to_vec()];
+        for &id in &a.1 {
+            rows.push(
+                f.forward(&pool, &mut Solo, &mut state, &[id], false)
+                    .unwrap(),
+            );
+        }
+        worst = worst.max(max_diff(&rows, &a.2));
+        for (x, y) in rows.iter().zip(&a.2) {
+            total += 1;
+            agree += usize::from(argmax(x) == argmax(y));
+        }
+    }
+    eprintln!("NF4 fast vs reference kernels: max logit diff {worst:.3e}, top-1 agreement {agree}/{total}");
+    assert!(worst <= 0.1, "fast kernels drift: {worst}");
+    assert!(agree * 10 >= total * 9, "top-1 agreement {agree}/{total}");
+}

@@ -1,0 +1,248 @@
+//! `ringlm bench-kernels`: GEMV bandwidth beside a plain streaming read, and GEMM FLOP rate beside the FMA peak,
+//! over the matrix shapes of Yuan2-2B and Yuan2-102B layers.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use model::kernels::{Bf16Matrix, KernelChoice, Kernels, Nf4Matrix};
+use model::pool::Pool;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Worker threads (default: RINGLM_THREADS, else every CPU this process may use).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// One JSON object per line: shape, kind, threads, gemv_bytes_per_s, stream_bytes_per_s, ratio, gemm_gflops.
+    #[arg(long)]
+    json: bool,
+    /// Kernels to measure.
+    #[arg(long, value_parser = parse_choice)]
+    kernels: Option<KernelChoice>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Bytes of distinct matrix copies cycled through per GEMV measurement (many times the 32 MiB L3, so
+    /// every pass streams from memory as decode does).
+    #[arg(long, default_value_t = 512 << 20)]
+    working_set: usize,
+    /// Only these shapes (e.g. 8192x2048); default: all.
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
+    /// Token counts for GEMM.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,128")]
+    gemm_m: Vec<usize>,
+}
+
+pub fn parse_choice(s: &str) -> std::result::Result<KernelChoice, String> {
+    s.parse().map_err(|e: model::Error| e.to_string())
+}
+
+/// Yuan2 layer shapes as out × in, and the vocabulary projection.
+const SHAPES: &[(usize, usize, &str)] = &[
+    (2048, 2048, "nf4"),
+    (8192, 2048, "nf4"),
+    (2048, 8192, "nf4"),
+    (8192, 8192, "nf4"),
+    (32768, 8192, "nf4"),
+    (8192, 32768, "nf4"),
+    (135040, 2048, "bf16"),
+];
+
+struct Rng(u64);
+impl Rng {
+    fn fill(&mut self, out: &mut [u8]) {
+        for c in out.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            c.copy_from_slice(&self.0.to_le_bytes()[..c.len()]);
+        }
+    }
+}
+
+enum Mat {
+    Nf4(Nf4Matrix),
+    Bf16(Bf16Matrix),
+}
+
+impl Mat {
+    fn bytes(&self) -> usize {
+        match self {
+            Mat::Nf4(m) => m.bytes(),
+            Mat::Bf16(m) => m.bytes(),
+        }
+    }
+}
+
+/// A random matrix with realistic bytes: uniform codes, scales of ordinary size.
+fn random(rows: usize, cols: usize, kind: &str, rng: &mut Rng) -> Result<Mat> {
+    Ok(if kind == "nf4" {
+        let mut packed = vec![0u8; rows * cols / 2];
+        rng.fill(&mut packed);
+        let blocks = rows * cols / 64;
+        let mut codes = vec![0u8; blocks];
+        rng.fill(&mut codes);
+        let nested = vec![0.01f32; blocks.div_ceil(256)];
+        Mat::Nf4(Nf4Matrix::from_parts(
+            rows, cols, &packed, codes, nested, 0.02,
+        )?)
+    } else {
+        let mut raw = vec![0u8; rows * cols * 2];
+        rng.fill(&mut raw);
+        // Keep the exponent ordinary (|w| < 1) so no NaN or Inf hides in the benchmark.
+        let vals: Vec<half::bf16> = raw
+            .chunks(2)
+            .map(|b| half::bf16::from_bits((u16::from_le_bytes([b[0], b[1]]) & 0x807F) | 0x3C00))
+            .collect();
+        Mat::Bf16(Bf16Matrix::new(&vals, rows, cols)?)
+    })
+}
+
+fn gemv(k: &Kernels, pool: &Pool, m: &Mat, x: &[f32], y: &mut [f32]) -> Result<()> {
+    match m {
+        Mat::Nf4(w) => k.gemv_nf4(pool, w, x, y)?,
+        Mat::Bf16(w) => k.gemv_bf16(pool, w, x, y)?,
+    }
+    Ok(())
+}
+
+fn gemm(k: &Kernels, pool: &Pool, m: &Mat, x: &[f32], t: usize, y: &mut [f32]) -> Result<()> {
+    match m {
+        Mat::Nf4(w) => k.gemm_nf4(pool, w, x, t, y)?,
+        Mat::Bf16(w) => k.gemm_bf16(pool, w, x, t, y)?,
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let kernels = Kernels::from_choice_or_env(a.kernels)?;
+    let pool = match a.threads {
+        Some(t) => Pool::new(t, None),
+        None => Pool::from_env(),
+    };
+    let threads = pool.threads();
+    let peak = Kernels::fma_peak_flops(0.3) * threads as f64;
+    // Cost of starting an empty job on every pool thread and waiting for it.
+    let n = 20_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        pool.run(&|_, _| {});
+    }
+    let dispatch_us = t.elapsed().as_secs_f64() / n as f64 * 1e6;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"pool_dispatch_us": dispatch_us, "threads": threads, "peak_gflops": peak / 1e9})
+        );
+    } else {
+        println!(
+            "kernels: {}; threads: {threads}; peak FMA: {:.1} GFLOP/s; pool dispatch: {dispatch_us:.2} µs",
+            kernels.describe(),
+            peak / 1e9
+        );
+        println!(
+            "{:<13} {:<5} {:>9} {:>11} {:>11} {:>6} {:>26}",
+            "shape",
+            "kind",
+            "gemv_us",
+            "gemv GB/s",
+            "stream GB/s",
+            "ratio",
+            "gemm GFLOP/s (m=16/64/128)"
+        );
+    }
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    for &(rows, cols, kind) in SHAPES {
+        let name = format!("{rows}x{cols}");
+        if !a.shapes.is_empty() && !a.shapes.contains(&name) {
+            continue;
+        }
+        let first = random(rows, cols, kind, &mut rng)?;
+        let copies = a.working_set.div_ceil(first.bytes()).max(1);
+        let mut mats = vec![first];
+        for _ in 1..copies {
+            mats.push(random(rows, cols, kind, &mut rng)?);
+        }
+        let total: usize = mats.iter().map(Mat::bytes).sum();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let mut y = vec![0f32; rows];
+        // GEMV: passes over all copies until the time is up; the best pass counts (least disturbed).
+        let mut best = f64::MAX;
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < a.seconds || best == f64::MAX {
+            let t = Instant::now();
+            for m in &mats {
+                gemv(&kernels, &pool, m, &x, &mut y)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let gemv_bps = total as f64 / best;
+        // A plain read of the same bytes, the same way: each copy in turn.
+        let mut raw: Vec<Vec<u8>> = Vec::new();
+        let per = total / copies;
+        for _ in 0..copies {
+            let mut v = vec![0u8; per];
+            rng.fill(&mut v);
+            raw.push(v);
+        }
+        let mut sbest = f64::MAX;
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < a.seconds || sbest == f64::MAX {
+            let t = Instant::now();
+            for r in &raw {
+                std::hint::black_box(Kernels::stream_read(&pool, r));
+            }
+            sbest = sbest.min(t.elapsed().as_secs_f64());
+        }
+        drop(raw);
+        let stream_bps = total as f64 / sbest;
+        // GEMM on one copy: compute bound, each weight tile reused for every token.
+        let mut gflops = serde_json::Map::new();
+        for &m in &a.gemm_m {
+            let xs: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 13 % 97) as f32 - 48.0) / 48.0)
+                .collect();
+            let mut ys = vec![0f32; m * rows];
+            let mut bestg = f64::MAX;
+            let start = Instant::now();
+            while start.elapsed().as_secs_f64() < a.seconds / 2.0 || bestg == f64::MAX {
+                let t = Instant::now();
+                gemm(&kernels, &pool, &mats[0], &xs, m, &mut ys)?;
+                bestg = bestg.min(t.elapsed().as_secs_f64());
+            }
+            gflops.insert(
+                m.to_string(),
+                serde_json::json!(2.0 * (rows * cols * m) as f64 / bestg / 1e9),
+            );
+        }
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "shape": name, "kind": kind, "threads": threads, "gemv_us": best / copies as f64 * 1e6,
+                    "gemv_bytes_per_s": gemv_bps, "stream_bytes_per_s": stream_bps, "ratio": gemv_bps / stream_bps,
+                    "gemm_gflops": gflops, "peak_gflops": peak / 1e9, "kernels": kernels.isa().name(),
+                    "copies": copies,
+                })
+            );
+        } else {
+            let g: Vec<String> = gflops
+                .values()
+                .map(|v| format!("{:.1}", v.as_f64().unwrap_or(0.0)))
+                .collect();
+            println!(
+                "{:<13} {:<5} {:>9.1} {:>11.2} {:>11.2} {:>6.2} {:>26}",
+                name,
+                kind,
+                best / copies as f64 * 1e6,
+                gemv_bps / 1e9,
+                stream_bps / 1e9,
+                gemv_bps / stream_bps,
+                g.join(" / ")
+            );
+        }
+    }
+    Ok(())
+}
