@@ -9,6 +9,8 @@
 //! - [`hf`]: Hugging Face checkpoints (safetensors, sharded or not), memory-mapped.
 //! - [`arch`]: architectures; [`arch::yuan2`] is Yuan 2.0 with its LFA convolutions.
 #![deny(missing_docs)]
+// Slicing APIs take lists of column ranges; a list of one range is the common case, not a mistake.
+#![allow(clippy::single_range_in_vec_init)]
 
 pub mod arch;
 mod error;

@@ -67,6 +67,46 @@ impl Weight {
         })
     }
 
+    /// This rank's part of a whole `[rows × cols]` matrix: the rows `keep_rows` (column-parallel split) and
+    /// the column ranges `keep_cols`, concatenated (row-parallel split). NF4 quantizes the whole matrix first
+    /// and slices the result, so every rank holds exactly the codes and scales a single process would: the
+    /// model computes the same at every np. `nf4_ok` says whether every split this matrix may see keeps
+    /// 64-weight blocks whole; if not, it is kept in bf16 (at every np, so results still do not depend on it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn shard(
+        full: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        keep_rows: std::ops::Range<usize>,
+        keep_cols: &[std::ops::Range<usize>],
+        format: Format,
+        nf4_ok: bool,
+    ) -> Result<Weight> {
+        if full.len() != rows * cols {
+            return Err(Error::Shape(format!(
+                "{} values for a {rows}×{cols} matrix",
+                full.len()
+            )));
+        }
+        if format == Format::Nf4 && nf4_ok && cols.is_multiple_of(BLOCK) {
+            let t = crate::quant::nf4::Nf4Tensor::quantize(&full, &[rows, cols])?;
+            return Ok(Weight::Nf4(Nf4Matrix::slice(&t, keep_rows, keep_cols)?));
+        }
+        let width: usize = keep_cols.iter().map(|c| c.len()).sum();
+        let mut part = Vec::with_capacity(keep_rows.len() * width);
+        for r in keep_rows.clone() {
+            for c in keep_cols {
+                part.extend_from_slice(&full[r * cols + c.start..r * cols + c.end]);
+            }
+        }
+        let format = if format == Format::Nf4 {
+            Format::Bf16
+        } else {
+            format
+        };
+        Weight::new(part, keep_rows.len(), width, format)
+    }
+
     /// Output dimension.
     pub fn rows(&self) -> usize {
         match self {

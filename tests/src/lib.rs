@@ -126,3 +126,65 @@ pub fn shared_dir(sub: &str) -> Option<PathBuf> {
         None
     }
 }
+
+/// A tensor to write: dtype, shape, little-endian bytes.
+pub type TensorData = (safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Reads every tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, TensorData> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
+        .collect()
+}
+
+/// Writes tensors as a safetensors file.
+pub fn write_tensors(path: &Path, tensors: &std::collections::BTreeMap<String, TensorData>) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, (d, s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, &None, path).unwrap();
+}
+
+/// f32 bytes → the same values rounded to bf16 (or f16), as bytes of that type.
+pub fn f32_bytes_to(dtype: safetensors::Dtype, b: &[u8]) -> Vec<u8> {
+    b.chunks_exact(4)
+        .flat_map(|c| {
+            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            match dtype {
+                safetensors::Dtype::BF16 => half::bf16::from_f32(v).to_le_bytes(),
+                safetensors::Dtype::F16 => half::f16::from_f32(v).to_le_bytes(),
+                _ => panic!("unsupported"),
+            }
+        })
+        .collect()
+}
+
+/// A fresh empty directory under the system temp dir, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates it.
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("ringlm-test-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

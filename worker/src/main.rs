@@ -2,6 +2,8 @@
 
 mod benchk;
 mod commcmd;
+mod logits;
+mod runtime;
 
 use std::process::ExitCode;
 
@@ -10,7 +12,11 @@ use clap::{Parser, Subcommand};
 const AFTER_HELP: &str = "\
 Run it under ringrun to use several sockets, e.g.:
   ringrun -np 2 ringlm bench-comm            latency and bandwidth of the collectives between 2 ranks
-  ringrun -np 4 ringlm comm-check            check allreduce/broadcast/allgather results across 4 ranks";
+  ringrun -np 4 ringlm comm-check            check allreduce/broadcast/allgather results across 4 ranks
+  ringlm logits --model DIR --ids 5,17,3 --steps 8
+                                             logits of a prompt and 8 greedy steps, as JSON
+  ringrun -np 2 ringlm logits --model DIR --ids 5,17 --weights nf4
+                                             the same, tensor parallel over 2 ranks, NF4 weights";
 
 /// ringlm: large language models, tensor-parallel over the sockets of one server.
 #[derive(Parser, Debug)]
@@ -24,6 +30,8 @@ struct Cli {
 enum Command {
     /// Measure barrier, broadcast, allgather and allreduce between the ranks, beside a memcpy of the same bytes.
     BenchComm(commcmd::BenchArgs),
+    /// Print the logits of a prompt and K greedy steps as JSON (prefill_logits, greedy_ids, step_logits).
+    Logits(logits::Args),
     /// Measure the NF4 and BF16 kernels: GEMV bandwidth beside a streaming read, GEMM beside the FMA peak.
     BenchKernels(benchk::Args),
     /// Check the collectives' results on seeded data (used by the test suite; exits non-zero on a wrong result).
@@ -38,6 +46,7 @@ fn main() -> ExitCode {
         Command::BenchComm(a) => commcmd::bench(a),
         Command::CommCheck(a) => commcmd::check(a),
         Command::BenchKernels(a) => benchk::run(a),
+        Command::Logits(a) => logits::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -170,7 +170,7 @@ struct Layer {
     lfa_norm: Vec<f32>,   // (H,)
     conv1: Weight,        // (c, 2H): [kernel tap for t-1 | tap for t], column-parallel
     conv1_bias: Vec<f32>, // (c,)
-    conv2: Weight,        // (H, 2c): [tap for t-1 | tap for t], row-parallel
+    conv2: Weight,        // (H, 2c): (channel, tap) interleaved, row-parallel
     conv2_bias: Vec<f32>, // (H,), added once, after the allreduce
     wq: Weight,           // (n, H), heads de-interleaved, column-parallel
     wk: Weight,           // (n, H)
@@ -238,22 +238,12 @@ pub struct State {
     lfa_o1: Vec<Vec<f32>>, // per layer (c,)
 }
 
-/// Loads one weight: rows × cols of f32 from `values`, kept in `format`.
-fn weight(
-    values: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    format: Format,
-    name: &str,
-) -> Result<Weight> {
-    Weight::new(values, rows, cols, format).map_err(|e| e.tensor(name))
-}
-
-/// Columns [c0, c1) of a row-major rows × cols matrix.
-fn columns(m: &[f32], cols: usize, c0: usize, c1: usize) -> Vec<f32> {
-    m.chunks(cols)
-        .flat_map(|row| row[c0..c1].iter().copied())
-        .collect()
+/// Whether a row-parallel matrix of `width` input columns, split over any np the model allows, keeps
+/// NF4's 64-weight blocks whole (true for every Yuan 2.0 size; not for tiny test models at high np).
+fn blocks_survive(width: usize, valid_np: &[usize]) -> bool {
+    valid_np
+        .iter()
+        .all(|&np| (width / np).is_multiple_of(crate::quant::nf4::BLOCK))
 }
 
 impl Model {
@@ -273,16 +263,30 @@ impl Model {
         let (h, d) = (c.hidden, c.head_dim());
         let heads = shard.even(c.heads);
         let (n0, n1) = (heads.start * d, heads.end * d);
-        let n = n1 - n0;
         let chans = shard.even(h / 2);
-        let ch = chans.len();
         let ffn = shard.even(c.ffn);
         let vocab = shard.uneven(c.vocab);
+        let valid = c.valid_np();
+        // Row-parallel matrices are cut along their input: heads × d (o_proj), the interleaved LFA channels
+        // (conv2), the MLP width (down_proj).
+        let o_nf4 = blocks_survive(h, &valid);
+        let conv2_nf4 = blocks_survive(h, &valid);
+        let down_nf4 = blocks_survive(c.ffn, &valid);
+        let all = |n: usize| 0..n;
         let mut layers = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
             let p = format!("model.layers.{l}.");
             let name = |s: &str| format!("{p}{s}");
-            // q/k: undo the per-head interleave of the stacked [q; k] output, then keep this rank's heads.
+            let sh = |full: Vec<f32>,
+                      rows: usize,
+                      cols: usize,
+                      kr: std::ops::Range<usize>,
+                      kc: &[std::ops::Range<usize>],
+                      ok: bool,
+                      n: &str| {
+                Weight::shard(full, rows, cols, kr, kc, format, ok).map_err(|e| e.tensor(name(n)))
+            };
+            // q/k: undo the per-head interleave of the stacked [q; k] output.
             let q = ck.take(&name("self_attn.q_proj.weight"), &[h, h])?;
             let k = ck.take(&name("self_attn.k_proj.weight"), &[h, h])?;
             let stacked_row = |r: usize| {
@@ -292,9 +296,9 @@ impl Model {
                     &k[(r - h) * h..(r - h + 1) * h]
                 }
             };
-            let mut wq = Vec::with_capacity(n * h);
-            let mut wk = Vec::with_capacity(n * h);
-            for head in heads.clone() {
+            let mut wq = Vec::with_capacity(h * h);
+            let mut wk = Vec::with_capacity(h * h);
+            for head in 0..c.heads {
                 for i in 0..d {
                     wq.extend_from_slice(stacked_row(2 * head * d + i));
                     wk.extend_from_slice(stacked_row(2 * head * d + d + i));
@@ -303,21 +307,18 @@ impl Model {
             let v = ck.take(&name("self_attn.v_proj.weight"), &[h, h])?;
             let o = ck.take(&name("self_attn.o_proj.weight"), &[h, h])?;
             // conv weights are (out, in, 2, 1): tap 0 meets x[t-1], tap 1 meets x[t].
+            // conv1 as (H/2, 2H): [tap 0 | tap 1] over the whole input.
             let c1 = ck.take(&name("self_attn.lf_gate.conv1.weight"), &[h / 2, h, 2, 1])?;
-            let mut conv1 = Vec::with_capacity(ch * 2 * h);
-            for out in chans.clone() {
+            let mut conv1 = Vec::with_capacity(h / 2 * 2 * h);
+            for out in 0..h / 2 {
                 for tap in 0..2 {
                     conv1.extend((0..h).map(|i| c1[(out * h + i) * 2 + tap]));
                 }
             }
-            let b1 = ck.take(&name("self_attn.lf_gate.conv1.bias"), &[h / 2])?;
+            // conv2 as (H, H): taps interleaved per input channel, (ch0 tap0, ch0 tap1, ch1 tap0, ...), so a
+            // rank's channels are one contiguous column range.
             let c2 = ck.take(&name("self_attn.lf_gate.conv2.weight"), &[h, h / 2, 2, 1])?;
-            let mut conv2 = Vec::with_capacity(h * 2 * ch);
-            for out in 0..h {
-                for tap in 0..2 {
-                    conv2.extend(chans.clone().map(|i| c2[(out * (h / 2) + i) * 2 + tap]));
-                }
-            }
+            let b1 = ck.take(&name("self_attn.lf_gate.conv1.bias"), &[h / 2])?;
             let gate = ck.take(&name("mlp.gate_proj.weight"), &[c.ffn, h])?;
             let up = ck.take(&name("mlp.up_proj.weight"), &[c.ffn, h])?;
             let down = ck.take(&name("mlp.down_proj.weight"), &[h, c.ffn])?;
@@ -326,58 +327,56 @@ impl Model {
                 input_norm: ck.take(&name("input_layernorm.weight"), &[h])?,
                 post_norm: ck.take(&name("post_attention_layernorm.weight"), &[h])?,
                 lfa_norm: ck.take(&name("self_attn.lf_gate.output_layernorm.weight"), &[h])?,
-                conv1: weight(
+                conv1: sh(
                     conv1,
-                    ch,
+                    h / 2,
                     2 * h,
-                    format,
-                    &name("self_attn.lf_gate.conv1.weight"),
+                    chans.clone(),
+                    &[all(2 * h)],
+                    true,
+                    "self_attn.lf_gate.conv1.weight",
                 )?,
                 conv1_bias: b1[chans.clone()].to_vec(),
-                conv2: weight(
-                    conv2,
+                conv2: sh(
+                    c2,
                     h,
-                    2 * ch,
-                    format,
-                    &name("self_attn.lf_gate.conv2.weight"),
+                    h,
+                    all(h),
+                    &[2 * chans.start..2 * chans.end],
+                    conv2_nf4,
+                    "self_attn.lf_gate.conv2.weight",
                 )?,
                 conv2_bias: ck.take(&name("self_attn.lf_gate.conv2.bias"), &[h])?,
-                wq: weight(wq, n, h, format, &name("self_attn.q_proj.weight"))?,
-                wk: weight(wk, n, h, format, &name("self_attn.k_proj.weight"))?,
-                wv: weight(
-                    v[n0 * h..n1 * h].to_vec(),
-                    n,
+                wq: sh(wq, h, h, n0..n1, &[all(h)], true, "self_attn.q_proj.weight")?,
+                wk: sh(wk, h, h, n0..n1, &[all(h)], true, "self_attn.k_proj.weight")?,
+                wv: sh(v, h, h, n0..n1, &[all(h)], true, "self_attn.v_proj.weight")?,
+                wo: sh(o, h, h, all(h), &[n0..n1], o_nf4, "self_attn.o_proj.weight")?,
+                gate: sh(
+                    gate,
+                    c.ffn,
                     h,
-                    format,
-                    &name("self_attn.v_proj.weight"),
+                    ffn.clone(),
+                    &[all(h)],
+                    true,
+                    "mlp.gate_proj.weight",
                 )?,
-                wo: weight(
-                    columns(&o, h, n0, n1),
+                up: sh(
+                    up,
+                    c.ffn,
                     h,
-                    n,
-                    format,
-                    &name("self_attn.o_proj.weight"),
+                    ffn.clone(),
+                    &[all(h)],
+                    true,
+                    "mlp.up_proj.weight",
                 )?,
-                gate: weight(
-                    gate[ffn.start * h..ffn.end * h].to_vec(),
-                    ffn.len(),
+                down: sh(
+                    down,
                     h,
-                    format,
-                    &name("mlp.gate_proj.weight"),
-                )?,
-                up: weight(
-                    up[ffn.start * h..ffn.end * h].to_vec(),
-                    ffn.len(),
-                    h,
-                    format,
-                    &name("mlp.up_proj.weight"),
-                )?,
-                down: weight(
-                    columns(&down, c.ffn, ffn.start, ffn.end),
-                    h,
-                    ffn.len(),
-                    format,
-                    &name("mlp.down_proj.weight"),
+                    c.ffn,
+                    all(h),
+                    std::slice::from_ref(&ffn),
+                    down_nf4,
+                    "mlp.down_proj.weight",
                 )?,
             });
         }
@@ -408,7 +407,8 @@ impl Model {
             )
             .file(dir));
         };
-        let lm_head = weight(head_values, vocab.len(), h, head_format, "lm_head.weight")?;
+        let lm_head = Weight::new(head_values, vocab.len(), h, head_format)
+            .map_err(|e| e.tensor("lm_head.weight"))?;
         let embed = if format == Format::F32 {
             Embedding::F32(embed_f32)
         } else {
@@ -620,6 +620,7 @@ impl Model {
                     *v += b;
                 }
             }
+            // conv2's columns interleave (channel, tap): [o1[t-1][0], o1[t][0], o1[t-1][1], o1[t][1], ...]
             let mut cat2 = vec![0f32; m * 2 * ch];
             for i in 0..m {
                 let prev = if i == 0 {
@@ -627,8 +628,11 @@ impl Model {
                 } else {
                     &o1[(i - 1) * ch..i * ch]
                 };
-                cat2[i * 2 * ch..i * 2 * ch + ch].copy_from_slice(prev);
-                cat2[i * 2 * ch + ch..(i + 1) * 2 * ch].copy_from_slice(&o1[i * ch..(i + 1) * ch]);
+                let row = &mut cat2[i * 2 * ch..(i + 1) * 2 * ch];
+                for (j, pair) in row.chunks_exact_mut(2).enumerate() {
+                    pair[0] = prev[j];
+                    pair[1] = o1[i * ch + j];
+                }
             }
             let mut o2 = vec![0f32; m * h];
             layer.conv2.matmul(&k, pool, &cat2, m, &mut o2)?;

@@ -39,21 +39,21 @@ pub fn prep_x_nf4_w4(x: &[f32], out: &mut [u16]) {
 /// Decodes row `r`'s block scales 16 at a time: two gathers (map entry, nested scale) and one FMA.
 #[target_feature(enable = "avx512f")]
 unsafe fn row_scales(w: &Nf4Matrix, r: usize, out: &mut [f32]) {
-    let (codes, nested, offset, map) = w.scale_parts();
+    let p = w.scale_parts();
     let blocks = out.len();
-    let g0 = r * blocks;
-    let off = _mm512_set1_ps(offset);
-    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let c0 = r * blocks;
+    let base = _mm512_set1_epi32(((p.row0 + r) * p.stride) as i32);
+    let off = _mm512_set1_ps(p.offset);
     let mut b = 0;
     while b + 16 <= blocks {
-        let idx =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(g0 + b) as *const __m128i));
-        let m = _mm512_i32gather_ps::<4>(idx, map.as_ptr());
-        let gi = _mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_set1_epi32((g0 + b) as i32), iota),
-            8,
-        );
-        let n = _mm512_i32gather_ps::<4>(gi, nested.as_ptr());
+        let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            p.codes.as_ptr().add(c0 + b) as *const __m128i
+        ));
+        let m = _mm512_i32gather_ps::<4>(idx, p.map.as_ptr());
+        // Tensor block number → its nested scale (a slice's blocks keep the tensor's numbering).
+        let cols = _mm512_loadu_si512(p.colmap.as_ptr().add(b) as *const __m512i);
+        let gi = _mm512_srli_epi32(_mm512_add_epi32(base, cols), 8);
+        let n = _mm512_i32gather_ps::<4>(gi, p.nested.as_ptr());
         _mm512_storeu_ps(out.as_mut_ptr().add(b), _mm512_fmadd_ps(m, n, off));
         b += 16;
     }

@@ -53,20 +53,31 @@ impl std::fmt::Debug for AlignedBytes {
 /// codes, first element in the high nibble, one 8-bit scale code per 64 weights, one f32 per 256 blocks and a
 /// tensor offset. Scales stay double-quantized in memory and are decoded by the kernels, so a weight costs
 /// 4.127 bits of memory traffic.
+///
+/// The matrix may be a tensor-parallel slice of a larger tensor (some rows, some whole-block column ranges):
+/// it then keeps the tensor's offset and nested scales, and maps its blocks to the tensor's block numbers, so
+/// every rank decodes exactly the weights a single process would.
 #[derive(Clone, Debug)]
 pub struct Nf4Matrix {
     rows: usize,
     cols: usize,
     packed: AlignedBytes,
+    /// One code per block of this slice, row-major (rows × cols/64).
     scale_codes: Vec<u8>,
+    /// The whole tensor's nested scales.
     nested: Vec<f32>,
     offset: f32,
     map: &'static [f32; 256],
+    /// First tensor row of this slice, and blocks per tensor row.
+    row0: usize,
+    stride: usize,
+    /// Tensor column block of each of this slice's blocks in a row.
+    colmap: Vec<u32>,
 }
 
 impl Nf4Matrix {
-    /// Takes a quantized 2-D tensor. Rows must hold whole blocks (cols a multiple of 64) so that no block
-    /// straddles two rows: each output then needs only its own row's scales.
+    /// Takes a quantized 2-D tensor whole. Rows must hold whole blocks (cols a multiple of 64) so that no
+    /// block straddles two rows: each output then needs only its own row's scales.
     pub fn new(t: &Nf4Tensor) -> Result<Nf4Matrix> {
         let [rows, cols] = t.shape[..] else {
             return Err(Error::Shape(format!(
@@ -74,17 +85,78 @@ impl Nf4Matrix {
                 t.shape
             )));
         };
-        Nf4Matrix::from_parts(
-            rows,
-            cols,
-            &t.packed,
-            t.absmax_code.clone(),
-            t.nested_absmax.clone(),
-            t.offset,
-        )
+        Nf4Matrix::slice(t, 0..rows, &[0..cols])
     }
 
-    /// From raw parts in bitsandbytes' layout (as stored in a shard file); every length is checked.
+    /// Rows `rows` and the column ranges `cols` (concatenated) of a quantized 2-D tensor. Column bounds must
+    /// fall on block boundaries (multiples of 64).
+    pub fn slice(
+        t: &Nf4Tensor,
+        rows: std::ops::Range<usize>,
+        cols: &[std::ops::Range<usize>],
+    ) -> Result<Nf4Matrix> {
+        t.validate()?;
+        let [trows, tcols] = t.shape[..] else {
+            return Err(Error::Shape(format!(
+                "NF4 matrix must be 2-D, got shape {:?}",
+                t.shape
+            )));
+        };
+        if trows == 0 || tcols == 0 || !tcols.is_multiple_of(BLOCK) {
+            return Err(Error::Shape(format!(
+                "NF4 matrix {trows}×{tcols}: needs rows > 0 and columns a positive multiple of {BLOCK}"
+            )));
+        }
+        if rows.end > trows || rows.is_empty() {
+            return Err(Error::Shape(format!(
+                "rows {rows:?} of a {trows}-row tensor"
+            )));
+        }
+        let mut colmap = Vec::new();
+        for c in cols {
+            if c.end > tcols
+                || c.is_empty()
+                || !c.start.is_multiple_of(BLOCK)
+                || !c.end.is_multiple_of(BLOCK)
+            {
+                return Err(Error::Shape(format!(
+                    "columns {c:?} of a {tcols}-column NF4 tensor: slices must be whole blocks of {BLOCK}"
+                )));
+            }
+            colmap.extend((c.start / BLOCK..c.end / BLOCK).map(|b| b as u32));
+        }
+        let stride = tcols / BLOCK;
+        let ncols = colmap.len() * BLOCK;
+        let mut packed = AlignedBytes::zeroed(rows.len() * ncols / 2);
+        let mut codes = Vec::with_capacity(rows.len() * colmap.len());
+        {
+            let out = packed.as_mut_slice();
+            let mut o = 0;
+            for r in rows.clone() {
+                for &b in &colmap {
+                    let g = r * stride + b as usize;
+                    out[o..o + BLOCK / 2]
+                        .copy_from_slice(&t.packed[g * BLOCK / 2..(g + 1) * BLOCK / 2]);
+                    o += BLOCK / 2;
+                    codes.push(t.absmax_code[g]);
+                }
+            }
+        }
+        Ok(Nf4Matrix {
+            rows: rows.len(),
+            cols: ncols,
+            packed,
+            scale_codes: codes,
+            nested: t.nested_absmax.clone(),
+            offset: t.offset,
+            map: shared_map(),
+            row0: rows.start,
+            stride,
+            colmap,
+        })
+    }
+
+    /// From raw parts in bitsandbytes' layout (a whole tensor, as stored in a file); every length is checked.
     pub fn from_parts(
         rows: usize,
         cols: usize,
@@ -119,6 +191,9 @@ impl Nf4Matrix {
             nested,
             offset,
             map: shared_map(),
+            row0: 0,
+            stride: cols / BLOCK,
+            colmap: (0..(cols / BLOCK) as u32).collect(),
         })
     }
 
@@ -147,14 +222,22 @@ impl Nf4Matrix {
     /// Decoded f32 scale of block `b` of row `r`.
     #[inline]
     pub fn scale(&self, r: usize, b: usize) -> f32 {
-        let g = r * (self.cols / BLOCK) + b;
-        self.map[self.scale_codes[g] as usize] * self.nested[g / NESTED_BLOCK] + self.offset
+        let code = self.scale_codes[r * self.colmap.len() + b];
+        let g = (self.row0 + r) * self.stride + self.colmap[b] as usize;
+        self.map[code as usize] * self.nested[g / NESTED_BLOCK] + self.offset
     }
 
-    /// The parts the SIMD kernels decode scales from: (8-bit codes of all blocks, nested f32 per 256 blocks,
-    /// offset, the dynamic map).
-    pub fn scale_parts(&self) -> (&[u8], &[f32], f32, &[f32; 256]) {
-        (&self.scale_codes, &self.nested, self.offset, self.map)
+    /// The parts the SIMD kernels decode scales from.
+    pub fn scale_parts(&self) -> ScaleParts<'_> {
+        ScaleParts {
+            codes: &self.scale_codes,
+            nested: &self.nested,
+            offset: self.offset,
+            map: self.map,
+            row0: self.row0,
+            stride: self.stride,
+            colmap: &self.colmap,
+        }
     }
 
     /// Decodes the scales of row `r` into `out` (cols / 64 values).
@@ -165,9 +248,13 @@ impl Nf4Matrix {
         }
     }
 
-    /// Bytes a full pass over the matrix reads: codes and both levels of scales.
+    /// Bytes a full pass over the matrix reads: codes and both levels of scales (this slice's share of the
+    /// nested scales).
     pub fn bytes(&self) -> usize {
-        self.packed.as_slice().len() + self.scale_codes.len() + 4 * self.nested.len() + 4
+        self.packed.as_slice().len()
+            + self.scale_codes.len()
+            + 4 * self.scale_codes.len().div_ceil(NESTED_BLOCK)
+            + 4
     }
 
     /// Row `r` in f32 (for tests and for the prefill tiles).
@@ -190,6 +277,25 @@ impl Nf4Matrix {
         }
         out
     }
+}
+
+/// What a kernel needs to decode an [`Nf4Matrix`]'s block scales: block (r, b) has code `codes[r·nb + b]`
+/// (nb = blocks per row of the slice) and nested scale `nested[((row0 + r)·stride + colmap[b]) / 256]`.
+pub struct ScaleParts<'a> {
+    /// 8-bit codes, row-major over the slice.
+    pub codes: &'a [u8],
+    /// The tensor's nested scales.
+    pub nested: &'a [f32],
+    /// The tensor's offset.
+    pub offset: f32,
+    /// The dynamic map.
+    pub map: &'a [f32; 256],
+    /// First tensor row of the slice.
+    pub row0: usize,
+    /// Blocks per tensor row.
+    pub stride: usize,
+    /// Tensor column block of each block of a slice row.
+    pub colmap: &'a [u32],
 }
 
 /// A bf16 weight matrix `[rows × cols]`, row-major.

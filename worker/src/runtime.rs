@@ -1,0 +1,95 @@
+//! What every model-running command shares: the job (communicator, pool, kernels) and loading a model
+//! shard for this rank.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use collective::Communicator;
+use model::arch::yuan2::Model;
+use model::arch::{Collective, Shard};
+use model::kernels::{KernelChoice, Kernels};
+use model::pool::Pool;
+use model::weight::Format;
+
+/// Options of every command that runs a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory (Hugging Face layout: config.json + safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// How weights are kept in memory: as loaded (f32), or quantized at load time.
+    #[arg(long, value_parser = parse_format, default_value = "f32")]
+    pub weights: Format,
+    /// Format of the lm_head (default: f32 with f32 weights, else bf16).
+    #[arg(long, value_parser = parse_format)]
+    pub lm_head: Option<Format>,
+    /// Kernels: the scalar reference or the fastest for this CPU (also RINGLM_KERNELS).
+    #[arg(long, value_parser = crate::benchk::parse_choice)]
+    pub kernels: Option<KernelChoice>,
+    /// Worker threads per rank (default: RINGLM_THREADS from ringrun, else every CPU allowed).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+fn parse_format(s: &str) -> std::result::Result<Format, String> {
+    s.parse().map_err(|e: model::Error| e.to_string())
+}
+
+/// The collective library as the model's tensor-parallel hook.
+pub struct Comm(pub Communicator);
+
+impl Collective for Comm {
+    fn allreduce_sum(&mut self, x: &mut [f32]) -> model::Result<()> {
+        self.0
+            .allreduce_sum(x)
+            .map_err(|e| model::Error::Format(e.to_string()))
+    }
+    fn allgather_f32(&mut self, x: &[f32]) -> model::Result<Vec<f32>> {
+        self.0
+            .allgather_f32(x)
+            .map_err(|e| model::Error::Format(e.to_string()))
+    }
+}
+
+/// A rank ready to run a model.
+pub struct Job {
+    /// Communicator (a job of one without a launcher).
+    pub comm: Comm,
+    /// Thread pool pinned to this rank's cores.
+    pub pool: Pool,
+    /// The model slice.
+    pub model: Model,
+}
+
+impl Job {
+    /// Joins the job and loads this rank's shard.
+    pub fn start(a: &ModelArgs) -> Result<Job> {
+        let comm = Communicator::from_env().context("joining the job")?;
+        let shard = Shard {
+            rank: comm.rank(),
+            size: comm.size(),
+        };
+        let pool = match a.threads {
+            Some(t) => Pool::new(t, comm.env().cpuset.as_deref()),
+            None => Pool::from_env(),
+        };
+        let kernels = Kernels::from_choice_or_env(a.kernels)?;
+        let head = a.lm_head.unwrap_or(if a.weights == Format::F32 {
+            Format::F32
+        } else {
+            Format::Bf16
+        });
+        let model = Model::load(&a.model, shard, a.weights, head, kernels)
+            .with_context(|| format!("rank {}: loading {}", shard.rank, a.model.display()))?;
+        Ok(Job {
+            comm: Comm(comm),
+            pool,
+            model,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.comm.0.rank()
+    }
+}
