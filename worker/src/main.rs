@@ -1,5 +1,6 @@
 //! ringlm: the worker program. Under `ringrun` every rank runs it; alone it is a job of one.
 
+mod bench;
 mod benchk;
 mod commcmd;
 mod logits;
@@ -32,6 +33,8 @@ enum Command {
     BenchComm(commcmd::BenchArgs),
     /// Print the logits of a prompt and K greedy steps as JSON (prefill_logits, greedy_ids, step_logits).
     Logits(logits::Args),
+    /// Benchmark a preset's exact shapes (random weights): prefill and decode speed, roofline, time profile.
+    Bench(bench::Args),
     /// Measure the NF4 and BF16 kernels: GEMV bandwidth beside a streaming read, GEMM beside the FMA peak.
     BenchKernels(benchk::Args),
     /// Check the collectives' results on seeded data (used by the test suite; exits non-zero on a wrong result).
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::CommCheck(a) => commcmd::check(a),
         Command::BenchKernels(a) => benchk::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

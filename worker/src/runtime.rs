@@ -93,3 +93,43 @@ impl Job {
         self.comm.0.rank()
     }
 }
+
+/// `--np N` outside a launcher: starts N ranks of this same command under ringrun (found next to this
+/// binary, else on PATH) and returns its exit code. Under a launcher, checks that N matches the job.
+pub fn relaunch_with_np(np: Option<usize>) -> Result<Option<i32>> {
+    let Some(np) = np else { return Ok(None) };
+    let env = collective::JobEnv::from_env()?;
+    if env.launcher != "none" {
+        if env.size != np {
+            anyhow::bail!("--np {np} but the launcher started {} ranks: drop --np or make them agree", env.size);
+        }
+        return Ok(None);
+    }
+    let exe = std::env::current_exe().context("locating the ringlm binary")?;
+    let ringrun = exe.parent().map(|d| d.join("ringrun")).filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("ringrun"));
+    let mut args: Vec<String> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args().skip(1) {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--np" {
+            skip = true;
+            continue;
+        }
+        if a.starts_with("--np=") {
+            continue;
+        }
+        args.push(a);
+    }
+    let status = std::process::Command::new(&ringrun)
+        .arg("-np")
+        .arg(np.to_string())
+        .arg("--")
+        .arg(&exe)
+        .args(&args)
+        .status()
+        .with_context(|| format!("starting {} (needed for --np)", ringrun.display()))?;
+    Ok(Some(status.code().unwrap_or(1)))
+}

@@ -117,6 +117,45 @@ impl Config {
         Ok(c)
     }
 
+    /// The shapes of the released models (official configs and training scripts): vocabulary 135,040,
+    /// MLP width 4 × hidden; `layers` overrides the layer count (to build a slice of a large model).
+    pub fn preset(name: &str, layers: Option<usize>) -> Result<Config> {
+        let (l, h, heads) = match name {
+            "yuan2-2b" => (24, 2048, 32),
+            "yuan2-51b" => (42, 8192, 64),
+            "yuan2-102b" => (84, 8192, 64),
+            other => {
+                return Err(Error::Format(format!(
+                    "unknown preset {other:?}: yuan2-2b, yuan2-51b or yuan2-102b"
+                )))
+            }
+        };
+        Ok(Config {
+            vocab: 135_040,
+            hidden: h,
+            ffn: 4 * h,
+            layers: layers.unwrap_or(l),
+            heads,
+            eps: 1e-6,
+            eod: 77185,
+            sep: 77187,
+            reset_attention_mask: true,
+            max_positions: 8192,
+            tie_embeddings: false,
+            rope_base: 10000.0,
+        })
+    }
+
+    /// The preset's full layer count (for projections from a partial build).
+    pub fn preset_layers(name: &str) -> Option<usize> {
+        match name {
+            "yuan2-2b" => Some(24),
+            "yuan2-51b" => Some(42),
+            "yuan2-102b" => Some(84),
+            _ => None,
+        }
+    }
+
     /// Reads `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Config> {
         let p = dir.join("config.json");
@@ -194,9 +233,23 @@ pub struct Profile {
     pub comm: u64,
     /// Everything else (norms, embedding, activation).
     pub other: u64,
+    /// Of `linear` and `other`: the final norm and lm_head (what does not scale with the layer count).
+    pub head: u64,
 }
 
 impl Profile {
+    /// Sums two profiles.
+    pub fn add(&self, o: &Profile) -> Profile {
+        Profile {
+            linear: self.linear + o.linear,
+            conv: self.conv + o.conv,
+            attention: self.attention + o.attention,
+            comm: self.comm + o.comm,
+            other: self.other + o.other,
+            head: self.head + o.head,
+        }
+    }
+
     /// Total time.
     pub fn total(&self) -> u64 {
         self.linear + self.conv + self.attention + self.comm + self.other
@@ -438,6 +491,73 @@ impl Model {
             inv_freq,
             profile: Profile::default(),
         })
+    }
+
+    /// A model of `config`'s exact shapes with seeded random weights, built directly in this rank's memory
+    /// (no files): for benchmarks at real sizes. NF4 weights get random codes and scales of ordinary size
+    /// (0.02–0.04), bf16/f32 weights uniform values of similar size; norms are 1.
+    pub fn random(config: Config, shard: Shard, format: Format, head_format: Format, kernels: Kernels, seed: u64) -> Result<Model> {
+        config.check_np(shard.size)?;
+        let c = &config;
+        let (h, d) = (c.hidden, c.head_dim());
+        let n = shard.even(c.heads).len() * d;
+        let ch = shard.even(h / 2).len();
+        let f = shard.even(c.ffn).len();
+        let vocab = shard.uneven(c.vocab);
+        // Each rank gets its own stream: different slices of one model.
+        let mut rng = Rng::new(seed ^ (shard.rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut w = |rows: usize, cols: usize, fmt: Format| -> Result<Weight> {
+            if fmt == Format::Nf4 && cols % crate::quant::nf4::BLOCK == 0 {
+                let mut packed = vec![0u8; rows * cols / 2];
+                rng.fill(&mut packed);
+                let blocks = rows * cols / crate::quant::nf4::BLOCK;
+                let mut codes = vec![0u8; blocks];
+                rng.fill(&mut codes);
+                let nested = vec![0.01f32; blocks.div_ceil(crate::quant::nf4::NESTED_BLOCK)];
+                return Ok(Weight::Nf4(crate::kernels::Nf4Matrix::from_parts(rows, cols, &packed, codes, nested, 0.03)?));
+            }
+            let values: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.06).collect();
+            Weight::new(values, rows, cols, fmt)
+        };
+        let mut layers = Vec::with_capacity(c.layers);
+        for _ in 0..c.layers {
+            layers.push(Layer {
+                input_norm: vec![1.0; h],
+                post_norm: vec![1.0; h],
+                lfa_norm: vec![1.0; h],
+                conv1: w(ch, 2 * h, format)?,
+                conv1_bias: vec![0.0; ch],
+                conv2: w(h, 2 * ch, format)?,
+                conv2_bias: vec![0.0; h],
+                wq: w(n, h, format)?,
+                wk: w(n, h, format)?,
+                wv: w(n, h, format)?,
+                wo: w(h, n, format)?,
+                gate: w(f, h, format)?,
+                up: w(f, h, format)?,
+                down: w(h, f, format)?,
+            });
+        }
+        let lm_head = w(vocab.len(), h, head_format)?;
+        let embed: Vec<half::bf16> = (0..c.vocab * h).map(|_| half::bf16::from_f32(rng.uniform())).collect();
+        let inv_freq = (0..d / 2).map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32)).collect();
+        Ok(Model {
+            final_norm: vec![1.0; h],
+            config,
+            shard,
+            layers,
+            embed: Embedding::Bf16(embed),
+            lm_head,
+            vocab,
+            kernels,
+            inv_freq,
+            profile: Profile::default(),
+        })
+    }
+
+    /// Bytes of weights per decode step in the layers alone (no lm_head): scales with the layer count.
+    pub fn layer_weight_bytes(&self) -> usize {
+        self.weight_bytes() - self.lm_head.bytes()
     }
 
     /// The same model with every weight dequantized to f32: the exact-arithmetic twin of a quantized model,
@@ -728,6 +848,7 @@ impl Model {
         state.pos += m;
 
         // logits = lm_head(norm(x)) for the rows asked for.
+        let head_start = std::time::Instant::now();
         let rows: Vec<usize> = if all_logits {
             (0..m).collect()
         } else {
@@ -748,6 +869,7 @@ impl Model {
         self.lm_head
             .matmul(&k, pool, &xn, rows.len(), &mut logits)?;
         mark(&mut prof.linear, &mut t);
+        prof.head += head_start.elapsed().as_nanos() as u64;
         self.profile = prof;
         Ok(logits)
     }
@@ -809,6 +931,34 @@ impl Model {
             }
         }
         Ok(pick.1)
+    }
+}
+
+/// xorshift64*: a fast seeded generator for random benchmark weights.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for c in out.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+
+    /// Uniform in [-0.5, 0.5).
+    fn uniform(&mut self) -> f32 {
+        f32::from_bits(0x3F80_0000 | (self.next() >> 41) as u32) - 1.5
     }
 }
 

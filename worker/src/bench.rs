@@ -1,0 +1,242 @@
+//! `ringlm bench`: a preset's exact shapes, random weights built in each rank's memory, P prompt tokens and G
+//! decode steps through the real tensor-parallel forward pass; speed beside the memory roofline and the time
+//! profile beside the reference 4-socket deployment's.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use collective::Communicator;
+use model::arch::yuan2::{Config, Model, Profile};
+use model::arch::{Collective, Shard};
+use model::kernels::{KernelChoice, Kernels};
+use model::pool::Pool;
+use model::weight::Format;
+use serde_json::json;
+
+use crate::runtime::Comm;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model shapes: yuan2-2b, yuan2-51b or yuan2-102b.
+    #[arg(long, default_value = "yuan2-2b")]
+    preset: String,
+    /// Build and run only this many layers; results are also projected to the full model.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Tensor-parallel ranks (starts them through ringrun); under ringrun the job decides.
+    #[arg(long)]
+    np: Option<usize>,
+    /// Threads per rank (default: RINGLM_THREADS, else every CPU allowed).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    /// Decode steps.
+    #[arg(long, default_value_t = 32)]
+    gen: usize,
+    /// Weight format of the layers.
+    #[arg(long, default_value = "nf4", value_parser = ["nf4", "bf16"])]
+    quant: String,
+    /// Weight format of the lm_head.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "nf4"])]
+    lm_head: String,
+    /// Kernels.
+    #[arg(long, value_parser = crate::benchk::parse_choice)]
+    kernels: Option<KernelChoice>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// One JSON object with every figure.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The reference deployment's reported time shares (4-socket Xeon, Yuan2.0-102B).
+const REFERENCE: [(&str, f64); 5] = [("linear", 0.50), ("conv", 0.20), ("attention", 0.0), ("comm", 0.20), ("other", 0.10)];
+
+fn fractions(p: &Profile) -> serde_json::Value {
+    let t = p.total().max(1) as f64;
+    json!({
+        "linear": p.linear as f64 / t, "conv": p.conv as f64 / t, "attention": p.attention as f64 / t,
+        "comm": p.comm as f64 / t, "other": p.other as f64 / t,
+    })
+}
+
+/// The profile with its per-layer part scaled by `k` (the head, charged to linear, stays).
+fn scale_layers(p: &Profile, k: f64) -> Profile {
+    let s = |v: u64| (v as f64 * k) as u64;
+    let head = p.head.min(p.linear);
+    Profile {
+        linear: s(p.linear - head) + head,
+        conv: s(p.conv),
+        attention: s(p.attention),
+        comm: s(p.comm),
+        other: s(p.other),
+        head,
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if let Some(code) = crate::runtime::relaunch_with_np(a.np)? {
+        std::process::exit(code);
+    }
+    let full_layers = Config::preset_layers(&a.preset).unwrap_or(0);
+    let config = Config::preset(&a.preset, a.layers)?;
+    if a.prompt == 0 {
+        anyhow::bail!("--prompt must be at least 1");
+    }
+    let comm = Communicator::from_env().context("joining the job")?;
+    let shard = Shard { rank: comm.rank(), size: comm.size() };
+    let mut comm = Comm(comm);
+    let pool = match a.threads {
+        Some(t) => Pool::new(t, comm.0.env().cpuset.as_deref()),
+        None => Pool::from_env(),
+    };
+    let kernels = Kernels::from_choice_or_env(a.kernels)?;
+    let fmt = |s: &str| s.parse::<Format>().map_err(anyhow::Error::from);
+    let build = Instant::now();
+    let mut model = Model::random(config.clone(), shard, fmt(&a.quant)?, fmt(&a.lm_head)?, kernels, a.seed)
+        .with_context(|| format!("rank {}: building {}", shard.rank, a.preset))?;
+    let build_s = build.elapsed().as_secs_f64();
+
+    // The memory's streaming rate, measured now, by every rank at once with its own threads.
+    let mut buf = vec![1u8; 256 << 20];
+    for (i, b) in buf.iter_mut().enumerate().step_by(4096) {
+        *b = i as u8;
+    }
+    comm.0.barrier()?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::hint::black_box(Kernels::stream_read(&pool, &buf));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    drop(buf);
+    let stream_rank = (256u64 << 20) as f64 / best;
+    let streams = comm.allgather_f32(&[stream_rank as f32 / 1e6])?; // MB/s, as f32
+    let stream_total: f64 = streams.iter().map(|&v| v as f64 * 1e6).sum();
+
+    // Bytes each decode step streams, per rank and in total.
+    let bytes_rank = model.weight_bytes() as f64;
+    let layer_bytes_rank = model.layer_weight_bytes() as f64;
+    let per_rank = comm.allgather_f32(&[bytes_rank as f32, layer_bytes_rank as f32])?;
+    let bytes_total: f64 = per_rank.chunks(2).map(|c| c[0] as f64).sum();
+    // The slowest rank sets the pace: its bytes over its share of the bandwidth.
+    let roofline = per_rank
+        .chunks(2)
+        .zip(&streams)
+        .map(|(b, &s)| s as f64 * 1e6 / b[0] as f64)
+        .fold(f64::INFINITY, f64::min);
+
+    let prompt: Vec<u32> = (0..a.prompt).map(|i| ((i as u64 * 7919 + a.seed) % config.vocab as u64) as u32).collect();
+    let mut state = model.new_state(a.prompt + a.gen + 1);
+    comm.0.barrier()?;
+    model.profile = Profile::default();
+    let t = Instant::now();
+    let logits = model.forward(&pool, &mut comm, &mut state, &prompt, false)?;
+    let mut next = model.greedy(&mut comm, &logits)?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let prefill_prof = model.profile;
+    model.profile = Profile::default();
+    let t = Instant::now();
+    for _ in 0..a.gen {
+        let logits = model.forward(&pool, &mut comm, &mut state, &[next], false)?;
+        next = model.greedy(&mut comm, &logits)?;
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    let prof = model.profile;
+    comm.0.barrier()?;
+    if shard.rank != 0 {
+        return Ok(());
+    }
+    let decode_tps = a.gen as f64 / decode_s;
+    let prefill_tps = a.prompt as f64 / prefill_s;
+    let mut out = json!({
+        "preset": a.preset, "layers": config.layers, "np": shard.size, "threads": pool.threads(),
+        "quant": a.quant, "lm_head": a.lm_head, "kernels": kernels.isa().name(),
+        "prompt": a.prompt, "gen": a.gen, "build_s": build_s,
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens_per_s": decode_tps,
+        "ms_per_token": 1e3 / decode_tps,
+        "weight_bytes_per_token": {"per_rank": bytes_rank, "total": bytes_total},
+        "stream_bytes_per_s": stream_total,
+        "roofline_tokens_per_s": roofline,
+        "efficiency": decode_tps / roofline,
+        "profile": fractions(&prof),
+        "prefill_profile": fractions(&prefill_prof),
+        "reference_profile": {"linear": 0.5, "conv": 0.2, "comm": 0.2, "other": 0.1},
+    });
+    if config.layers < full_layers {
+        let k = full_layers as f64 / config.layers as f64;
+        let gen = a.gen.max(1) as f64;
+        let head_s = prof.head as f64 * 1e-9 / gen;
+        let tok_s = decode_s / gen;
+        let ptok_s = head_s + (tok_s - head_s) * k;
+        let pre_head = prefill_prof.head as f64 * 1e-9;
+        let ppre_s = pre_head + (prefill_s - pre_head) * k;
+        let pbytes_rank = (bytes_rank - layer_bytes_rank) + layer_bytes_rank * k;
+        let proof = per_rank
+            .chunks(2)
+            .zip(&streams)
+            .map(|(b, &s)| s as f64 * 1e6 / ((b[0] - b[1]) as f64 + b[1] as f64 * k))
+            .fold(f64::INFINITY, f64::min);
+        let pdecode = 1.0 / ptok_s;
+        out["projected"] = json!({
+            "layers": full_layers,
+            "prefill_tokens_per_s": a.prompt as f64 / ppre_s,
+            "decode_tokens_per_s": pdecode,
+            "ms_per_token": ptok_s * 1e3,
+            "weight_bytes_per_token": {"per_rank": pbytes_rank, "total": bytes_total - per_rank.chunks(2).map(|c| c[1] as f64).sum::<f64>() * (1.0 - k)},
+            "roofline_tokens_per_s": proof,
+            "efficiency": pdecode / proof,
+            "profile": fractions(&scale_layers(&prof, k)),
+        });
+    }
+    if a.json {
+        println!("{out}");
+        return Ok(());
+    }
+    let g = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    println!(
+        "{} ({} layers{}), {} weights, {} lm_head, np={} × {} threads, {} kernels",
+        a.preset,
+        config.layers,
+        if config.layers < full_layers { format!(" of {full_layers}") } else { String::new() },
+        a.quant,
+        a.lm_head,
+        shard.size,
+        pool.threads(),
+        kernels.isa().name()
+    );
+    println!("  prefill   {:>9.1} tokens/s  ({} tokens)", prefill_tps, a.prompt);
+    println!("  decode    {:>9.2} tokens/s  ({:.2} ms/token, {} tokens)", decode_tps, 1e3 / decode_tps, a.gen);
+    println!(
+        "  weights   {:>9.1} MB/token per rank, {:.1} MB in total",
+        bytes_rank / 1e6,
+        bytes_total / 1e6
+    );
+    println!(
+        "  memory    {:>9.1} GB/s streaming read (all ranks) → roofline {:.2} tokens/s, efficiency {:.2}",
+        stream_total / 1e9,
+        roofline,
+        decode_tps / roofline
+    );
+    println!("  time share (decode)   ringlm   reference 4-socket deployment");
+    for (name, r) in REFERENCE {
+        let v = g(&out["profile"][name]);
+        let rs = if name == "attention" { "(in other)".to_string() } else { format!("{:.0}%", r * 100.0) };
+        println!("    {name:<10}          {:>5.1}%   {rs}", v * 100.0);
+    }
+    if let Some(p) = out.get("projected") {
+        println!(
+            "  projected to {} layers: decode {:.2} tokens/s ({:.1} ms/token), prefill {:.1} tokens/s, efficiency {:.2}",
+            full_layers,
+            g(&p["decode_tokens_per_s"]),
+            g(&p["ms_per_token"]),
+            g(&p["prefill_tokens_per_s"]),
+            g(&p["efficiency"])
+        );
+    }
+    Ok(())
+}
