@@ -264,6 +264,7 @@ fn launch(args: &Args, machine: &Machine, plan: &Plan) -> Result<u8, String> {
     let start = Instant::now();
     let timeout = args.timeout.map(Duration::from_secs_f64);
     let mut kill_at: Option<Instant> = None;
+    let mut last_sigint: Option<Instant> = None;
     if failure.is_some() {
         terminate(&pids, Signal::SIGTERM);
         kill_at = Some(Instant::now() + GRACE);
@@ -331,7 +332,16 @@ fn launch(args: &Args, machine: &Machine, plan: &Plan) -> Result<u8, String> {
             tv_nsec: 50_000_000,
         };
         let sig = unsafe { libc::sigtimedwait(handled.as_ref(), std::ptr::null_mut(), &ts) };
-        if sig == libc::SIGINT || sig == libc::SIGTERM || sig == libc::SIGHUP {
+        if sig == libc::SIGINT
+            && failure.is_none()
+            && last_sigint.is_none_or(|t| t.elapsed() > Duration::from_secs(2))
+        {
+            // Ctrl-C is passed on, not acted on: a program that handles it (ringlm chat stops the current
+            // answer) keeps running, one that does not dies of it and ends the job the usual way. A second
+            // Ctrl-C within 2 s ends the job.
+            last_sigint = Some(Instant::now());
+            terminate(&pids, Signal::SIGINT);
+        } else if sig == libc::SIGINT || sig == libc::SIGTERM || sig == libc::SIGHUP {
             let s = Signal::try_from(sig).unwrap();
             if failure.is_none() {
                 failure = Some(Failure {

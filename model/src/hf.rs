@@ -208,3 +208,125 @@ impl Checkpoint {
         self.files.iter().map(|f| f.map.len() as u64).sum()
     }
 }
+
+/// A tensor to be written: name, dtype, shape.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Bytes of its data.
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F32 => "F32",
+        Dtype::BF16 => "BF16",
+        Dtype::F16 => "F16",
+        Dtype::U8 => "U8",
+        Dtype::I32 => "I32",
+        _ => "F32",
+    }
+}
+
+/// Writes a safetensors file tensor by tensor, so no more than one tensor is in memory: the header (with
+/// every offset) is known from the specs, then each tensor's bytes are appended in order.
+pub struct StreamWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    specs: Vec<TensorSpec>,
+    next: usize,
+    path: PathBuf,
+}
+
+impl StreamWriter {
+    /// Creates `path` and writes the header for `specs` (written in this order).
+    pub fn create(
+        path: &Path,
+        specs: Vec<TensorSpec>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<StreamWriter> {
+        let mut header = serde_json::Map::new();
+        if !metadata.is_empty() {
+            header.insert(
+                "__metadata__".into(),
+                serde_json::to_value(metadata).unwrap(),
+            );
+        }
+        let mut off = 0usize;
+        for s in &specs {
+            header.insert(
+                s.name.clone(),
+                serde_json::json!({"dtype": dtype_name(s.dtype), "shape": s.shape, "data_offsets": [off, off + s.bytes()]}),
+            );
+            off += s.bytes();
+        }
+        let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+        while !h.len().is_multiple_of(8) {
+            h.push(b' ');
+        }
+        let f = std::fs::File::create(path).map_err(|e| Error::Io(e).file(path))?;
+        let mut file = std::io::BufWriter::with_capacity(8 << 20, f);
+        use std::io::Write;
+        file.write_all(&(h.len() as u64).to_le_bytes())
+            .and_then(|_| file.write_all(&h))
+            .map_err(|e| Error::Io(e).file(path))?;
+        Ok(StreamWriter {
+            file,
+            specs,
+            next: 0,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Appends the next tensor's bytes (must be the next spec, with exactly its size).
+    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let spec = self
+            .specs
+            .get(self.next)
+            .ok_or_else(|| Error::Format(format!("{name}: more tensors than declared")))?;
+        if spec.name != name || spec.bytes() != data.len() {
+            return Err(Error::Format(format!(
+                "{name}: expected {} with {} bytes next, got {} bytes",
+                spec.name,
+                spec.bytes(),
+                data.len()
+            )));
+        }
+        use std::io::Write;
+        self.file
+            .write_all(data)
+            .map_err(|e| Error::Io(e).file(&self.path))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Flushes and syncs; errors if tensors are missing.
+    pub fn finish(mut self) -> Result<()> {
+        if self.next != self.specs.len() {
+            return Err(Error::Format(format!(
+                "{} of {} tensors written",
+                self.next,
+                self.specs.len()
+            ))
+            .file(&self.path));
+        }
+        use std::io::Write;
+        self.file
+            .flush()
+            .map_err(|e| Error::Io(e).file(&self.path))?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .map_err(|e| Error::Io(e).file(&self.path))?;
+        Ok(())
+    }
+}

@@ -7,6 +7,7 @@
 //! - [`pool`]: the persistent, pinned thread pool the kernels run on.
 //! - [`weight`]: a linear layer's weight in f32, NF4 or bf16, and how it is split over ranks.
 //! - [`hf`]: Hugging Face checkpoints (safetensors, sharded or not), memory-mapped.
+//! - [`tokenizer`]: the Yuan 2.0 SentencePiece tokenizer, in pure Rust.
 //! - [`arch`]: architectures; [`arch::yuan2`] is Yuan 2.0 with its LFA convolutions.
 #![deny(missing_docs)]
 // Slicing APIs take lists of column ranges; a list of one range is the common case, not a mistake.
@@ -18,6 +19,7 @@ pub mod hf;
 pub mod kernels;
 pub mod pool;
 pub mod quant;
+pub mod tokenizer;
 pub mod weight;
 
 pub use error::{Error, Result};

@@ -53,7 +53,13 @@ pub struct Args {
 }
 
 /// The reference deployment's reported time shares (4-socket Xeon, Yuan2.0-102B).
-const REFERENCE: [(&str, f64); 5] = [("linear", 0.50), ("conv", 0.20), ("attention", 0.0), ("comm", 0.20), ("other", 0.10)];
+const REFERENCE: [(&str, f64); 5] = [
+    ("linear", 0.50),
+    ("conv", 0.20),
+    ("attention", 0.0),
+    ("comm", 0.20),
+    ("other", 0.10),
+];
 
 fn fractions(p: &Profile) -> serde_json::Value {
     let t = p.total().max(1) as f64;
@@ -87,7 +93,10 @@ pub fn run(a: Args) -> Result<()> {
         anyhow::bail!("--prompt must be at least 1");
     }
     let comm = Communicator::from_env().context("joining the job")?;
-    let shard = Shard { rank: comm.rank(), size: comm.size() };
+    let shard = Shard {
+        rank: comm.rank(),
+        size: comm.size(),
+    };
     let mut comm = Comm(comm);
     let pool = match a.threads {
         Some(t) => Pool::new(t, comm.0.env().cpuset.as_deref()),
@@ -96,8 +105,15 @@ pub fn run(a: Args) -> Result<()> {
     let kernels = Kernels::from_choice_or_env(a.kernels)?;
     let fmt = |s: &str| s.parse::<Format>().map_err(anyhow::Error::from);
     let build = Instant::now();
-    let mut model = Model::random(config.clone(), shard, fmt(&a.quant)?, fmt(&a.lm_head)?, kernels, a.seed)
-        .with_context(|| format!("rank {}: building {}", shard.rank, a.preset))?;
+    let mut model = Model::random(
+        config.clone(),
+        shard,
+        fmt(&a.quant)?,
+        fmt(&a.lm_head)?,
+        kernels,
+        a.seed,
+    )
+    .with_context(|| format!("rank {}: building {}", shard.rank, a.preset))?;
     let build_s = build.elapsed().as_secs_f64();
 
     // The memory's streaming rate, measured now, by every rank at once with its own threads.
@@ -129,7 +145,9 @@ pub fn run(a: Args) -> Result<()> {
         .map(|(b, &s)| s as f64 * 1e6 / b[0] as f64)
         .fold(f64::INFINITY, f64::min);
 
-    let prompt: Vec<u32> = (0..a.prompt).map(|i| ((i as u64 * 7919 + a.seed) % config.vocab as u64) as u32).collect();
+    let prompt: Vec<u32> = (0..a.prompt)
+        .map(|i| ((i as u64 * 7919 + a.seed) % config.vocab as u64) as u32)
+        .collect();
     let mut state = model.new_state(a.prompt + a.gen + 1);
     comm.0.barrier()?;
     model.profile = Profile::default();
@@ -202,15 +220,27 @@ pub fn run(a: Args) -> Result<()> {
         "{} ({} layers{}), {} weights, {} lm_head, np={} × {} threads, {} kernels",
         a.preset,
         config.layers,
-        if config.layers < full_layers { format!(" of {full_layers}") } else { String::new() },
+        if config.layers < full_layers {
+            format!(" of {full_layers}")
+        } else {
+            String::new()
+        },
         a.quant,
         a.lm_head,
         shard.size,
         pool.threads(),
         kernels.isa().name()
     );
-    println!("  prefill   {:>9.1} tokens/s  ({} tokens)", prefill_tps, a.prompt);
-    println!("  decode    {:>9.2} tokens/s  ({:.2} ms/token, {} tokens)", decode_tps, 1e3 / decode_tps, a.gen);
+    println!(
+        "  prefill   {:>9.1} tokens/s  ({} tokens)",
+        prefill_tps, a.prompt
+    );
+    println!(
+        "  decode    {:>9.2} tokens/s  ({:.2} ms/token, {} tokens)",
+        decode_tps,
+        1e3 / decode_tps,
+        a.gen
+    );
     println!(
         "  weights   {:>9.1} MB/token per rank, {:.1} MB in total",
         bytes_rank / 1e6,
@@ -225,7 +255,11 @@ pub fn run(a: Args) -> Result<()> {
     println!("  time share (decode)   ringlm   reference 4-socket deployment");
     for (name, r) in REFERENCE {
         let v = g(&out["profile"][name]);
-        let rs = if name == "attention" { "(in other)".to_string() } else { format!("{:.0}%", r * 100.0) };
+        let rs = if name == "attention" {
+            "(in other)".to_string()
+        } else {
+            format!("{:.0}%", r * 100.0)
+        };
         println!("    {name:<10}          {:>5.1}%   {rs}", v * 100.0);
     }
     if let Some(p) = out.get("projected") {

@@ -3,8 +3,11 @@
 mod bench;
 mod benchk;
 mod commcmd;
+mod engine;
 mod logits;
 mod runtime;
+mod synth;
+mod textcmd;
 
 use std::process::ExitCode;
 
@@ -31,6 +34,16 @@ struct Cli {
 enum Command {
     /// Measure barrier, broadcast, allgather and allreduce between the ranks, beside a memcpy of the same bytes.
     BenchComm(commcmd::BenchArgs),
+    /// Generate a continuation of a prompt (Yuan format: the prompt ends with <sep>), streamed to stdout.
+    Generate(textcmd::GenerateArgs),
+    /// Talk with the model in the Yuan 2.0 multi-turn format.
+    Chat(textcmd::ChatArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(textcmd::TokenizeArgs),
+    /// Print the text of token ids.
+    Detokenize(textcmd::DetokenizeArgs),
+    /// Write a seeded random Yuan 2.0 checkpoint (Hugging Face layout) at a preset's shapes.
+    Synth(synth::Args),
     /// Print the logits of a prompt and K greedy steps as JSON (prefill_logits, greedy_ids, step_logits).
     Logits(logits::Args),
     /// Benchmark a preset's exact shapes (random weights): prefill and decode speed, roofline, time profile.
@@ -50,6 +63,11 @@ fn main() -> ExitCode {
         Command::CommCheck(a) => commcmd::check(a),
         Command::BenchKernels(a) => benchk::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Generate(a) => textcmd::generate_cmd(a),
+        Command::Chat(a) => textcmd::chat(a),
+        Command::Tokenize(a) => textcmd::tokenize(a),
+        Command::Detokenize(a) => textcmd::detokenize(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

@@ -101,12 +101,19 @@ pub fn relaunch_with_np(np: Option<usize>) -> Result<Option<i32>> {
     let env = collective::JobEnv::from_env()?;
     if env.launcher != "none" {
         if env.size != np {
-            anyhow::bail!("--np {np} but the launcher started {} ranks: drop --np or make them agree", env.size);
+            anyhow::bail!(
+                "--np {np} but the launcher started {} ranks: drop --np or make them agree",
+                env.size
+            );
         }
         return Ok(None);
     }
     let exe = std::env::current_exe().context("locating the ringlm binary")?;
-    let ringrun = exe.parent().map(|d| d.join("ringrun")).filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from("ringrun"));
+    let ringrun = exe
+        .parent()
+        .map(|d| d.join("ringrun"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("ringrun"));
     let mut args: Vec<String> = Vec::new();
     let mut skip = false;
     for a in std::env::args().skip(1) {

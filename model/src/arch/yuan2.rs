@@ -146,6 +146,67 @@ impl Config {
         })
     }
 
+    /// config.json for this configuration (the keys the official checkpoints carry).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["YuanForCausalLM"],
+            "model_type": "yuan",
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.ffn,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_positions,
+            "model_max_length": self.max_positions,
+            "rms_norm_eps": self.eps,
+            "initializer_range": 0.02,
+            "use_cache": true,
+            "causal_mask": true,
+            "use_flash_attention": false,
+            "reset_attention_mask": self.reset_attention_mask,
+            "reset_position_ids": self.reset_attention_mask,
+            "use_loss_mask": false,
+            "eod_token": self.eod,
+            "sep_token": self.sep,
+            "eod_token_id": self.eod,
+            "sep_token_id": self.sep,
+            "pad_token_id": self.eod,
+            "bos_token_id": self.eod,
+            "eos_token_id": self.eod,
+            "tie_word_embeddings": self.tie_embeddings,
+            "torch_dtype": "bfloat16",
+        })
+    }
+
+    /// Every tensor of a Hugging Face checkpoint of this configuration: (name, shape), in file order.
+    pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, f, v) = (self.hidden, self.ffn, self.vocab);
+        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        for l in 0..self.layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            t.push((p("input_layernorm.weight"), vec![h]));
+            t.push((p("self_attn.q_proj.weight"), vec![h, h]));
+            t.push((p("self_attn.k_proj.weight"), vec![h, h]));
+            t.push((p("self_attn.v_proj.weight"), vec![h, h]));
+            t.push((p("self_attn.o_proj.weight"), vec![h, h]));
+            t.push((p("self_attn.lf_gate.conv1.weight"), vec![h / 2, h, 2, 1]));
+            t.push((p("self_attn.lf_gate.conv1.bias"), vec![h / 2]));
+            t.push((p("self_attn.lf_gate.conv2.weight"), vec![h, h / 2, 2, 1]));
+            t.push((p("self_attn.lf_gate.conv2.bias"), vec![h]));
+            t.push((p("self_attn.lf_gate.output_layernorm.weight"), vec![h]));
+            t.push((p("post_attention_layernorm.weight"), vec![h]));
+            t.push((p("mlp.gate_proj.weight"), vec![f, h]));
+            t.push((p("mlp.up_proj.weight"), vec![f, h]));
+            t.push((p("mlp.down_proj.weight"), vec![h, f]));
+        }
+        t.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_embeddings {
+            t.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        t
+    }
+
     /// The preset's full layer count (for projections from a partial build).
     pub fn preset_layers(name: &str) -> Option<usize> {
         match name {
@@ -496,7 +557,14 @@ impl Model {
     /// A model of `config`'s exact shapes with seeded random weights, built directly in this rank's memory
     /// (no files): for benchmarks at real sizes. NF4 weights get random codes and scales of ordinary size
     /// (0.02–0.04), bf16/f32 weights uniform values of similar size; norms are 1.
-    pub fn random(config: Config, shard: Shard, format: Format, head_format: Format, kernels: Kernels, seed: u64) -> Result<Model> {
+    pub fn random(
+        config: Config,
+        shard: Shard,
+        format: Format,
+        head_format: Format,
+        kernels: Kernels,
+        seed: u64,
+    ) -> Result<Model> {
         config.check_np(shard.size)?;
         let c = &config;
         let (h, d) = (c.hidden, c.head_dim());
@@ -507,14 +575,16 @@ impl Model {
         // Each rank gets its own stream: different slices of one model.
         let mut rng = Rng::new(seed ^ (shard.rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut w = |rows: usize, cols: usize, fmt: Format| -> Result<Weight> {
-            if fmt == Format::Nf4 && cols % crate::quant::nf4::BLOCK == 0 {
+            if fmt == Format::Nf4 && cols.is_multiple_of(crate::quant::nf4::BLOCK) {
                 let mut packed = vec![0u8; rows * cols / 2];
                 rng.fill(&mut packed);
                 let blocks = rows * cols / crate::quant::nf4::BLOCK;
                 let mut codes = vec![0u8; blocks];
                 rng.fill(&mut codes);
                 let nested = vec![0.01f32; blocks.div_ceil(crate::quant::nf4::NESTED_BLOCK)];
-                return Ok(Weight::Nf4(crate::kernels::Nf4Matrix::from_parts(rows, cols, &packed, codes, nested, 0.03)?));
+                return Ok(Weight::Nf4(crate::kernels::Nf4Matrix::from_parts(
+                    rows, cols, &packed, codes, nested, 0.03,
+                )?));
             }
             let values: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.06).collect();
             Weight::new(values, rows, cols, fmt)
@@ -539,8 +609,12 @@ impl Model {
             });
         }
         let lm_head = w(vocab.len(), h, head_format)?;
-        let embed: Vec<half::bf16> = (0..c.vocab * h).map(|_| half::bf16::from_f32(rng.uniform())).collect();
-        let inv_freq = (0..d / 2).map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32)).collect();
+        let embed: Vec<half::bf16> = (0..c.vocab * h)
+            .map(|_| half::bf16::from_f32(rng.uniform()))
+            .collect();
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
+            .collect();
         Ok(Model {
             final_norm: vec![1.0; h],
             config,
