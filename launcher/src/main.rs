@@ -24,9 +24,11 @@ Examples:
   ringrun --cleanup
       remove shared-memory segments left by jobs whose launcher was killed
 
-Every rank gets RINGLM_RANK, RINGLM_WORLD_SIZE, RINGLM_LOCAL_RANK, RINGLM_JOB, RINGLM_CPUSET, RINGLM_NUMA and
-RINGLM_THREADS in its environment. When a rank fails, the others get SIGTERM, then SIGKILL after 3 s, and ringrun
-exits with the failed rank's code (128 + signal for a signal, 124 for --timeout).";
+Every rank gets RINGLM_RANK, RINGLM_WORLD_SIZE, RINGLM_LOCAL_RANK, RINGLM_JOB,
+RINGLM_CPUSET, RINGLM_NUMA and RINGLM_THREADS in its environment.
+When a rank fails, the others get SIGTERM, then SIGKILL after 3 s, and ringrun exits with
+the failed rank's code (128 + signal for a signal, 124 for --timeout).
+Ctrl-C is passed on to the ranks; a second Ctrl-C within 2 s ends the job.";
 
 /// Start one ringlm worker per socket, bound to its cores and memory, and supervise the job.
 #[derive(Parser, Debug)]
