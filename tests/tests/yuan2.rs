@@ -270,3 +270,27 @@ fn an_np_that_does_not_divide_the_model_is_refused() {
         "{err}"
     );
 }
+
+/// A checkpoint without lm_head.weight and tie_word_embeddings true uses the embedding as output, exactly as
+/// an untied checkpoint whose lm_head is a copy of it; without the flag the missing tensor is an error.
+#[test]
+fn tied_embeddings_load_and_untied_missing_head_is_an_error() {
+    let Some((dir, cases)) = golden() else { return };
+    let prompt = ids(&cases[2]["prompt_ids"]);
+    let mut tensors = read_tensors(&dir.join("model.safetensors"));
+    let embed = tensors["model.embed_tokens.weight"].clone();
+    tensors.insert("lm_head.weight".into(), embed);
+    let copy = TempDir::new("headcopy");
+    write_tensors(&copy.0.join("model.safetensors"), &tensors);
+    copy_config(&dir, &copy.0);
+    tensors.remove("lm_head.weight");
+    let tied = TempDir::new("tied");
+    write_tensors(&tied.0.join("model.safetensors"), &tensors);
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(tied.0.join("config.json"), cfg.replace("\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true")).unwrap();
+    let a = logits(1, &tied.0, &prompt, 3, &[]).unwrap();
+    let b = logits(1, &copy.0, &prompt, 3, &[]).unwrap();
+    assert_eq!(max_diff(&a, &b), 0.0);
+    copy_config(&dir, &tied.0);
+    expect_error(&tied.0, &prompt, &["lm_head.weight is missing"]);
+}
