@@ -67,11 +67,7 @@ impl Weight {
         })
     }
 
-    /// This rank's part of a whole `[rows × cols]` matrix: the rows `keep_rows` (column-parallel split) and
-    /// the column ranges `keep_cols`, concatenated (row-parallel split). NF4 quantizes the whole matrix first
-    /// and slices the result, so every rank holds exactly the codes and scales a single process would: the
-    /// model computes the same at every np. `nf4_ok` says whether every split this matrix may see keeps
-    /// 64-weight blocks whole; if not, it is kept in bf16 (at every np, so results still do not depend on it).
+    /// This rank's part of a whole `[rows × cols]` matrix (see [`FullWeight`]).
     #[allow(clippy::too_many_arguments)]
     pub fn shard(
         full: Vec<f32>,
@@ -82,29 +78,7 @@ impl Weight {
         format: Format,
         nf4_ok: bool,
     ) -> Result<Weight> {
-        if full.len() != rows * cols {
-            return Err(Error::Shape(format!(
-                "{} values for a {rows}×{cols} matrix",
-                full.len()
-            )));
-        }
-        if format == Format::Nf4 && nf4_ok && cols.is_multiple_of(BLOCK) {
-            let t = crate::quant::nf4::Nf4Tensor::quantize(&full, &[rows, cols])?;
-            return Ok(Weight::Nf4(Nf4Matrix::slice(&t, keep_rows, keep_cols)?));
-        }
-        let width: usize = keep_cols.iter().map(|c| c.len()).sum();
-        let mut part = Vec::with_capacity(keep_rows.len() * width);
-        for r in keep_rows.clone() {
-            for c in keep_cols {
-                part.extend_from_slice(&full[r * cols + c.start..r * cols + c.end]);
-            }
-        }
-        let format = if format == Format::Nf4 {
-            Format::Bf16
-        } else {
-            format
-        };
-        Weight::new(part, keep_rows.len(), width, format)
+        FullWeight::new(full, rows, cols, format, nf4_ok)?.slice(keep_rows, keep_cols)
     }
 
     /// Output dimension.
@@ -173,6 +147,59 @@ impl Weight {
                     m.dequantize_row(r, row);
                 }
                 out
+            }
+        }
+    }
+}
+
+/// A whole matrix prepared once, to be cut into the ranks' parts: NF4 quantizes the whole matrix and each part
+/// takes its codes and scales, so every rank holds exactly what a single process would and the model computes
+/// the same at every np; other formats keep the values.
+pub struct FullWeight {
+    rows: usize,
+    cols: usize,
+    kind: FullKind,
+}
+
+enum FullKind {
+    Values(Vec<f32>, Format),
+    Nf4(crate::quant::nf4::Nf4Tensor),
+}
+
+impl FullWeight {
+    /// Prepares `full` (`[rows × cols]`) in `format`. `nf4_ok` says whether every split this matrix may see
+    /// keeps 64-weight blocks whole; if not, it is kept in bf16 (at every np, so results do not depend on np).
+    pub fn new(full: Vec<f32>, rows: usize, cols: usize, format: Format, nf4_ok: bool) -> Result<FullWeight> {
+        if full.len() != rows * cols {
+            return Err(Error::Shape(format!("{} values for a {rows}×{cols} matrix", full.len())));
+        }
+        let kind = match format {
+            Format::Nf4 if nf4_ok && cols.is_multiple_of(BLOCK) => {
+                FullKind::Nf4(crate::quant::nf4::Nf4Tensor::quantize(&full, &[rows, cols])?)
+            }
+            Format::Nf4 => FullKind::Values(full, Format::Bf16),
+            f => FullKind::Values(full, f),
+        };
+        Ok(FullWeight { rows, cols, kind })
+    }
+
+    /// The rows `keep_rows` (column-parallel split) and the column ranges `keep_cols`, concatenated
+    /// (row-parallel split).
+    pub fn slice(&self, keep_rows: std::ops::Range<usize>, keep_cols: &[std::ops::Range<usize>]) -> Result<Weight> {
+        match &self.kind {
+            FullKind::Nf4(t) => Ok(Weight::Nf4(Nf4Matrix::slice(t, keep_rows, keep_cols)?)),
+            FullKind::Values(full, format) => {
+                let width: usize = keep_cols.iter().map(|c| c.len()).sum();
+                let mut part = Vec::with_capacity(keep_rows.len() * width);
+                for r in keep_rows.clone() {
+                    for c in keep_cols {
+                        if c.end > self.cols || r >= self.rows {
+                            return Err(Error::Shape(format!("slice {r}, {c:?} of a {}×{} matrix", self.rows, self.cols)));
+                        }
+                        part.extend_from_slice(&full[r * self.cols + c.start..r * self.cols + c.end]);
+                    }
+                }
+                Weight::new(part, keep_rows.len(), width, *format)
             }
         }
     }

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::hf::Checkpoint;
 use crate::kernels::Kernels;
 use crate::pool::Pool;
-use crate::weight::{Format, Weight};
+use crate::weight::{Format, FullWeight, Weight};
 
 /// eps of the LFA output norm: LlamaRMSNorm's default, which the official code does not override.
 const LFA_EPS: f32 = 1e-6;
@@ -360,169 +360,166 @@ fn blocks_survive(width: usize, valid_np: &[usize]) -> bool {
         .all(|&np| (width / np).is_multiple_of(crate::quant::nf4::BLOCK))
 }
 
+/// Which part of every whole matrix a rank holds.
+struct Cut {
+    /// Rows of q/k/v (heads × d) and columns of o_proj.
+    n: std::ops::Range<usize>,
+    /// LFA channels: rows of conv1, column pairs of conv2.
+    chans: std::ops::Range<usize>,
+    /// MLP width: rows of gate/up, columns of down.
+    ffn: std::ops::Range<usize>,
+    /// Vocabulary rows of lm_head.
+    vocab: std::ops::Range<usize>,
+}
+
+impl Cut {
+    fn new(c: &Config, shard: Shard) -> Cut {
+        let d = c.head_dim();
+        let heads = shard.even(c.heads);
+        Cut {
+            n: heads.start * d..heads.end * d,
+            chans: shard.even(c.hidden / 2),
+            ffn: shard.even(c.ffn),
+            vocab: shard.uneven(c.vocab),
+        }
+    }
+}
+
+/// A decoder layer read whole from a checkpoint, every matrix prepared once (quantized if asked) so that
+/// each rank's part is a slice of it.
+struct FullLayer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    lfa_norm: Vec<f32>,
+    conv1: FullWeight, // (H/2, 2H): [tap 0 | tap 1]
+    conv1_bias: Vec<f32>,
+    conv2: FullWeight, // (H, H): (channel, tap) interleaved
+    conv2_bias: Vec<f32>,
+    wq: FullWeight, // (H, H), heads de-interleaved
+    wk: FullWeight,
+    wv: FullWeight,
+    wo: FullWeight,
+    gate: FullWeight,
+    up: FullWeight,
+    down: FullWeight,
+}
+
+impl FullLayer {
+    fn read(ck: &Checkpoint, c: &Config, l: usize, format: Format) -> Result<FullLayer> {
+        let (h, d, f) = (c.hidden, c.head_dim(), c.ffn);
+        let valid = c.valid_np();
+        let name = |s: &str| format!("model.layers.{l}.{s}");
+        let full = |v: Vec<f32>, rows: usize, cols: usize, ok: bool, n: &str| {
+            FullWeight::new(v, rows, cols, format, ok).map_err(|e| e.tensor(name(n)))
+        };
+        // q/k: undo the per-head interleave of the stacked [q; k] output.
+        let q = ck.take(&name("self_attn.q_proj.weight"), &[h, h])?;
+        let k = ck.take(&name("self_attn.k_proj.weight"), &[h, h])?;
+        let stacked_row = |r: usize| if r < h { &q[r * h..(r + 1) * h] } else { &k[(r - h) * h..(r - h + 1) * h] };
+        let mut wq = Vec::with_capacity(h * h);
+        let mut wk = Vec::with_capacity(h * h);
+        for head in 0..c.heads {
+            for i in 0..d {
+                wq.extend_from_slice(stacked_row(2 * head * d + i));
+                wk.extend_from_slice(stacked_row(2 * head * d + d + i));
+            }
+        }
+        drop((q, k));
+        // conv weights are (out, in, 2, 1): tap 0 meets x[t-1], tap 1 meets x[t].
+        let c1 = ck.take(&name("self_attn.lf_gate.conv1.weight"), &[h / 2, h, 2, 1])?;
+        let mut conv1 = Vec::with_capacity(h / 2 * 2 * h);
+        for out in 0..h / 2 {
+            for tap in 0..2 {
+                conv1.extend((0..h).map(|i| c1[(out * h + i) * 2 + tap]));
+            }
+        }
+        // conv2 as stored, (H, H/2·2), is already (channel, tap) interleaved: a rank's channels are one
+        // contiguous column range.
+        let c2 = ck.take(&name("self_attn.lf_gate.conv2.weight"), &[h, h / 2, 2, 1])?;
+        ck.ignore(&name("self_attn.rotary_emb.inv_freq"));
+        // Row-parallel matrices are cut along their input; NF4 needs every cut on a block boundary.
+        Ok(FullLayer {
+            input_norm: ck.take(&name("input_layernorm.weight"), &[h])?,
+            post_norm: ck.take(&name("post_attention_layernorm.weight"), &[h])?,
+            lfa_norm: ck.take(&name("self_attn.lf_gate.output_layernorm.weight"), &[h])?,
+            conv1: full(conv1, h / 2, 2 * h, true, "self_attn.lf_gate.conv1.weight")?,
+            conv1_bias: ck.take(&name("self_attn.lf_gate.conv1.bias"), &[h / 2])?,
+            conv2: full(c2, h, h, blocks_survive(h, &valid), "self_attn.lf_gate.conv2.weight")?,
+            conv2_bias: ck.take(&name("self_attn.lf_gate.conv2.bias"), &[h])?,
+            wq: full(wq, h, h, true, "self_attn.q_proj.weight")?,
+            wk: full(wk, h, h, true, "self_attn.k_proj.weight")?,
+            wv: full(ck.take(&name("self_attn.v_proj.weight"), &[h, h])?, h, h, true, "self_attn.v_proj.weight")?,
+            wo: full(ck.take(&name("self_attn.o_proj.weight"), &[h, h])?, h, h, blocks_survive(h, &valid), "self_attn.o_proj.weight")?,
+            gate: full(ck.take(&name("mlp.gate_proj.weight"), &[f, h])?, f, h, true, "mlp.gate_proj.weight")?,
+            up: full(ck.take(&name("mlp.up_proj.weight"), &[f, h])?, f, h, true, "mlp.up_proj.weight")?,
+            down: full(ck.take(&name("mlp.down_proj.weight"), &[h, f])?, h, f, blocks_survive(f, &valid), "mlp.down_proj.weight")?,
+        })
+    }
+
+    /// One rank's part.
+    fn slice(&self, h: usize, cut: &Cut) -> Result<Layer> {
+        let all = 0..h;
+        let whole = std::slice::from_ref(&all);
+        Ok(Layer {
+            input_norm: self.input_norm.clone(),
+            post_norm: self.post_norm.clone(),
+            lfa_norm: self.lfa_norm.clone(),
+            conv1: self.conv1.slice(cut.chans.clone(), &[0..2 * h])?,
+            conv1_bias: self.conv1_bias[cut.chans.clone()].to_vec(),
+            conv2: self.conv2.slice(all.clone(), &[2 * cut.chans.start..2 * cut.chans.end])?,
+            conv2_bias: self.conv2_bias.clone(),
+            wq: self.wq.slice(cut.n.clone(), whole)?,
+            wk: self.wk.slice(cut.n.clone(), whole)?,
+            wv: self.wv.slice(cut.n.clone(), whole)?,
+            wo: self.wo.slice(all.clone(), std::slice::from_ref(&cut.n))?,
+            gate: self.gate.slice(cut.ffn.clone(), whole)?,
+            up: self.up.slice(cut.ffn.clone(), whole)?,
+            down: self.down.slice(all.clone(), std::slice::from_ref(&cut.ffn))?,
+        })
+    }
+}
+
+/// The embedding (f32, whole) and the lm_head prepared for slicing by vocabulary rows.
+fn read_head(ck: &Checkpoint, c: &Config, head_format: Format) -> Result<(Vec<f32>, FullWeight)> {
+    let h = c.hidden;
+    let embed_raw = ck.raw("model.embed_tokens.weight")?;
+    if embed_raw.shape != [c.vocab, h] {
+        return Err(Error::Shape(format!("shape {:?}, the config implies [{}, {h}]", embed_raw.shape, c.vocab))
+            .tensor("model.embed_tokens.weight"));
+    }
+    let embed = embed_raw.to_f32().map_err(|e| e.tensor("model.embed_tokens.weight"))?;
+    let head = if ck.has("lm_head.weight") && !c.tie_embeddings {
+        ck.take("lm_head.weight", &[c.vocab, h])?
+    } else if c.tie_embeddings {
+        if ck.has("lm_head.weight") {
+            ck.ignore("lm_head.weight");
+        }
+        embed.clone()
+    } else {
+        return Err(Error::Format("lm_head.weight is missing and tie_word_embeddings is false".into()).file(ck.dir()));
+    };
+    let head = FullWeight::new(head, c.vocab, h, head_format, true).map_err(|e| e.tensor("lm_head.weight"))?;
+    Ok((embed, head))
+}
+
 impl Model {
     /// Loads this rank's slice of a Hugging Face checkpoint. `format` is how the projections and
     /// convolutions are kept; the lm_head is kept in `head_format`.
-    pub fn load(
-        dir: &Path,
-        shard: Shard,
-        format: Format,
-        head_format: Format,
-        kernels: Kernels,
-    ) -> Result<Model> {
+    pub fn load(dir: &Path, shard: Shard, format: Format, head_format: Format, kernels: Kernels) -> Result<Model> {
         let config = Config::load(dir)?;
         config.check_np(shard.size)?;
         let ck = Checkpoint::open(dir)?;
         let c = &config;
-        let (h, d) = (c.hidden, c.head_dim());
-        let heads = shard.even(c.heads);
-        let (n0, n1) = (heads.start * d, heads.end * d);
-        let chans = shard.even(h / 2);
-        let ffn = shard.even(c.ffn);
-        let vocab = shard.uneven(c.vocab);
-        let valid = c.valid_np();
-        // Row-parallel matrices are cut along their input: heads × d (o_proj), the interleaved LFA channels
-        // (conv2), the MLP width (down_proj).
-        let o_nf4 = blocks_survive(h, &valid);
-        let conv2_nf4 = blocks_survive(h, &valid);
-        let down_nf4 = blocks_survive(c.ffn, &valid);
-        let all = |n: usize| 0..n;
+        let h = c.hidden;
+        let d = c.head_dim();
+        let cut = Cut::new(c, shard);
         let mut layers = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
-            let p = format!("model.layers.{l}.");
-            let name = |s: &str| format!("{p}{s}");
-            let sh = |full: Vec<f32>,
-                      rows: usize,
-                      cols: usize,
-                      kr: std::ops::Range<usize>,
-                      kc: &[std::ops::Range<usize>],
-                      ok: bool,
-                      n: &str| {
-                Weight::shard(full, rows, cols, kr, kc, format, ok).map_err(|e| e.tensor(name(n)))
-            };
-            // q/k: undo the per-head interleave of the stacked [q; k] output.
-            let q = ck.take(&name("self_attn.q_proj.weight"), &[h, h])?;
-            let k = ck.take(&name("self_attn.k_proj.weight"), &[h, h])?;
-            let stacked_row = |r: usize| {
-                if r < h {
-                    &q[r * h..(r + 1) * h]
-                } else {
-                    &k[(r - h) * h..(r - h + 1) * h]
-                }
-            };
-            let mut wq = Vec::with_capacity(h * h);
-            let mut wk = Vec::with_capacity(h * h);
-            for head in 0..c.heads {
-                for i in 0..d {
-                    wq.extend_from_slice(stacked_row(2 * head * d + i));
-                    wk.extend_from_slice(stacked_row(2 * head * d + d + i));
-                }
-            }
-            let v = ck.take(&name("self_attn.v_proj.weight"), &[h, h])?;
-            let o = ck.take(&name("self_attn.o_proj.weight"), &[h, h])?;
-            // conv weights are (out, in, 2, 1): tap 0 meets x[t-1], tap 1 meets x[t].
-            // conv1 as (H/2, 2H): [tap 0 | tap 1] over the whole input.
-            let c1 = ck.take(&name("self_attn.lf_gate.conv1.weight"), &[h / 2, h, 2, 1])?;
-            let mut conv1 = Vec::with_capacity(h / 2 * 2 * h);
-            for out in 0..h / 2 {
-                for tap in 0..2 {
-                    conv1.extend((0..h).map(|i| c1[(out * h + i) * 2 + tap]));
-                }
-            }
-            // conv2 as (H, H): taps interleaved per input channel, (ch0 tap0, ch0 tap1, ch1 tap0, ...), so a
-            // rank's channels are one contiguous column range.
-            let c2 = ck.take(&name("self_attn.lf_gate.conv2.weight"), &[h, h / 2, 2, 1])?;
-            let b1 = ck.take(&name("self_attn.lf_gate.conv1.bias"), &[h / 2])?;
-            let gate = ck.take(&name("mlp.gate_proj.weight"), &[c.ffn, h])?;
-            let up = ck.take(&name("mlp.up_proj.weight"), &[c.ffn, h])?;
-            let down = ck.take(&name("mlp.down_proj.weight"), &[h, c.ffn])?;
-            ck.ignore(&name("self_attn.rotary_emb.inv_freq"));
-            layers.push(Layer {
-                input_norm: ck.take(&name("input_layernorm.weight"), &[h])?,
-                post_norm: ck.take(&name("post_attention_layernorm.weight"), &[h])?,
-                lfa_norm: ck.take(&name("self_attn.lf_gate.output_layernorm.weight"), &[h])?,
-                conv1: sh(
-                    conv1,
-                    h / 2,
-                    2 * h,
-                    chans.clone(),
-                    &[all(2 * h)],
-                    true,
-                    "self_attn.lf_gate.conv1.weight",
-                )?,
-                conv1_bias: b1[chans.clone()].to_vec(),
-                conv2: sh(
-                    c2,
-                    h,
-                    h,
-                    all(h),
-                    &[2 * chans.start..2 * chans.end],
-                    conv2_nf4,
-                    "self_attn.lf_gate.conv2.weight",
-                )?,
-                conv2_bias: ck.take(&name("self_attn.lf_gate.conv2.bias"), &[h])?,
-                wq: sh(wq, h, h, n0..n1, &[all(h)], true, "self_attn.q_proj.weight")?,
-                wk: sh(wk, h, h, n0..n1, &[all(h)], true, "self_attn.k_proj.weight")?,
-                wv: sh(v, h, h, n0..n1, &[all(h)], true, "self_attn.v_proj.weight")?,
-                wo: sh(o, h, h, all(h), &[n0..n1], o_nf4, "self_attn.o_proj.weight")?,
-                gate: sh(
-                    gate,
-                    c.ffn,
-                    h,
-                    ffn.clone(),
-                    &[all(h)],
-                    true,
-                    "mlp.gate_proj.weight",
-                )?,
-                up: sh(
-                    up,
-                    c.ffn,
-                    h,
-                    ffn.clone(),
-                    &[all(h)],
-                    true,
-                    "mlp.up_proj.weight",
-                )?,
-                down: sh(
-                    down,
-                    h,
-                    c.ffn,
-                    all(h),
-                    std::slice::from_ref(&ffn),
-                    down_nf4,
-                    "mlp.down_proj.weight",
-                )?,
-            });
+            layers.push(FullLayer::read(&ck, c, l, format)?.slice(h, &cut)?);
         }
-        let embed_raw = ck.raw("model.embed_tokens.weight")?;
-        if embed_raw.shape != [c.vocab, h] {
-            return Err(Error::Shape(format!(
-                "shape {:?}, the config implies [{}, {h}]",
-                embed_raw.shape, c.vocab
-            ))
-            .tensor("model.embed_tokens.weight"));
-        }
-        let embed_f32 = embed_raw
-            .to_f32()
-            .map_err(|e| e.tensor("model.embed_tokens.weight"))?;
-        let head_values = if ck.has("lm_head.weight") {
-            if c.tie_embeddings {
-                ck.ignore("lm_head.weight");
-                embed_f32[vocab.start * h..vocab.end * h].to_vec()
-            } else {
-                let w = ck.take("lm_head.weight", &[c.vocab, h])?;
-                w[vocab.start * h..vocab.end * h].to_vec()
-            }
-        } else if c.tie_embeddings {
-            embed_f32[vocab.start * h..vocab.end * h].to_vec()
-        } else {
-            return Err(Error::Format(
-                "lm_head.weight is missing and tie_word_embeddings is false".into(),
-            )
-            .file(dir));
-        };
-        let lm_head = Weight::new(head_values, vocab.len(), h, head_format)
-            .map_err(|e| e.tensor("lm_head.weight"))?;
+        let (embed_f32, head) = read_head(&ck, c, head_format)?;
+        let lm_head = head.slice(cut.vocab.clone(), &[0..h]).map_err(|e| e.tensor("lm_head.weight"))?;
+        let vocab = cut.vocab.clone();
         let embed = if format == Format::F32 {
             Embedding::F32(embed_f32)
         } else {
@@ -537,21 +534,8 @@ impl Model {
             ))
             .file(dir));
         }
-        let inv_freq = (0..d / 2)
-            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
-            .collect();
-        Ok(Model {
-            config,
-            shard,
-            layers,
-            embed,
-            final_norm,
-            lm_head,
-            vocab,
-            kernels,
-            inv_freq,
-            profile: Profile::default(),
-        })
+        let inv_freq = (0..d / 2).map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32)).collect();
+        Ok(Model { config, shard, layers, embed, final_norm, lm_head, vocab, kernels, inv_freq, profile: Profile::default() })
     }
 
     /// A model of `config`'s exact shapes with seeded random weights, built directly in this rank's memory
