@@ -6,6 +6,7 @@
 //!   and SIMD versions (AVX-512, AVX2) chosen at run time.
 //! - [`pool`]: the persistent, pinned thread pool the kernels run on.
 //! - [`weight`]: a linear layer's weight in f32, NF4 or bf16, and how it is split over ranks.
+//! - [`shards`]: per-rank shard files and their manifest (what `ringlm convert` writes).
 //! - [`hf`]: Hugging Face checkpoints (safetensors, sharded or not), memory-mapped.
 //! - [`tokenizer`]: the Yuan 2.0 SentencePiece tokenizer, in pure Rust.
 //! - [`arch`]: architectures; [`arch::yuan2`] is Yuan 2.0 with its LFA convolutions.
@@ -19,6 +20,7 @@ pub mod hf;
 pub mod kernels;
 pub mod pool;
 pub mod quant;
+pub mod shards;
 pub mod tokenizer;
 pub mod weight;
 

@@ -136,6 +136,17 @@ impl Weight {
         }
     }
 
+    /// The weight's main buffer (codes or values): where its pages live is where decode streams from.
+    pub fn region(&self) -> &[u8] {
+        match self {
+            Weight::F32(m) => unsafe {
+                std::slice::from_raw_parts(m.values().as_ptr() as *const u8, m.values().len() * 4)
+            },
+            Weight::Nf4(m) => m.parts().0,
+            Weight::Bf16(m) => m.raw_bytes(),
+        }
+    }
+
     /// The weight in f32 (dequantized), row-major.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
@@ -169,14 +180,23 @@ enum FullKind {
 impl FullWeight {
     /// Prepares `full` (`[rows × cols]`) in `format`. `nf4_ok` says whether every split this matrix may see
     /// keeps 64-weight blocks whole; if not, it is kept in bf16 (at every np, so results do not depend on np).
-    pub fn new(full: Vec<f32>, rows: usize, cols: usize, format: Format, nf4_ok: bool) -> Result<FullWeight> {
+    pub fn new(
+        full: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        format: Format,
+        nf4_ok: bool,
+    ) -> Result<FullWeight> {
         if full.len() != rows * cols {
-            return Err(Error::Shape(format!("{} values for a {rows}×{cols} matrix", full.len())));
+            return Err(Error::Shape(format!(
+                "{} values for a {rows}×{cols} matrix",
+                full.len()
+            )));
         }
         let kind = match format {
-            Format::Nf4 if nf4_ok && cols.is_multiple_of(BLOCK) => {
-                FullKind::Nf4(crate::quant::nf4::Nf4Tensor::quantize(&full, &[rows, cols])?)
-            }
+            Format::Nf4 if nf4_ok && cols.is_multiple_of(BLOCK) => FullKind::Nf4(
+                crate::quant::nf4::Nf4Tensor::quantize(&full, &[rows, cols])?,
+            ),
             Format::Nf4 => FullKind::Values(full, Format::Bf16),
             f => FullKind::Values(full, f),
         };
@@ -185,7 +205,11 @@ impl FullWeight {
 
     /// The rows `keep_rows` (column-parallel split) and the column ranges `keep_cols`, concatenated
     /// (row-parallel split).
-    pub fn slice(&self, keep_rows: std::ops::Range<usize>, keep_cols: &[std::ops::Range<usize>]) -> Result<Weight> {
+    pub fn slice(
+        &self,
+        keep_rows: std::ops::Range<usize>,
+        keep_cols: &[std::ops::Range<usize>],
+    ) -> Result<Weight> {
         match &self.kind {
             FullKind::Nf4(t) => Ok(Weight::Nf4(Nf4Matrix::slice(t, keep_rows, keep_cols)?)),
             FullKind::Values(full, format) => {
@@ -194,9 +218,14 @@ impl FullWeight {
                 for r in keep_rows.clone() {
                     for c in keep_cols {
                         if c.end > self.cols || r >= self.rows {
-                            return Err(Error::Shape(format!("slice {r}, {c:?} of a {}×{} matrix", self.rows, self.cols)));
+                            return Err(Error::Shape(format!(
+                                "slice {r}, {c:?} of a {}×{} matrix",
+                                self.rows, self.cols
+                            )));
                         }
-                        part.extend_from_slice(&full[r * self.cols + c.start..r * self.cols + c.end]);
+                        part.extend_from_slice(
+                            &full[r * self.cols + c.start..r * self.cols + c.end],
+                        );
                     }
                 }
                 Weight::new(part, keep_rows.len(), width, *format)

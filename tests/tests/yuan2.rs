@@ -287,7 +287,14 @@ fn tied_embeddings_load_and_untied_missing_head_is_an_error() {
     let tied = TempDir::new("tied");
     write_tensors(&tied.0.join("model.safetensors"), &tensors);
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(tied.0.join("config.json"), cfg.replace("\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true")).unwrap();
+    std::fs::write(
+        tied.0.join("config.json"),
+        cfg.replace(
+            "\"tie_word_embeddings\": false",
+            "\"tie_word_embeddings\": true",
+        ),
+    )
+    .unwrap();
     let a = logits(1, &tied.0, &prompt, 3, &[]).unwrap();
     let b = logits(1, &copy.0, &prompt, 3, &[]).unwrap();
     assert_eq!(max_diff(&a, &b), 0.0);

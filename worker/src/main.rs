@@ -3,8 +3,10 @@
 mod bench;
 mod benchk;
 mod commcmd;
+mod convert;
 mod engine;
 mod logits;
+mod placement;
 mod runtime;
 mod synth;
 mod textcmd;
@@ -42,6 +44,8 @@ enum Command {
     Tokenize(textcmd::TokenizeArgs),
     /// Print the text of token ids.
     Detokenize(textcmd::DetokenizeArgs),
+    /// Convert a Hugging Face checkpoint into per-rank shard files (NF4 by default) plus a manifest.
+    Convert(convert::Args),
     /// Write a seeded random Yuan 2.0 checkpoint (Hugging Face layout) at a preset's shapes.
     Synth(synth::Args),
     /// Print the logits of a prompt and K greedy steps as JSON (prefill_logits, greedy_ids, step_logits).
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Command::BenchKernels(a) => benchk::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Generate(a) => textcmd::generate_cmd(a),
         Command::Chat(a) => textcmd::chat(a),
         Command::Tokenize(a) => textcmd::tokenize(a),

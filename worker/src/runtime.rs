@@ -29,6 +29,9 @@ pub struct ModelArgs {
     /// Worker threads per rank (default: RINGLM_THREADS from ringrun, else every CPU allowed).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Print, per rank, the CPUs its threads run on and the NUMA nodes its weight pages sit on.
+    #[arg(long)]
+    pub report_placement: bool,
 }
 
 fn parse_format(s: &str) -> std::result::Result<Format, String> {
@@ -79,13 +82,35 @@ impl Job {
         } else {
             Format::Bf16
         });
-        let model = Model::load(&a.model, shard, a.weights, head, kernels)
-            .with_context(|| format!("rank {}: loading {}", shard.rank, a.model.display()))?;
-        Ok(Job {
+        let start = std::time::Instant::now();
+        let shards = a.model.join("manifest.json").exists();
+        let model = if shards {
+            Model::load_shards(&a.model, shard, kernels)
+        } else {
+            Model::load(&a.model, shard, a.weights, head, kernels)
+        }
+        .with_context(|| format!("rank {}: loading {}", shard.rank, a.model.display()))?;
+        let secs = start.elapsed().as_secs_f64();
+        let mut job = Job {
             comm: Comm(comm),
             pool,
             model,
-        })
+        };
+        if shards || a.report_placement {
+            let bytes = job.model.weight_bytes() as f64;
+            eprintln!(
+                "[rank {}] loaded {:.2} GB of weights in {:.2} s ({:.2} GB/s); resident {:.2} GB",
+                shard.rank,
+                bytes / 1e9,
+                secs,
+                bytes / 1e9 / secs.max(1e-9),
+                crate::placement::resident_bytes() as f64 / 1e9
+            );
+        }
+        if a.report_placement {
+            crate::placement::report(&mut job);
+        }
+        Ok(job)
     }
 
     /// This rank.

@@ -27,6 +27,9 @@ pub struct Args {
     /// Shape override: MLP width (default 4 × hidden).
     #[arg(long)]
     ffn: Option<usize>,
+    /// Shape override: vocabulary size.
+    #[arg(long)]
+    vocab: Option<usize>,
     /// Output directory (created; must not hold a checkpoint already).
     #[arg(long)]
     out: PathBuf,
@@ -66,6 +69,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(f) = a.ffn {
         c.ffn = f;
+    }
+    if let Some(v) = a.vocab {
+        c.vocab = v;
     }
     // Round-trips through the loader's checks (even head size, ...).
     let c = Config::from_json(&c.to_json()).context("the requested shape")?;

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::hf::Checkpoint;
 use crate::kernels::Kernels;
 use crate::pool::Pool;
+use crate::shards::{FileEntry, Manifest, ShardReader, ShardWriter};
 use crate::weight::{Format, FullWeight, Weight};
 
 /// eps of the LFA output norm: LlamaRMSNorm's default, which the official code does not override.
@@ -415,7 +416,13 @@ impl FullLayer {
         // q/k: undo the per-head interleave of the stacked [q; k] output.
         let q = ck.take(&name("self_attn.q_proj.weight"), &[h, h])?;
         let k = ck.take(&name("self_attn.k_proj.weight"), &[h, h])?;
-        let stacked_row = |r: usize| if r < h { &q[r * h..(r + 1) * h] } else { &k[(r - h) * h..(r - h + 1) * h] };
+        let stacked_row = |r: usize| {
+            if r < h {
+                &q[r * h..(r + 1) * h]
+            } else {
+                &k[(r - h) * h..(r - h + 1) * h]
+            }
+        };
         let mut wq = Vec::with_capacity(h * h);
         let mut wk = Vec::with_capacity(h * h);
         for head in 0..c.heads {
@@ -444,15 +451,51 @@ impl FullLayer {
             lfa_norm: ck.take(&name("self_attn.lf_gate.output_layernorm.weight"), &[h])?,
             conv1: full(conv1, h / 2, 2 * h, true, "self_attn.lf_gate.conv1.weight")?,
             conv1_bias: ck.take(&name("self_attn.lf_gate.conv1.bias"), &[h / 2])?,
-            conv2: full(c2, h, h, blocks_survive(h, &valid), "self_attn.lf_gate.conv2.weight")?,
+            conv2: full(
+                c2,
+                h,
+                h,
+                blocks_survive(h, &valid),
+                "self_attn.lf_gate.conv2.weight",
+            )?,
             conv2_bias: ck.take(&name("self_attn.lf_gate.conv2.bias"), &[h])?,
             wq: full(wq, h, h, true, "self_attn.q_proj.weight")?,
             wk: full(wk, h, h, true, "self_attn.k_proj.weight")?,
-            wv: full(ck.take(&name("self_attn.v_proj.weight"), &[h, h])?, h, h, true, "self_attn.v_proj.weight")?,
-            wo: full(ck.take(&name("self_attn.o_proj.weight"), &[h, h])?, h, h, blocks_survive(h, &valid), "self_attn.o_proj.weight")?,
-            gate: full(ck.take(&name("mlp.gate_proj.weight"), &[f, h])?, f, h, true, "mlp.gate_proj.weight")?,
-            up: full(ck.take(&name("mlp.up_proj.weight"), &[f, h])?, f, h, true, "mlp.up_proj.weight")?,
-            down: full(ck.take(&name("mlp.down_proj.weight"), &[h, f])?, h, f, blocks_survive(f, &valid), "mlp.down_proj.weight")?,
+            wv: full(
+                ck.take(&name("self_attn.v_proj.weight"), &[h, h])?,
+                h,
+                h,
+                true,
+                "self_attn.v_proj.weight",
+            )?,
+            wo: full(
+                ck.take(&name("self_attn.o_proj.weight"), &[h, h])?,
+                h,
+                h,
+                blocks_survive(h, &valid),
+                "self_attn.o_proj.weight",
+            )?,
+            gate: full(
+                ck.take(&name("mlp.gate_proj.weight"), &[f, h])?,
+                f,
+                h,
+                true,
+                "mlp.gate_proj.weight",
+            )?,
+            up: full(
+                ck.take(&name("mlp.up_proj.weight"), &[f, h])?,
+                f,
+                h,
+                true,
+                "mlp.up_proj.weight",
+            )?,
+            down: full(
+                ck.take(&name("mlp.down_proj.weight"), &[h, f])?,
+                h,
+                f,
+                blocks_survive(f, &valid),
+                "mlp.down_proj.weight",
+            )?,
         })
     }
 
@@ -466,7 +509,9 @@ impl FullLayer {
             lfa_norm: self.lfa_norm.clone(),
             conv1: self.conv1.slice(cut.chans.clone(), &[0..2 * h])?,
             conv1_bias: self.conv1_bias[cut.chans.clone()].to_vec(),
-            conv2: self.conv2.slice(all.clone(), &[2 * cut.chans.start..2 * cut.chans.end])?,
+            conv2: self
+                .conv2
+                .slice(all.clone(), &[2 * cut.chans.start..2 * cut.chans.end])?,
             conv2_bias: self.conv2_bias.clone(),
             wq: self.wq.slice(cut.n.clone(), whole)?,
             wk: self.wk.slice(cut.n.clone(), whole)?,
@@ -474,7 +519,9 @@ impl FullLayer {
             wo: self.wo.slice(all.clone(), std::slice::from_ref(&cut.n))?,
             gate: self.gate.slice(cut.ffn.clone(), whole)?,
             up: self.up.slice(cut.ffn.clone(), whole)?,
-            down: self.down.slice(all.clone(), std::slice::from_ref(&cut.ffn))?,
+            down: self
+                .down
+                .slice(all.clone(), std::slice::from_ref(&cut.ffn))?,
         })
     }
 }
@@ -484,10 +531,15 @@ fn read_head(ck: &Checkpoint, c: &Config, head_format: Format) -> Result<(Vec<f3
     let h = c.hidden;
     let embed_raw = ck.raw("model.embed_tokens.weight")?;
     if embed_raw.shape != [c.vocab, h] {
-        return Err(Error::Shape(format!("shape {:?}, the config implies [{}, {h}]", embed_raw.shape, c.vocab))
-            .tensor("model.embed_tokens.weight"));
+        return Err(Error::Shape(format!(
+            "shape {:?}, the config implies [{}, {h}]",
+            embed_raw.shape, c.vocab
+        ))
+        .tensor("model.embed_tokens.weight"));
     }
-    let embed = embed_raw.to_f32().map_err(|e| e.tensor("model.embed_tokens.weight"))?;
+    let embed = embed_raw
+        .to_f32()
+        .map_err(|e| e.tensor("model.embed_tokens.weight"))?;
     let head = if ck.has("lm_head.weight") && !c.tie_embeddings {
         ck.take("lm_head.weight", &[c.vocab, h])?
     } else if c.tie_embeddings {
@@ -496,16 +548,26 @@ fn read_head(ck: &Checkpoint, c: &Config, head_format: Format) -> Result<(Vec<f3
         }
         embed.clone()
     } else {
-        return Err(Error::Format("lm_head.weight is missing and tie_word_embeddings is false".into()).file(ck.dir()));
+        return Err(Error::Format(
+            "lm_head.weight is missing and tie_word_embeddings is false".into(),
+        )
+        .file(ck.dir()));
     };
-    let head = FullWeight::new(head, c.vocab, h, head_format, true).map_err(|e| e.tensor("lm_head.weight"))?;
+    let head = FullWeight::new(head, c.vocab, h, head_format, true)
+        .map_err(|e| e.tensor("lm_head.weight"))?;
     Ok((embed, head))
 }
 
 impl Model {
     /// Loads this rank's slice of a Hugging Face checkpoint. `format` is how the projections and
     /// convolutions are kept; the lm_head is kept in `head_format`.
-    pub fn load(dir: &Path, shard: Shard, format: Format, head_format: Format, kernels: Kernels) -> Result<Model> {
+    pub fn load(
+        dir: &Path,
+        shard: Shard,
+        format: Format,
+        head_format: Format,
+        kernels: Kernels,
+    ) -> Result<Model> {
         let config = Config::load(dir)?;
         config.check_np(shard.size)?;
         let ck = Checkpoint::open(dir)?;
@@ -518,7 +580,9 @@ impl Model {
             layers.push(FullLayer::read(&ck, c, l, format)?.slice(h, &cut)?);
         }
         let (embed_f32, head) = read_head(&ck, c, head_format)?;
-        let lm_head = head.slice(cut.vocab.clone(), &[0..h]).map_err(|e| e.tensor("lm_head.weight"))?;
+        let lm_head = head
+            .slice(cut.vocab.clone(), &[0..h])
+            .map_err(|e| e.tensor("lm_head.weight"))?;
         let vocab = cut.vocab.clone();
         let embed = if format == Format::F32 {
             Embedding::F32(embed_f32)
@@ -534,8 +598,115 @@ impl Model {
             ))
             .file(dir));
         }
-        let inv_freq = (0..d / 2).map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32)).collect();
-        Ok(Model { config, shard, layers, embed, final_norm, lm_head, vocab, kernels, inv_freq, profile: Profile::default() })
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        Ok(Model {
+            config,
+            shard,
+            layers,
+            embed,
+            final_norm,
+            lm_head,
+            vocab,
+            kernels,
+            inv_freq,
+            profile: Profile::default(),
+        })
+    }
+
+    /// Loads this rank's shard file from a directory made by [`convert`]: checks the manifest (architecture,
+    /// np = the job's size), reads the file front to back into this rank's memory, and checks its SHA-256.
+    pub fn load_shards(dir: &Path, shard: Shard, kernels: Kernels) -> Result<Model> {
+        let m = Manifest::load(dir)?;
+        if m.architecture != "yuan2" {
+            return Err(Error::Format(format!(
+                "shards of a {} model, not Yuan 2.0",
+                m.architecture
+            ))
+            .file(dir));
+        }
+        if m.np != shard.size {
+            return Err(Error::Shape(format!(
+                "these shards are for np={}, the job has {} ranks: run with -np {} or convert again with --np {}",
+                m.np, shard.size, m.np, shard.size
+            ))
+            .file(dir.join("manifest.json")));
+        }
+        let config = Config::load(dir)?;
+        let entry = m.file_of(shard.rank).clone();
+        let path = dir.join(&entry.file);
+        let mut r = ShardReader::open(&path)?;
+        let c = &config;
+        let (h, d) = (c.hidden, c.head_dim());
+        let cut = Cut::new(c, shard);
+        let (n, ch, f) = (cut.n.len(), cut.chans.len(), cut.ffn.len());
+        let mut layers = Vec::with_capacity(c.layers);
+        for l in 0..c.layers {
+            let t = |s: &str| format!("layers.{l}.{s}");
+            layers.push(Layer {
+                input_norm: r.take_f32(&t("input_norm"), &[h])?,
+                post_norm: r.take_f32(&t("post_norm"), &[h])?,
+                lfa_norm: r.take_f32(&t("lfa_norm"), &[h])?,
+                conv1: r.take_weight(&t("conv1"), ch, 2 * h)?,
+                conv1_bias: r.take_f32(&t("conv1_bias"), &[ch])?,
+                conv2: r.take_weight(&t("conv2"), h, 2 * ch)?,
+                conv2_bias: r.take_f32(&t("conv2_bias"), &[h])?,
+                wq: r.take_weight(&t("wq"), n, h)?,
+                wk: r.take_weight(&t("wk"), n, h)?,
+                wv: r.take_weight(&t("wv"), n, h)?,
+                wo: r.take_weight(&t("wo"), h, n)?,
+                gate: r.take_weight(&t("gate"), f, h)?,
+                up: r.take_weight(&t("up"), f, h)?,
+                down: r.take_weight(&t("down"), h, f)?,
+            });
+        }
+        let (dt, shape, bytes) = r.take("embed")?;
+        if shape != [c.vocab, h] {
+            return Err(
+                Error::Shape(format!("embed {shape:?}, expected [{}, {h}]", c.vocab)).file(&path),
+            );
+        }
+        let embed = match dt {
+            safetensors::Dtype::F32 => Embedding::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            _ => Embedding::Bf16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
+        };
+        drop(bytes);
+        let final_norm = r.take_f32("final_norm", &[h])?;
+        let lm_head = r.take_weight("lm_head", cut.vocab.len(), h)?;
+        let sha = r.finish()?;
+        if !entry.sha256.is_empty() && sha != entry.sha256 {
+            return Err(Error::Format(format!(
+                "checksum mismatch (file {sha}, manifest {}): the shard is corrupted; convert again",
+                entry.sha256
+            ))
+            .file(&path));
+        }
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        Ok(Model {
+            config,
+            shard,
+            layers,
+            embed,
+            final_norm,
+            lm_head,
+            vocab: cut.vocab,
+            kernels,
+            inv_freq,
+            profile: Profile::default(),
+        })
     }
 
     /// A model of `config`'s exact shapes with seeded random weights, built directly in this rank's memory
@@ -674,6 +845,20 @@ impl Model {
             .sum::<usize>()
         };
         self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.bytes()
+    }
+
+    /// Every weight's main buffer, for placement reports.
+    pub fn weight_regions(&self) -> Vec<&[u8]> {
+        let mut v: Vec<&[u8]> = Vec::new();
+        for l in &self.layers {
+            for w in [
+                &l.conv1, &l.conv2, &l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down,
+            ] {
+                v.push(w.region());
+            }
+        }
+        v.push(self.lm_head.region());
+        v
     }
 
     /// Fresh caches for a sequence of up to `capacity` tokens.
@@ -990,6 +1175,232 @@ impl Model {
         }
         Ok(pick.1)
     }
+}
+
+/// Options of [`convert`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConvertOptions {
+    /// Ranks to shard for.
+    pub np: usize,
+    /// Format of the layers' weights.
+    pub format: Format,
+    /// Format of the lm_head.
+    pub head_format: Format,
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::F32 => "f32",
+        Format::Nf4 => "nf4",
+        Format::Bf16 => "bf16",
+    }
+}
+
+/// Converts a Hugging Face checkpoint into one shard file per rank plus manifest.json, streaming layer by
+/// layer: each matrix is read, quantized once and cut into the ranks' parts, so memory holds one layer, never
+/// the model. Everything is written into a temporary directory renamed to `out` at the very end: an
+/// interrupted convert leaves nothing that loads. `progress(done, total)` is called in source bytes.
+pub fn convert(
+    src: &Path,
+    out: &Path,
+    o: ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Manifest> {
+    if out.exists() {
+        return Err(
+            Error::Format("already exists; remove it or choose another --out".into()).file(out),
+        );
+    }
+    let config = Config::load(src)?;
+    config.check_np(o.np)?;
+    let ck = Checkpoint::open(src)?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "out".into());
+    let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::Io(e).file(&tmp))?;
+    let result = convert_into(&ck, &config, &tmp, o, progress).and_then(|m| {
+        std::fs::rename(&tmp, out).map_err(|e| Error::Io(e).file(out))?;
+        Ok(m)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn convert_into(
+    ck: &Checkpoint,
+    c: &Config,
+    dir: &Path,
+    o: ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Manifest> {
+    let h = c.hidden;
+    let total = ck.file_bytes();
+    let per_layer = total / (c.layers as u64 + 2);
+    let file_name = |r: usize| format!("rank-{r}-of-{}.safetensors", o.np);
+    let mut writers: Vec<ShardWriter> = (0..o.np)
+        .map(|r| ShardWriter::create(&dir.join(file_name(r)), c.layers * 40 + 16))
+        .collect::<Result<_>>()?;
+    let cuts: Vec<Cut> = (0..o.np)
+        .map(|r| {
+            Cut::new(
+                c,
+                Shard {
+                    rank: r,
+                    size: o.np,
+                },
+            )
+        })
+        .collect();
+    for l in 0..c.layers {
+        let full = FullLayer::read(ck, c, l, o.format)?;
+        for (w, cut) in writers.iter_mut().zip(&cuts) {
+            let layer = full.slice(h, cut)?;
+            let t = |s: &str| format!("layers.{l}.{s}");
+            w.put_f32(&t("input_norm"), &[h], &layer.input_norm)?;
+            w.put_f32(&t("post_norm"), &[h], &layer.post_norm)?;
+            w.put_f32(&t("lfa_norm"), &[h], &layer.lfa_norm)?;
+            w.put_weight(&t("conv1"), &layer.conv1)?;
+            w.put_f32(
+                &t("conv1_bias"),
+                &[layer.conv1_bias.len()],
+                &layer.conv1_bias,
+            )?;
+            w.put_weight(&t("conv2"), &layer.conv2)?;
+            w.put_f32(&t("conv2_bias"), &[h], &layer.conv2_bias)?;
+            for (role, wt) in [
+                ("wq", &layer.wq),
+                ("wk", &layer.wk),
+                ("wv", &layer.wv),
+                ("wo", &layer.wo),
+                ("gate", &layer.gate),
+                ("up", &layer.up),
+                ("down", &layer.down),
+            ] {
+                w.put_weight(&t(role), wt)?;
+            }
+        }
+        progress((l as u64 + 1) * per_layer, total);
+    }
+    let (embed, head) = read_head(ck, c, o.head_format)?;
+    let embed_bytes: Vec<u8> = if o.format == Format::F32 {
+        embed.iter().flat_map(|x| x.to_le_bytes()).collect()
+    } else {
+        embed
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect()
+    };
+    let embed_dtype = if o.format == Format::F32 {
+        safetensors::Dtype::F32
+    } else {
+        safetensors::Dtype::BF16
+    };
+    let final_norm = ck.take("model.norm.weight", &[h])?;
+    let unused = ck.unused();
+    if !unused.is_empty() {
+        return Err(Error::Format(format!(
+            "unexpected tensors (not part of a Yuan 2.0 model of this config): {}",
+            unused.join(", ")
+        ))
+        .file(ck.dir()));
+    }
+    for (w, cut) in writers.iter_mut().zip(&cuts) {
+        w.put("embed", embed_dtype, &[c.vocab, h], &embed_bytes)?;
+        w.put_f32("final_norm", &[h], &final_norm)?;
+        w.put_weight("lm_head", &head.slice(cut.vocab.clone(), &[0..h])?)?;
+    }
+    progress(total, total);
+    let mut files = Vec::with_capacity(o.np);
+    for (r, w) in writers.into_iter().enumerate() {
+        let (bytes, sha256) = w.finish()?;
+        files.push(FileEntry {
+            rank: r,
+            file: file_name(r),
+            bytes,
+            sha256,
+        });
+    }
+    let plan = serde_json::json!({
+        "q_proj, k_proj (per-head q/k interleave undone), v_proj": "column-parallel by heads",
+        "o_proj": "row-parallel by heads, allreduce",
+        "lf_gate.conv1": "column-parallel by output channel",
+        "lf_gate.conv2": "row-parallel by input channel (taps interleaved per channel), allreduce",
+        "gate_proj, up_proj": "column-parallel", "down_proj": "row-parallel, allreduce",
+        "lm_head": "vocabulary-parallel (uneven split allowed)", "embed_tokens, norms, biases": "replicated",
+        "nf4": "each matrix quantized whole, then sliced: identical codes and scales at every np",
+    });
+    let m = Manifest {
+        architecture: "yuan2".into(),
+        np: o.np,
+        quant: format_name(o.format).into(),
+        lm_head: format_name(o.head_format).into(),
+        files,
+        extra: [
+            ("plan".to_string(), plan),
+            ("config".to_string(), c.to_json()),
+            (
+                "source".to_string(),
+                serde_json::Value::from(ck.dir().display().to_string()),
+            ),
+        ]
+        .into(),
+    };
+    m.save(dir)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&c.to_json()).unwrap(),
+    )
+    .map_err(|e| Error::Io(e).file(dir))?;
+    for f in [
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let p = ck.dir().join(f);
+        if p.exists() {
+            std::fs::copy(&p, dir.join(f)).map_err(|e| Error::Io(e).file(&p))?;
+        }
+    }
+    Ok(m)
+}
+
+/// Re-reads every shard of a converted directory and checks its size and SHA-256 against the manifest.
+pub fn verify_shards(dir: &Path) -> Result<Vec<String>> {
+    let m = Manifest::load(dir)?;
+    let mut report = Vec::new();
+    for f in &m.files {
+        let p = dir.join(&f.file);
+        let mut file = std::fs::File::open(&p).map_err(|e| Error::Io(e).file(&p))?;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let mut buf = vec![0u8; 8 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = std::io::Read::read(&mut file, &mut buf).map_err(|e| Error::Io(e).file(&p))?;
+            if k == 0 {
+                break;
+            }
+            sha2::Digest::update(&mut hasher, &buf[..k]);
+            n += k as u64;
+        }
+        let sha: String = sha2::Digest::finalize(hasher)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        if n != f.bytes || sha != f.sha256 {
+            return Err(Error::Format(format!(
+                "size {n} / sha256 {sha} do not match the manifest ({} / {})",
+                f.bytes, f.sha256
+            ))
+            .file(&p));
+        }
+        report.push(format!("{}: {n} bytes, sha256 {sha} ok", f.file));
+    }
+    Ok(report)
 }
 
 /// xorshift64*: a fast seeded generator for random benchmark weights.

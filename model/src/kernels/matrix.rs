@@ -156,6 +156,68 @@ impl Nf4Matrix {
         })
     }
 
+    /// A slice as stored in a shard file: its own codes and scale codes, the tensor's nested scales and
+    /// offset, and the block mapping. Every length and index is checked, so a corrupt file cannot make the
+    /// kernels read out of bounds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_slice_parts(
+        rows: usize,
+        packed: &[u8],
+        scale_codes: Vec<u8>,
+        nested: Vec<f32>,
+        offset: f32,
+        row0: usize,
+        stride: usize,
+        colmap: Vec<u32>,
+    ) -> Result<Nf4Matrix> {
+        let nb = colmap.len();
+        let cols = nb * BLOCK;
+        if rows == 0 || nb == 0 || packed.len() != rows * cols / 2 || scale_codes.len() != rows * nb
+        {
+            return Err(Error::Shape(format!(
+                "NF4 slice of {rows} rows × {nb} blocks: {} code bytes and {} scale codes do not fit",
+                packed.len(),
+                scale_codes.len()
+            )));
+        }
+        let max_col = colmap.iter().copied().max().unwrap_or(0) as usize;
+        let last = (row0 + rows - 1)
+            .checked_mul(stride)
+            .and_then(|v| v.checked_add(max_col));
+        if max_col >= stride || last.is_none_or(|g| g / NESTED_BLOCK >= nested.len()) {
+            return Err(Error::Shape(format!(
+                "NF4 slice: block map (rows from {row0}, {stride} blocks per row) points past its {} nested scales",
+                nested.len()
+            )));
+        }
+        Ok(Nf4Matrix {
+            rows,
+            cols,
+            packed: AlignedBytes::from_slice(packed),
+            scale_codes,
+            nested,
+            offset,
+            map: shared_map(),
+            row0,
+            stride,
+            colmap,
+        })
+    }
+
+    /// The stored parts: (codes, scale codes, nested scales, offset, row0, stride, colmap).
+    #[allow(clippy::type_complexity)]
+    pub fn parts(&self) -> (&[u8], &[u8], &[f32], f32, usize, usize, &[u32]) {
+        (
+            self.packed.as_slice(),
+            &self.scale_codes,
+            &self.nested,
+            self.offset,
+            self.row0,
+            self.stride,
+            &self.colmap,
+        )
+    }
+
     /// From raw parts in bitsandbytes' layout (a whole tensor, as stored in a file); every length is checked.
     pub fn from_parts(
         rows: usize,
@@ -356,6 +418,11 @@ impl Bf16Matrix {
         self.rows * self.cols * 2
     }
 
+    /// The raw little-endian bf16 bytes.
+    pub fn raw_bytes(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+
     /// Row `r` in f32.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         for (o, &b) in out.iter_mut().zip(self.row(r)) {
@@ -403,5 +470,10 @@ impl F32Matrix {
     /// Bytes a full pass reads.
     pub fn bytes(&self) -> usize {
         4 * self.data.len()
+    }
+
+    /// The values, row-major.
+    pub fn values(&self) -> &[f32] {
+        &self.data
     }
 }
