@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 struct File {
     path: PathBuf,
     map: Mmap,
+    file: std::fs::File,
 }
 
 /// All tensors of a checkpoint directory, by name.
@@ -72,6 +73,7 @@ fn map_file(path: &Path) -> Result<File> {
     Ok(File {
         path: path.to_path_buf(),
         map,
+        file: f,
     })
 }
 
@@ -185,7 +187,34 @@ impl Checkpoint {
                 t.shape
             ))));
         }
-        t.to_f32().map_err(ctx)
+        let v = t.to_f32().map_err(ctx)?;
+        self.release(name, t.data);
+        Ok(v)
+    }
+
+    /// Drops a tensor's pages once it has been converted: from this mapping and from the page cache, so that
+    /// reading a checkpoint never keeps a second copy of it resident.
+    pub fn release(&self, name: &str, data: &[u8]) {
+        let Some(&i) = self.index.get(name) else {
+            return;
+        };
+        let f = &self.files[i];
+        let page = 4096usize;
+        let base = f.map.as_ptr() as usize;
+        let start = (data.as_ptr() as usize).next_multiple_of(page);
+        let end = (data.as_ptr() as usize + data.len()) / page * page;
+        if end > start {
+            unsafe {
+                // A read-only shared file mapping: dropped pages are read again from the file if touched.
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&f.file),
+                    (start - base) as i64,
+                    (end - start) as i64,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
     }
 
     /// Marks tensors that are read but not needed (e.g. rotary inv_freq buffers).

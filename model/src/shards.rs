@@ -15,7 +15,7 @@ use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::kernels::{Bf16Matrix, F32Matrix, Nf4Matrix};
+use crate::kernels::{AlignedBytes, Bf16Matrix, F32Matrix, Nf4Matrix};
 use crate::weight::Weight;
 
 /// Format name and version in manifest.json.
@@ -186,6 +186,18 @@ impl ShardWriter {
     }
 }
 
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn u32s(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -200,6 +212,9 @@ pub struct ShardReader {
     /// Bytes read so far.
     pub read: u64,
     since_drop: u64,
+    /// One read buffer for every tensor: fresh allocations per tensor cost a page fault and a kernel page
+    /// clear per byte, which dominated loading.
+    buf: Vec<u8>,
 }
 
 impl ShardReader {
@@ -286,11 +301,12 @@ impl ShardReader {
             hasher,
             read: (8 + hlen) as u64,
             since_drop: 0,
+            buf: Vec::new(),
         })
     }
 
-    /// The next tensor, which must be `name`: (dtype, shape, bytes).
-    pub fn take(&mut self, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
+    /// The next tensor, which must be `name`: (dtype, shape, bytes in the reader's buffer).
+    pub fn take(&mut self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {
         let bad = |m: String| Error::Format(m).file(&self.path);
         let (n, dtype, shape, a, b) = self
             .entries
@@ -300,19 +316,22 @@ impl ShardReader {
         if n != name {
             return Err(bad(format!("expected tensor {name}, found {n}")));
         }
-        let mut buf = vec![0u8; b - a];
+        let len = b - a;
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
         self.file
-            .read_exact(&mut buf)
+            .read_exact(&mut self.buf[..len])
             .map_err(|e| Error::Io(e).file(&self.path))?;
-        self.hasher.update(&buf);
-        self.read += buf.len() as u64;
-        self.since_drop += buf.len() as u64;
+        self.hasher.update(&self.buf[..len]);
+        self.read += len as u64;
+        self.since_drop += len as u64;
         if self.since_drop > 256 << 20 {
             drop_cache(&self.file);
             self.since_drop = 0;
         }
         self.next += 1;
-        Ok((dtype, shape, buf))
+        Ok((dtype, shape, &self.buf[..len]))
     }
 
     /// The next tensor as f32 values of the expected shape.
@@ -330,83 +349,60 @@ impl ShardReader {
 
     /// The next weight (as [`ShardWriter::put_weight`] wrote it), checked to be `rows × cols`.
     pub fn take_weight(&mut self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
-        let ctx = |e: Error, p: &Path| e.tensor(name).file(p);
+        let path = self.path.clone();
+        let ctx = |e: Error| e.tensor(name).file(&path);
         let peek = self
             .entries
             .get(self.next)
             .map(|e| e.0.clone())
             .unwrap_or_default();
         let w = if peek == format!("{name}.codes") {
-            let (_, cs, codes) = self.take(&format!("{name}.codes"))?;
-            let (_, _, scales) = self.take(&format!("{name}.scales"))?;
-            let (_, _, nested) = self.take(&format!("{name}.nested"))?;
-            let (_, _, meta) = self.take(&format!("{name}.meta"))?;
-            let (_, _, colmap) = self.take(&format!("{name}.colmap"))?;
-            let u32s = |b: &[u8]| -> Vec<u32> {
-                b.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
-            };
-            let meta = u32s(&meta);
+            // Each piece is copied out before the next read reuses the buffer.
+            let (_, cs, b) = self.take(&format!("{name}.codes"))?;
+            let codes = AlignedBytes::from_slice(b);
+            let scales = self.take(&format!("{name}.scales"))?.2.to_vec();
+            let nested = f32s(self.take(&format!("{name}.nested"))?.2);
+            let meta = u32s(self.take(&format!("{name}.meta"))?.2);
+            let colmap = u32s(self.take(&format!("{name}.colmap"))?.2);
             if meta.len() != 3 || cs.first() != Some(&rows) {
-                return Err(ctx(
-                    Error::Shape(format!("NF4 parts of shape {cs:?}, expected {rows} rows")),
-                    &self.path,
-                ));
+                return Err(ctx(Error::Shape(format!(
+                    "NF4 parts of shape {cs:?}, expected {rows} rows"
+                ))));
             }
-            let nested: Vec<f32> = nested
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            Weight::Nf4(
-                Nf4Matrix::from_slice_parts(
-                    rows,
-                    &codes,
-                    scales,
-                    nested,
-                    f32::from_bits(meta[2]),
-                    meta[0] as usize,
-                    meta[1] as usize,
-                    u32s(&colmap),
-                )
-                .map_err(|e| ctx(e, &self.path))?,
-            )
+            let m = Nf4Matrix::from_slice_parts(
+                rows,
+                codes,
+                scales,
+                nested,
+                f32::from_bits(meta[2]),
+                meta[0] as usize,
+                meta[1] as usize,
+                colmap,
+            );
+            Weight::Nf4(m.map_err(ctx)?)
         } else {
             let (d, s, b) = self.take(name)?;
             if s != [rows, cols] {
-                return Err(ctx(
-                    Error::Shape(format!("shape {s:?}, expected [{rows}, {cols}]")),
-                    &self.path,
-                ));
+                return Err(ctx(Error::Shape(format!(
+                    "shape {s:?}, expected [{rows}, {cols}]"
+                ))));
             }
             match d {
-                Dtype::F32 => Weight::F32(F32Matrix::new(
-                    b.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                    rows,
-                    cols,
-                )?),
-                Dtype::BF16 => {
-                    let v: Vec<half::bf16> = b
-                        .chunks_exact(2)
-                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                        .collect();
-                    Weight::Bf16(Bf16Matrix::new(&v, rows, cols)?)
-                }
+                Dtype::F32 => Weight::F32(F32Matrix::new(f32s(b), rows, cols).map_err(ctx)?),
+                Dtype::BF16 => Weight::Bf16(Bf16Matrix::from_bytes(b, rows, cols).map_err(ctx)?),
                 other => {
-                    return Err(ctx(
-                        Error::Format(format!("dtype {other:?} is not a weight format")),
-                        &self.path,
-                    ))
+                    return Err(ctx(Error::Format(format!(
+                        "dtype {other:?} is not a weight format"
+                    ))))
                 }
             }
         };
         if w.rows() != rows || w.cols() != cols {
-            return Err(ctx(
-                Error::Shape(format!("{}×{}, expected {rows}×{cols}", w.rows(), w.cols())),
-                &self.path,
-            ));
+            return Err(ctx(Error::Shape(format!(
+                "{}×{}, expected {rows}×{cols}",
+                w.rows(),
+                w.cols()
+            ))));
         }
         Ok(w)
     }

@@ -540,6 +540,7 @@ fn read_head(ck: &Checkpoint, c: &Config, head_format: Format) -> Result<(Vec<f3
     let embed = embed_raw
         .to_f32()
         .map_err(|e| e.tensor("model.embed_tokens.weight"))?;
+    ck.release("model.embed_tokens.weight", embed_raw.data);
     let head = if ck.has("lm_head.weight") && !c.tie_embeddings {
         ck.take("lm_head.weight", &[c.vocab, h])?
     } else if c.tie_embeddings {
@@ -681,7 +682,6 @@ impl Model {
                     .collect(),
             ),
         };
-        drop(bytes);
         let final_norm = r.take_f32("final_norm", &[h])?;
         let lm_head = r.take_weight("lm_head", cut.vocab.len(), h)?;
         let sha = r.finish()?;

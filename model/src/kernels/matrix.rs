@@ -25,11 +25,30 @@ impl AlignedBytes {
         }
     }
 
-    /// Copies `src` into a fresh aligned buffer.
+    /// Copies `src` into a fresh aligned buffer (one pass over the new pages, not a clear and then a copy).
     pub fn from_slice(src: &[u8]) -> AlignedBytes {
-        let mut a = AlignedBytes::zeroed(src.len());
-        a.as_mut_slice().copy_from_slice(src);
-        a
+        let n = src.len().div_ceil(64);
+        let mut words: Vec<[u8; 64]> = Vec::with_capacity(n);
+        unsafe {
+            let dst = words.as_mut_ptr() as *mut u8;
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+            std::ptr::write_bytes(dst.add(src.len()), 0, n * 64 - src.len());
+            words.set_len(n);
+        }
+        AlignedBytes {
+            words,
+            len: src.len(),
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// The bytes.
@@ -162,7 +181,7 @@ impl Nf4Matrix {
     #[allow(clippy::too_many_arguments)]
     pub fn from_slice_parts(
         rows: usize,
-        packed: &[u8],
+        packed: AlignedBytes,
         scale_codes: Vec<u8>,
         nested: Vec<f32>,
         offset: f32,
@@ -193,7 +212,7 @@ impl Nf4Matrix {
         Ok(Nf4Matrix {
             rows,
             cols,
-            packed: AlignedBytes::from_slice(packed),
+            packed,
             scale_codes,
             nested,
             offset,
@@ -385,6 +404,21 @@ impl Bf16Matrix {
             rows,
             cols,
             data: AlignedBytes::from_slice(&bytes),
+        })
+    }
+
+    /// From raw little-endian bf16 bytes (as stored in a file), copied once into aligned memory.
+    pub fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> Result<Bf16Matrix> {
+        if rows == 0 || cols == 0 || bytes.len() != rows * cols * 2 {
+            return Err(Error::Shape(format!(
+                "bf16 matrix {rows}×{cols} given {} bytes",
+                bytes.len()
+            )));
+        }
+        Ok(Bf16Matrix {
+            rows,
+            cols,
+            data: AlignedBytes::from_slice(bytes),
         })
     }
 
