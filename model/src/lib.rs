@@ -7,6 +7,7 @@
 //! - [`pool`]: the persistent, pinned thread pool the kernels run on.
 //! - [`weight`]: a linear layer's weight in f32, NF4 or bf16, and how it is split over ranks.
 //! - [`shards`]: per-rank shard files and their manifest (what `ringlm convert` writes).
+//! - [`gguf`]: llama.cpp's GGUF files (F32, F16, BF16, Q8_0, Q4_0, Q4_1), bounds-checked.
 //! - [`hf`]: Hugging Face checkpoints (safetensors, sharded or not), memory-mapped.
 //! - [`tokenizer`]: the Yuan 2.0 SentencePiece tokenizer, in pure Rust.
 //! - [`arch`]: architectures; [`arch::yuan2`] is Yuan 2.0 with its LFA convolutions.
@@ -16,6 +17,7 @@
 
 pub mod arch;
 mod error;
+pub mod gguf;
 pub mod hf;
 pub mod kernels;
 pub mod pool;

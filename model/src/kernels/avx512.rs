@@ -158,10 +158,21 @@ unsafe fn nf4_rows_w4<const R: usize>(
     }
 }
 
-/// x rounded to bf16, zero-padded to a multiple of 32.
+/// x rounded to bf16 (nearest even), zero-padded to `out.len()`.
 pub fn prep_x_bf16(x: &[f32], out: &mut [u16]) {
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = if i < x.len() { bf16(x[i]) } else { 0 };
+    let full = x.len().min(out.len()) / 16 * 16;
+    // vcvtneps2bf16 rounds like the scalar path; this runs on every dequantized prefill weight.
+    unsafe { cvt_bf16(&x[..full], &mut out[..full]) };
+    for i in full..out.len() {
+        out[i] = if i < x.len() { bf16(x[i]) } else { 0 };
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn cvt_bf16(x: &[f32], out: &mut [u16]) {
+    for (src, dst) in x.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+        let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr())));
+        _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, v);
     }
 }
 
@@ -236,6 +247,68 @@ pub unsafe fn tile_4x4(tile: &[f32], kp: usize, xs: [*const f32; 4], out: &mut [
             }
         }
         k += 16;
+    }
+    for r in 0..4 {
+        for j in 0..4 {
+            out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+        }
+    }
+}
+
+/// Row `r` of an NF4 matrix as bf16 (nearest even), for prefill tiles: nibbles looked up in the 16 f32
+/// levels with `vpermps`, scaled per block, interleaved back into element order and converted 16 at a time.
+///
+/// # Safety
+/// avx512f, avx512bw, avx512bf16, avx512vl; `out.len() >= w.cols()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
+pub unsafe fn dequant_row_bf16(w: &Nf4Matrix, r: usize, scales: &mut [f32], out: &mut [u16]) {
+    let blocks = w.cols() / BLOCK;
+    row_scales(w, r, &mut scales[..blocks]);
+    let levels = _mm512_loadu_ps(LEVELS.as_ptr());
+    let nib = _mm512_set1_epi32(15);
+    // Element 2p is the high nibble of byte p, element 2p+1 its low nibble.
+    let even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let codes = w.row_codes(r).as_ptr();
+    for (b, &scale) in scales[..blocks].iter().enumerate() {
+        let s = _mm512_set1_ps(scale);
+        for half in 0..2 {
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                codes.add(b * 32 + half * 16) as *const __m128i
+            ));
+            let hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), levels), s);
+            let lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, nib), levels), s);
+            let a: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_permutex2var_ps(hi, even, lo)));
+            let c: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_permutex2var_ps(hi, odd, lo)));
+            let dst = out.as_mut_ptr().add(b * BLOCK + half * 32);
+            _mm256_storeu_si256(dst as *mut __m256i, a);
+            _mm256_storeu_si256(dst.add(16) as *mut __m256i, c);
+        }
+    }
+}
+
+/// out[r][t] = tile[r]·x[t] in bf16 (`kp`, a multiple of 32, values per row), accumulated in f32.
+///
+/// # Safety
+/// avx512f, avx512bf16; `tile` holds 4 rows of `kp` values; each x row has `kp` readable values.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn tile_4x4_bf16(tile: &[u16], kp: usize, xs: [*const u16; 4], out: &mut [[f32; 4]; 4]) {
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let t = tile.as_ptr();
+    let mut k = 0;
+    while k < kp {
+        let w: [__m512bh; 4] = std::array::from_fn(|r| {
+            std::mem::transmute(_mm512_loadu_si512(t.add(r * kp + k) as *const __m512i))
+        });
+        for (j, &x) in xs.iter().enumerate() {
+            let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(x.add(k) as *const __m512i));
+            for r in 0..4 {
+                acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[r], xv);
+            }
+        }
+        k += 32;
     }
     for r in 0..4 {
         for j in 0..4 {

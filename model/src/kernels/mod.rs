@@ -100,6 +100,9 @@ impl<T> Shared<T> {
     }
 }
 
+/// Writes row r of a weight as bf16 into the slice (prefill tiles on AVX-512).
+type TileRowFn<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
+
 /// A reference GEMV over a range of rows: (x, y, rows).
 type RowsFn<'a> = dyn Fn(&[f32], &mut [f32], std::ops::Range<usize>) + Sync + 'a;
 
@@ -285,6 +288,10 @@ impl Kernels {
             m,
             y,
             &|r, out| w.dequantize_row(r, out),
+            Some(&|r, out: &mut [u16]| {
+                let mut scales = vec![0f32; w.cols() / crate::quant::nf4::BLOCK];
+                unsafe { avx512::dequant_row_bf16(w, r, &mut scales, out) }
+            }),
             &|x, y, rows| reference::gemv_nf4_rows(w, x, y, rows),
         )
     }
@@ -307,11 +314,14 @@ impl Kernels {
             m,
             y,
             &|r, out| w.dequantize_row(r, out),
+            // bf16 weights are already what the tile needs.
+            Some(&|r, out: &mut [u16]| out[..w.cols()].copy_from_slice(w.row(r))),
             &|x, y, rows| reference::gemv_bf16_rows(w, x, y, rows),
         )
     }
 
-    /// Shared prefill driver: 4-row tiles dequantized once into f32, then multiplied with every token.
+    /// Shared prefill driver: 4-row tiles dequantized once (bf16 on AVX-512, else f32), then multiplied with
+    /// every token.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -322,6 +332,7 @@ impl Kernels {
         m: usize,
         y: &mut [f32],
         dequant_row: &(dyn Fn(usize, &mut [f32]) + Sync),
+        tile_row: Option<&TileRowFn>,
         reference_rows: &RowsFn,
     ) -> Result<()> {
         let yp = Shared(y.as_mut_ptr());
@@ -337,6 +348,15 @@ impl Kernels {
                 }
             });
             return Ok(());
+        }
+        if self.isa == Isa::Avx512 {
+            // A weight without a direct bf16 producer goes through f32.
+            let via_f32 = |r: usize, out: &mut [u16]| {
+                let mut row = vec![0f32; cols];
+                dequant_row(r, &mut row);
+                avx512::prep_x_bf16(&row, out);
+            };
+            return self.gemm_bf16_dot(pool, rows, cols, x, m, y, tile_row.unwrap_or(&via_f32));
         }
         // Rows of x padded to a multiple of 16 so the micro-kernel needs no tail.
         let kp = cols.div_ceil(16) * 16;
@@ -380,6 +400,60 @@ impl Kernels {
                     }
                     for (i, row) in out.iter().enumerate().take(nr) {
                         for (j, v) in row.iter().enumerate().take(nt) {
+                            unsafe { *yp.get().add((t + j) * rows + r + i) = *v };
+                        }
+                    }
+                    t += nt;
+                }
+                r += nr;
+            }
+        });
+        Ok(())
+    }
+
+    /// The AVX-512 prefill: tiles and activations rounded to bf16 once, multiplied with `vdpbf16ps` (twice
+    /// the multiply-adds per instruction of f32 FMA), accumulated in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bf16_dot(
+        &self,
+        pool: &Pool,
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        tile_row: &TileRowFn,
+    ) -> Result<()> {
+        let yp = Shared(y.as_mut_ptr());
+        let kp = cols.div_ceil(32) * 32;
+        let mut xb = vec![0u16; m * kp];
+        for t in 0..m {
+            avx512::prep_x_bf16(&x[t * cols..(t + 1) * cols], &mut xb[t * kp..(t + 1) * kp]);
+        }
+        let xb = &xb;
+        pool.run(&|p, n| {
+            let range = split(rows, n, p, 4);
+            let mut tile = vec![0u16; 4 * kp];
+            let mut r = range.start;
+            while r < range.end {
+                let nr = (range.end - r).min(4);
+                for i in 0..4 {
+                    let dst = &mut tile[i * kp..(i + 1) * kp];
+                    if i < nr {
+                        tile_row(r + i, dst);
+                    } else {
+                        dst.fill(0);
+                    }
+                }
+                let mut t = 0;
+                while t < m {
+                    let nt = (m - t).min(4);
+                    let ptrs: [*const u16; 4] =
+                        std::array::from_fn(|j| xb[(t + j.min(nt - 1)) * kp..].as_ptr());
+                    let mut out = [[0f32; 4]; 4];
+                    unsafe { avx512::tile_4x4_bf16(&tile, kp, ptrs, &mut out) };
+                    for (i, rowv) in out.iter().enumerate().take(nr) {
+                        for (j, v) in rowv.iter().enumerate().take(nt) {
                             unsafe { *yp.get().add((t + j) * rows + r + i) = *v };
                         }
                     }
