@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use model::tokenizer::{StreamDecoder, Yuan};
+use model::tokenizer::{StreamDecoder, Tokenizer, Yuan};
 
 fn dir() -> Option<PathBuf> {
     let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tokenizer");
@@ -48,7 +48,7 @@ fn every_golden_case_encodes_and_decodes_exactly() {
 #[test]
 fn streaming_never_splits_a_character_or_leaks_the_space_symbol() {
     let Some(dir) = dir() else { return };
-    let tok = Yuan::load(&dir).unwrap();
+    let tok = Tokenizer::Yuan(Yuan::load(&dir).unwrap());
     let text = "emoji 🚀🙂 and 数字 𝔘𝔫𝔦 with   spaces";
     let ids = tok.encode(text);
     let mut s = StreamDecoder::new();

@@ -188,3 +188,34 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Largest difference between two `ringlm logits` outputs (or a golden case), over the prefill and step
+/// logits; the shapes must agree.
+pub fn max_logit_diff(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
+    let rows = |v: &serde_json::Value, key: &str| -> Vec<Vec<f64>> {
+        v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let mut m = 0f64;
+    for key in ["prefill_logits", "step_logits"] {
+        let (ra, rb) = (rows(a, key), rows(b, key));
+        assert_eq!(ra.len(), rb.len(), "{key}: row counts differ");
+        for (x, y) in ra.iter().zip(&rb) {
+            assert_eq!(x.len(), y.len(), "{key}: row lengths differ");
+            for (p, q) in x.iter().zip(y) {
+                m = m.max((p - q).abs());
+            }
+        }
+    }
+    m
+}

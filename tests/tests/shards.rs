@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{bin, run, segments_with, shared_dir, TempDir};
+use e2e::{bin, max_logit_diff, run, segments_with, shared_dir, TempDir};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -46,23 +46,6 @@ fn json(out: &e2e::Finished) -> Value {
     serde_json::from_str(out.stdout.trim()).unwrap()
 }
 
-fn max_diff(a: &Value, b: &Value) -> f64 {
-    let mut m = 0f64;
-    for key in ["prefill_logits", "step_logits"] {
-        for (ra, rb) in a[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(b[key].as_array().unwrap())
-        {
-            for (x, y) in ra.as_array().unwrap().iter().zip(rb.as_array().unwrap()) {
-                m = m.max((x.as_f64().unwrap() - y.as_f64().unwrap()).abs());
-            }
-        }
-    }
-    m
-}
-
 fn case(g: &Value, i: usize) -> (String, usize) {
     let c = &g["cases"][i];
     let ids: Vec<String> = c["prompt_ids"]
@@ -94,7 +77,7 @@ fn f32_shards_match_golden_at_np_1_2_4() {
         for i in [0, 1, 4] {
             let (ids, k) = case(&g, i);
             let v = json(&logits(np, &out, &ids, k, &[]));
-            let d = max_diff(&v, &g["cases"][i]);
+            let d = max_logit_diff(&v, &g["cases"][i]);
             assert!(d <= 2e-4, "np={np} case {i}: {d}");
             assert_eq!(
                 v["greedy_ids"], g["cases"][i]["greedy_ids"],
@@ -119,7 +102,7 @@ fn nf4_shards_agree_across_np_and_with_load_time_quantization() {
         runs.push(json(&logits(np, &out, ids, 8, &reference)));
     }
     for (i, r) in runs.iter().enumerate().skip(1) {
-        let d = max_diff(&runs[0], r);
+        let d = max_logit_diff(&runs[0], r);
         assert!(d <= 1e-4, "np index {i}: {d}");
         assert_eq!(runs[0]["greedy_ids"], r["greedy_ids"]);
     }
@@ -131,7 +114,7 @@ fn nf4_shards_agree_across_np_and_with_load_time_quantization() {
         8,
         &["--kernels", "reference", "--weights", "nf4"],
     ));
-    assert!(max_diff(&runs[0], &direct) <= 1e-6);
+    assert!(max_logit_diff(&runs[0], &direct) <= 1e-6);
     // The fast kernels: measured against the reference ones and bounded (bf16 activations in the GEMV).
     let fast = json(&logits(
         2,
@@ -140,7 +123,7 @@ fn nf4_shards_agree_across_np_and_with_load_time_quantization() {
         8,
         &["--kernels", "fast"],
     ));
-    let d = max_diff(&runs[0], &fast);
+    let d = max_logit_diff(&runs[0], &fast);
     eprintln!("NF4 shards, fast vs reference kernels at np=2: max logit difference {d:.3e}");
     assert!(d <= 0.1, "{d}");
 }
@@ -169,7 +152,7 @@ fn uneven_vocabulary_and_refused_np() {
     assert_eq!(convert(&model, &out, 2, "f32", "f32").code(), 0);
     let two = json(&logits(2, &out, "1,2,3", 3, &["--kernels", "reference"]));
     assert_eq!(two["prefill_logits"][0].as_array().unwrap().len(), 777);
-    assert!(max_diff(&one, &two) <= 1e-4);
+    assert!(max_logit_diff(&one, &two) <= 1e-4);
     assert_eq!(one["greedy_ids"], two["greedy_ids"]);
     let bad = convert(&model, &tmp.0.join("np3"), 3, "nf4", "bf16");
     assert_ne!(bad.code(), 0);

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{bin, f32_bytes_to, read_tensors, run, shared_dir, write_tensors, TempDir};
+use e2e::{
+    bin, f32_bytes_to, max_logit_diff, read_tensors, run, shared_dir, write_tensors, TempDir,
+};
 use safetensors::Dtype;
 use serde_json::Value;
 
@@ -38,34 +40,6 @@ fn logits(
     serde_json::from_str(out.stdout.trim()).map_err(|e| format!("{e}: {}", out.stdout))
 }
 
-fn rows(v: &Value, key: &str) -> Vec<Vec<f64>> {
-    v[key]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn max_diff(a: &Value, b: &Value) -> f64 {
-    let mut m = 0f64;
-    for key in ["prefill_logits", "step_logits"] {
-        for (ra, rb) in rows(a, key).iter().zip(rows(b, key)) {
-            assert_eq!(ra.len(), rb.len());
-            for (x, y) in ra.iter().zip(&rb) {
-                m = m.max((x - y).abs());
-            }
-        }
-    }
-    m
-}
-
 fn golden() -> Option<(std::path::PathBuf, Vec<Value>)> {
     let dir = shared_dir("golden/yuan-tiny-a")?;
     let g: Value =
@@ -90,7 +64,7 @@ fn logits_cli_matches_golden_at_np_1_2_4() {
         for (ci, case) in cases.iter().enumerate() {
             let k = case["greedy_ids"].as_array().unwrap().len();
             let out = logits(np, &dir, &ids(&case["prompt_ids"]), k, &[]).unwrap();
-            let d = max_diff(&out, case);
+            let d = max_logit_diff(&out, case);
             assert!(d <= 2e-4, "np={np} case {ci}: max diff {d}");
             assert_eq!(out["greedy_ids"], case["greedy_ids"], "np={np} case {ci}");
         }
@@ -107,7 +81,7 @@ fn nf4_tensor_parallel_equals_single_process() {
     let one = logits(1, &dir, &prompt, 8, &args).unwrap();
     for np in [2, 4] {
         let many = logits(np, &dir, &prompt, 8, &args).unwrap();
-        let d = max_diff(&one, &many);
+        let d = max_logit_diff(&one, &many);
         assert!(d <= 1e-4, "np={np}: {d}");
         assert_eq!(one["greedy_ids"], many["greedy_ids"]);
     }
@@ -151,7 +125,7 @@ fn bf16_f16_and_sharded_checkpoints_agree() {
         copy_config(&dir, &twin.0);
         let a = logits(1, &low.0, &prompt, 4, &[]).unwrap();
         let b = logits(1, &twin.0, &prompt, 4, &[]).unwrap();
-        assert_eq!(max_diff(&a, &b), 0.0, "{dtype:?}");
+        assert_eq!(max_logit_diff(&a, &b), 0.0, "{dtype:?}");
     }
     // Two shard files and an index.
     let sharded = TempDir::new("sharded");
@@ -176,7 +150,7 @@ fn bf16_f16_and_sharded_checkpoints_agree() {
     copy_config(&dir, &sharded.0);
     let a = logits(1, &sharded.0, &prompt, 4, &[]).unwrap();
     let b = logits(1, &dir, &prompt, 4, &[]).unwrap();
-    assert_eq!(max_diff(&a, &b), 0.0);
+    assert_eq!(max_logit_diff(&a, &b), 0.0);
 }
 
 fn expect_error(model: &Path, ids: &[u32], needles: &[&str]) {
@@ -297,7 +271,7 @@ fn tied_embeddings_load_and_untied_missing_head_is_an_error() {
     .unwrap();
     let a = logits(1, &tied.0, &prompt, 3, &[]).unwrap();
     let b = logits(1, &copy.0, &prompt, 3, &[]).unwrap();
-    assert_eq!(max_diff(&a, &b), 0.0);
+    assert_eq!(max_logit_diff(&a, &b), 0.0);
     copy_config(&dir, &tied.0);
     expect_error(&tied.0, &prompt, &["lm_head.weight is missing"]);
 }

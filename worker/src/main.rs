@@ -36,15 +36,15 @@ struct Cli {
 enum Command {
     /// Measure barrier, broadcast, allgather and allreduce between the ranks, beside a memcpy of the same bytes.
     BenchComm(commcmd::BenchArgs),
-    /// Generate a continuation of a prompt (Yuan format: the prompt ends with <sep>), streamed to stdout.
+    /// Generate a continuation of a prompt, streamed to stdout (Yuan: the prompt ends with <sep>; Llama: plain text).
     Generate(textcmd::GenerateArgs),
-    /// Talk with the model in the Yuan 2.0 multi-turn format.
+    /// Talk with the model in its multi-turn format (Yuan 2.0's <n>/<sep>, or the ChatML of a GGUF chat model).
     Chat(textcmd::ChatArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(textcmd::TokenizeArgs),
     /// Print the text of token ids.
     Detokenize(textcmd::DetokenizeArgs),
-    /// Convert a Hugging Face checkpoint into per-rank shard files (NF4 by default) plus a manifest.
+    /// Convert a Yuan 2.0 Hugging Face checkpoint or a Llama GGUF file into per-rank shards (NF4 by default) plus a manifest.
     Convert(convert::Args),
     /// Write a seeded random Yuan 2.0 checkpoint (Hugging Face layout) at a preset's shapes.
     Synth(synth::Args),

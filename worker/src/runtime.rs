@@ -14,7 +14,8 @@ use model::weight::Format;
 /// Options of every command that runs a model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory (Hugging Face layout: config.json + safetensors).
+    /// The model: a Yuan 2.0 Hugging Face directory (config.json, safetensors, tokenizer.model), a Llama
+    /// GGUF file, or a directory written by `ringlm convert`.
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// How weights are kept in memory: as loaded (f32), or quantized at load time.
@@ -84,8 +85,11 @@ impl Job {
         });
         let start = std::time::Instant::now();
         let shards = a.model.join("manifest.json").exists();
+        let gguf = a.model.extension().is_some_and(|e| e == "gguf");
         let model = if shards {
             Model::load_shards(&a.model, shard, kernels)
+        } else if gguf {
+            Model::load_gguf(&a.model, shard, a.weights, head, kernels)
         } else {
             Model::load(&a.model, shard, a.weights, head, kernels)
         }

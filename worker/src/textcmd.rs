@@ -4,7 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use model::tokenizer::{StreamDecoder, Yuan};
+use model::tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::engine::{self, generate, share_ids, NewlineFilter, SamplingArgs};
 use crate::runtime::{Job, ModelArgs};
@@ -28,8 +28,8 @@ pub struct DetokenizeArgs {
     ids: Vec<u32>,
 }
 
-fn load_tokenizer(p: &Path) -> Result<Yuan> {
-    Yuan::load(p).with_context(|| format!("loading the tokenizer from {}", p.display()))
+fn load_tokenizer(p: &Path) -> Result<Tokenizer> {
+    Tokenizer::for_model(p).with_context(|| format!("loading the tokenizer from {}", p.display()))
 }
 
 fn read_stdin() -> Result<String> {
@@ -64,34 +64,25 @@ pub struct GenerateArgs {
     /// Tensor-parallel ranks (starts them through ringrun); under ringrun the job decides.
     #[arg(long)]
     np: Option<usize>,
-    /// The prompt (read from stdin when absent). Newlines become Yuan's <n>; <sep> is appended.
+    /// The prompt (read from stdin when absent). Yuan models: newlines become <n> and <sep> is appended;
+    /// other models continue the text as given.
     #[arg(long)]
     prompt: Option<String>,
-    /// Send the prompt as is: no <n> conversion, no <sep>.
+    /// Send the prompt as is (Yuan: no <n> conversion, no <sep>).
     #[arg(long)]
     raw: bool,
 }
 
-/// The Yuan 2.0 prompt of a conversation (FastChat's "yuan2" template, which the Yuan-2.0 repository
-/// documents): turns joined by <n>, newlines inside turns as <n>, and <sep> where the model is to answer.
-pub fn yuan_prompt(turns: &[String]) -> String {
-    let joined: Vec<String> = turns
-        .iter()
-        .map(|t| t.trim_end_matches('\n').replace('\n', "<n>"))
-        .collect();
-    format!("{}<sep>", joined.join("<n>"))
-}
-
 /// Streams tokens as text to stdout (rank 0).
 struct Printer<'a> {
-    tok: &'a Yuan,
+    tok: &'a Tokenizer,
     dec: StreamDecoder,
     nl: NewlineFilter,
     out: String,
 }
 
 impl<'a> Printer<'a> {
-    fn new(tok: &'a Yuan) -> Printer<'a> {
+    fn new(tok: &'a Tokenizer) -> Printer<'a> {
         Printer {
             tok,
             dec: StreamDecoder::new(),
@@ -101,7 +92,12 @@ impl<'a> Printer<'a> {
     }
 
     fn push(&mut self, id: u32) -> Result<()> {
-        let text = self.nl.push(&self.dec.push(self.tok, id)?);
+        let piece = self.dec.push(self.tok, id)?;
+        let text = if self.tok.newline_marker() {
+            self.nl.push(&piece)
+        } else {
+            piece
+        };
         self.emit(&text)
     }
 
@@ -117,7 +113,11 @@ impl<'a> Printer<'a> {
 
     fn finish(mut self) -> Result<String> {
         let tail = self.dec.finish(self.tok)?;
-        let text = self.nl.push(&tail) + &self.nl.finish();
+        let text = if self.tok.newline_marker() {
+            self.nl.push(&tail) + &self.nl.finish()
+        } else {
+            tail
+        };
         self.emit(&text)?;
         Ok(self.out)
     }
@@ -135,7 +135,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
             Some(p) => p.clone(),
             None => read_stdin()?,
         };
-        let text = if a.raw { text } else { yuan_prompt(&[text]) };
+        let text = if a.raw { text } else { tok.prompt(&text) };
         let ids = tok.encode(&text);
         if ids.is_empty() {
             bail!("the prompt is empty");
@@ -146,7 +146,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     };
     let ids = share_ids(&mut job, &ids)?;
     let mut printer = Printer::new(&tok);
-    let stats = generate(&mut job, &ids, &a.sampling, tok.eod(), |id| {
+    let stats = generate(&mut job, &ids, &a.sampling, tok.stop(), |id| {
         if rank0 {
             printer.push(id)
         } else {
@@ -187,6 +187,9 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let mut job = Job::start(&a.model)?;
     let rank0 = job.rank() == 0;
     let tok = load_tokenizer(&a.model.model)?;
+    if let Some(why) = tok.chat_unsupported() {
+        bail!("{}: {why}", a.model.model.display());
+    }
     let ctx = a.ctx.min(job.model.config.max_positions);
     if ctx <= a.sampling.max_tokens + 8 {
         bail!(
@@ -226,7 +229,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                 history.push(msg.to_string());
                 // Drop the oldest question/answer pairs until the prompt and the answer fit.
                 loop {
-                    ids = tok.encode(&yuan_prompt(&history));
+                    ids = tok.encode(&tok.chat_prompt(&history));
                     if ids.len() + a.sampling.max_tokens <= ctx || history.len() <= 1 {
                         break;
                     }
@@ -250,7 +253,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         let ids = share_ids(&mut job, &ids)?;
         engine::INTERRUPTED.store(false, std::sync::atomic::Ordering::SeqCst);
         let mut printer = Printer::new(&tok);
-        let stats = generate(&mut job, &ids, &a.sampling, tok.eod(), |id| {
+        let stats = generate(&mut job, &ids, &a.sampling, tok.stop(), |id| {
             if rank0 {
                 printer.push(id)
             } else {

@@ -20,6 +20,7 @@ use std::path::Path;
 
 use super::{argmax, rms_norm, silu, Collective, Shard};
 use crate::error::{Error, Result};
+use crate::gguf::Gguf;
 use crate::hf::Checkpoint;
 use crate::kernels::Kernels;
 use crate::pool::Pool;
@@ -56,6 +57,20 @@ pub struct Config {
     pub tie_embeddings: bool,
     /// RoPE base.
     pub rope_base: f32,
+    /// Which decoder this is.
+    pub arch: Arch,
+    /// Key/value heads (grouped-query attention; Yuan 2.0 has as many as query heads).
+    pub kv_heads: usize,
+}
+
+/// The decoders this module runs: they share everything but the parts named here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Yuan 2.0: LFA before q/k, q/k interleaved per head, half-split RoPE, SiLU on up_proj.
+    Yuan2,
+    /// Llama as llama.cpp stores it in GGUF: grouped-query attention, q/k rows permuted for RoPE on
+    /// adjacent pairs, SiLU on the gate.
+    Llama,
 }
 
 impl Config {
@@ -67,11 +82,16 @@ impl Config {
     /// Reads and checks config.json.
     pub fn from_json(v: &serde_json::Value) -> Result<Config> {
         let model_type = v["model_type"].as_str().unwrap_or("");
-        if model_type != "yuan" {
-            return Err(Error::Format(format!(
-                "model_type {model_type:?} is not a Yuan 2.0 checkpoint (expected \"yuan\")"
-            )));
-        }
+        let arch = match model_type {
+            "yuan" => Arch::Yuan2,
+            // Written by `ringlm convert` from GGUF files.
+            "llama" if v["ringlm_source"].as_str() == Some("gguf") => Arch::Llama,
+            _ => {
+                return Err(Error::Format(format!(
+                    "model_type {model_type:?} is not a Yuan 2.0 checkpoint (expected \"yuan\"; Llama models load from GGUF files)"
+                )))
+            }
+        };
         let num = |k: &str| -> Result<usize> {
             v[k].as_u64()
                 .map(|n| n as usize)
@@ -102,7 +122,22 @@ impl Config {
             max_positions: v["max_position_embeddings"].as_u64().unwrap_or(8192) as usize,
             tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             rope_base: v["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
+            arch,
+            // Yuan 2.0 has no grouped-query attention (its code ignores the key), so only Llama reads it.
+            kv_heads: match arch {
+                Arch::Yuan2 => num("num_attention_heads")?,
+                Arch::Llama => v["num_key_value_heads"]
+                    .as_u64()
+                    .map(|n| n as usize)
+                    .unwrap_or(num("num_attention_heads")?),
+            },
         };
+        if c.kv_heads == 0 || !c.heads.is_multiple_of(c.kv_heads) {
+            return Err(Error::Format(format!(
+                "config.json: {} heads do not group over {} key/value heads",
+                c.heads, c.kv_heads
+            )));
+        }
         if c.vocab == 0 || c.hidden == 0 || c.heads == 0 || c.layers == 0 || c.ffn == 0 {
             return Err(Error::Format("config.json: sizes must be positive".into()));
         }
@@ -114,6 +149,70 @@ impl Config {
                 "config.json: hidden_size {} must split into {} heads of even size",
                 c.hidden, c.heads
             )));
+        }
+        Ok(c)
+    }
+
+    /// A Llama configuration from GGUF metadata (llama.cpp's keys).
+    pub fn from_gguf(g: &Gguf) -> Result<Config> {
+        let arch = g.get("general.architecture")?.as_str().unwrap_or("");
+        if arch != "llama" {
+            return Err(Error::Format(format!(
+                "GGUF architecture {arch:?} is not supported (llama is)"
+            ))
+            .file(g.path()));
+        }
+        let u = |k: &str| -> Result<usize> {
+            g.get(k)?.as_u64().map(|v| v as usize).ok_or_else(|| {
+                Error::Format(format!("metadata {k} is not an integer")).file(g.path())
+            })
+        };
+        let f = |k: &str, d: f64| g.meta.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
+        let vocab = g
+            .get("tokenizer.ggml.tokens")?
+            .as_array()
+            .map(|a| a.len())
+            .unwrap_or(0);
+        let heads = u("llama.attention.head_count")?;
+        let c = Config {
+            vocab,
+            hidden: u("llama.embedding_length")?,
+            ffn: u("llama.feed_forward_length")?,
+            layers: u("llama.block_count")?,
+            heads,
+            eps: f("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            eod: g
+                .meta
+                .get("tokenizer.ggml.eos_token_id")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(2) as u32,
+            sep: u32::MAX,
+            reset_attention_mask: false,
+            max_positions: g
+                .meta
+                .get("llama.context_length")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(2048) as usize,
+            tie_embeddings: !g.tensors.contains_key("output.weight"),
+            rope_base: f("llama.rope.freq_base", 10000.0),
+            arch: Arch::Llama,
+            kv_heads: g
+                .meta
+                .get("llama.attention.head_count_kv")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .unwrap_or(heads),
+        };
+        if c.vocab == 0
+            || c.hidden == 0
+            || heads == 0
+            || c.kv_heads == 0
+            || !heads.is_multiple_of(c.kv_heads)
+            || !c.hidden.is_multiple_of(heads)
+        {
+            return Err(
+                Error::Format(format!("GGUF metadata: inconsistent sizes ({c:?})")).file(g.path()),
+            );
         }
         Ok(c)
     }
@@ -144,6 +243,8 @@ impl Config {
             max_positions: 8192,
             tie_embeddings: false,
             rope_base: 10000.0,
+            arch: Arch::Yuan2,
+            kv_heads: heads,
         })
     }
 
@@ -151,7 +252,10 @@ impl Config {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["YuanForCausalLM"],
-            "model_type": "yuan",
+            "model_type": if self.arch == Arch::Yuan2 { "yuan" } else { "llama" },
+            "ringlm_source": if self.arch == Arch::Yuan2 { "huggingface" } else { "gguf" },
+            "num_key_value_heads": self.kv_heads,
+            "rope_theta": self.rope_base,
             "vocab_size": self.vocab,
             "hidden_size": self.hidden,
             "intermediate_size": self.ffn,
@@ -233,20 +337,27 @@ impl Config {
     }
 
     fn splits(&self, n: usize) -> bool {
-        self.heads.is_multiple_of(n)
-            && (self.hidden / 2).is_multiple_of(n)
-            && self.ffn.is_multiple_of(n)
-            && self.vocab >= n
+        match self.arch {
+            Arch::Yuan2 => {
+                self.heads.is_multiple_of(n)
+                    && (self.hidden / 2).is_multiple_of(n)
+                    && self.ffn.is_multiple_of(n)
+                    && self.vocab >= n
+            }
+            // Whole key/value groups per rank, possibly uneven (3 groups over 2 ranks: 2 + 1).
+            Arch::Llama => n <= self.kv_heads && self.ffn.is_multiple_of(n) && self.vocab >= n,
+        }
     }
 
     /// Checks that `np` ranks can shard the model.
     pub fn check_np(&self, np: usize) -> Result<()> {
         if np == 0 || !self.splits(np) {
             return Err(Error::Shape(format!(
-                "this model cannot be split over {np} ranks: {} heads, {} LFA channels and an MLP of {} must \
-                 divide evenly; possible values: {:?}",
+                "this model cannot be split over {np} ranks: {} heads ({} key/value groups), {} LFA channels and \
+                 an MLP of {} must split; possible values: {:?}",
                 self.heads,
-                self.hidden / 2,
+                self.kv_heads,
+                if self.arch == Arch::Yuan2 { self.hidden / 2 } else { 0 },
                 self.ffn,
                 self.valid_np()
             )));
@@ -268,18 +379,50 @@ enum Embedding {
 struct Layer {
     input_norm: Vec<f32>, // (H,)
     post_norm: Vec<f32>,  // (H,)
-    lfa_norm: Vec<f32>,   // (H,)
-    conv1: Weight,        // (c, 2H): [kernel tap for t-1 | tap for t], column-parallel
-    conv1_bias: Vec<f32>, // (c,)
-    conv2: Weight,        // (H, 2c): (channel, tap) interleaved, row-parallel
-    conv2_bias: Vec<f32>, // (H,), added once, after the allreduce
+    lfa: Option<Lfa>,     // Yuan 2.0 only
     wq: Weight,           // (n, H), heads de-interleaved, column-parallel
-    wk: Weight,           // (n, H)
-    wv: Weight,           // (n, H)
+    wk: Weight,           // (nkv, H), nkv = key/value heads × d
+    wv: Weight,           // (nkv, H)
     wo: Weight,           // (H, n), row-parallel
     gate: Weight,         // (f, H), column-parallel
     up: Weight,           // (f, H)
     down: Weight,         // (H, f), row-parallel
+}
+
+impl Layer {
+    /// Every matrix the layer streams per token.
+    fn weights(&self) -> Vec<&Weight> {
+        let mut v = vec![
+            &self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down,
+        ];
+        if let Some(l) = &self.lfa {
+            v.push(&l.conv1);
+            v.push(&l.conv2);
+        }
+        v
+    }
+}
+
+/// Yuan 2.0's localized filtering, this rank's slice (c = its LFA channels).
+#[derive(Debug)]
+struct Lfa {
+    norm: Vec<f32>,  // (H,)
+    conv1: Weight,   // (c, 2H): [kernel tap for t-1 | tap for t], column-parallel
+    bias1: Vec<f32>, // (c,)
+    conv2: Weight,   // (H, 2c): (channel, tap) interleaved, row-parallel
+    bias2: Vec<f32>, // (H,), added once, after the allreduce
+}
+
+impl Lfa {
+    fn map(&self, f: &dyn Fn(&Weight) -> Weight) -> Lfa {
+        Lfa {
+            norm: self.norm.clone(),
+            conv1: f(&self.conv1),
+            bias1: self.bias1.clone(),
+            conv2: f(&self.conv2),
+            bias2: self.bias2.clone(),
+        }
+    }
 }
 
 /// Per-op timers, accumulated over a run (nanoseconds).
@@ -337,6 +480,37 @@ pub struct Model {
     pub profile: Profile,
 }
 
+/// The weights a loader has gathered for [`Model::assemble`].
+struct Parts {
+    layers: Vec<Layer>,
+    embed: Embedding,
+    final_norm: Vec<f32>,
+    lm_head: Weight,
+    vocab: std::ops::Range<usize>,
+}
+
+impl Model {
+    /// The model from its parts, with the RoPE frequencies that follow from the config.
+    fn assemble(config: Config, shard: Shard, kernels: Kernels, p: Parts) -> Model {
+        let d = config.head_dim();
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        Model {
+            config,
+            shard,
+            layers: p.layers,
+            embed: p.embed,
+            final_norm: p.final_norm,
+            lm_head: p.lm_head,
+            vocab: p.vocab,
+            kernels,
+            inv_freq,
+            profile: Profile::default(),
+        }
+    }
+}
+
 /// The caches of one sequence.
 pub struct State {
     /// Tokens processed so far (the next position).
@@ -363,8 +537,10 @@ fn blocks_survive(width: usize, valid_np: &[usize]) -> bool {
 
 /// Which part of every whole matrix a rank holds.
 struct Cut {
-    /// Rows of q/k/v (heads × d) and columns of o_proj.
+    /// Rows of q (heads × d) and columns of o_proj.
     n: std::ops::Range<usize>,
+    /// Rows of k and v (key/value heads × d).
+    kv: std::ops::Range<usize>,
     /// LFA channels: rows of conv1, column pairs of conv2.
     chans: std::ops::Range<usize>,
     /// MLP width: rows of gate/up, columns of down.
@@ -376,9 +552,16 @@ struct Cut {
 impl Cut {
     fn new(c: &Config, shard: Shard) -> Cut {
         let d = c.head_dim();
-        let heads = shard.even(c.heads);
+        // Whole key/value groups per rank, each with the query heads that use it.
+        let groups = if c.arch == Arch::Yuan2 {
+            shard.even(c.kv_heads)
+        } else {
+            shard.uneven(c.kv_heads)
+        };
+        let per = c.heads / c.kv_heads;
         Cut {
-            n: heads.start * d..heads.end * d,
+            n: groups.start * per * d..groups.end * per * d,
+            kv: groups.start * d..groups.end * d,
             chans: shard.even(c.hidden / 2),
             ffn: shard.even(c.ffn),
             vocab: shard.uneven(c.vocab),
@@ -391,11 +574,7 @@ impl Cut {
 struct FullLayer {
     input_norm: Vec<f32>,
     post_norm: Vec<f32>,
-    lfa_norm: Vec<f32>,
-    conv1: FullWeight, // (H/2, 2H): [tap 0 | tap 1]
-    conv1_bias: Vec<f32>,
-    conv2: FullWeight, // (H, H): (channel, tap) interleaved
-    conv2_bias: Vec<f32>,
+    lfa: Option<FullLfa>,
     wq: FullWeight, // (H, H), heads de-interleaved
     wk: FullWeight,
     wv: FullWeight,
@@ -403,6 +582,15 @@ struct FullLayer {
     gate: FullWeight,
     up: FullWeight,
     down: FullWeight,
+}
+
+/// Yuan 2.0's LFA read whole.
+struct FullLfa {
+    norm: Vec<f32>,
+    conv1: FullWeight, // (H/2, 2H): [tap 0 | tap 1]
+    bias1: Vec<f32>,
+    conv2: FullWeight, // (H, H): (channel, tap) interleaved
+    bias2: Vec<f32>,
 }
 
 impl FullLayer {
@@ -448,17 +636,19 @@ impl FullLayer {
         Ok(FullLayer {
             input_norm: ck.take(&name("input_layernorm.weight"), &[h])?,
             post_norm: ck.take(&name("post_attention_layernorm.weight"), &[h])?,
-            lfa_norm: ck.take(&name("self_attn.lf_gate.output_layernorm.weight"), &[h])?,
-            conv1: full(conv1, h / 2, 2 * h, true, "self_attn.lf_gate.conv1.weight")?,
-            conv1_bias: ck.take(&name("self_attn.lf_gate.conv1.bias"), &[h / 2])?,
-            conv2: full(
-                c2,
-                h,
-                h,
-                blocks_survive(h, &valid),
-                "self_attn.lf_gate.conv2.weight",
-            )?,
-            conv2_bias: ck.take(&name("self_attn.lf_gate.conv2.bias"), &[h])?,
+            lfa: Some(FullLfa {
+                norm: ck.take(&name("self_attn.lf_gate.output_layernorm.weight"), &[h])?,
+                conv1: full(conv1, h / 2, 2 * h, true, "self_attn.lf_gate.conv1.weight")?,
+                bias1: ck.take(&name("self_attn.lf_gate.conv1.bias"), &[h / 2])?,
+                conv2: full(
+                    c2,
+                    h,
+                    h,
+                    blocks_survive(h, &valid),
+                    "self_attn.lf_gate.conv2.weight",
+                )?,
+                bias2: ck.take(&name("self_attn.lf_gate.conv2.bias"), &[h])?,
+            }),
             wq: full(wq, h, h, true, "self_attn.q_proj.weight")?,
             wk: full(wk, h, h, true, "self_attn.k_proj.weight")?,
             wv: full(
@@ -506,16 +696,21 @@ impl FullLayer {
         Ok(Layer {
             input_norm: self.input_norm.clone(),
             post_norm: self.post_norm.clone(),
-            lfa_norm: self.lfa_norm.clone(),
-            conv1: self.conv1.slice(cut.chans.clone(), &[0..2 * h])?,
-            conv1_bias: self.conv1_bias[cut.chans.clone()].to_vec(),
-            conv2: self
-                .conv2
-                .slice(all.clone(), &[2 * cut.chans.start..2 * cut.chans.end])?,
-            conv2_bias: self.conv2_bias.clone(),
+            lfa: match &self.lfa {
+                Some(l) => Some(Lfa {
+                    norm: l.norm.clone(),
+                    conv1: l.conv1.slice(cut.chans.clone(), &[0..2 * h])?,
+                    bias1: l.bias1[cut.chans.clone()].to_vec(),
+                    conv2: l
+                        .conv2
+                        .slice(all.clone(), &[2 * cut.chans.start..2 * cut.chans.end])?,
+                    bias2: l.bias2.clone(),
+                }),
+                None => None,
+            },
             wq: self.wq.slice(cut.n.clone(), whole)?,
-            wk: self.wk.slice(cut.n.clone(), whole)?,
-            wv: self.wv.slice(cut.n.clone(), whole)?,
+            wk: self.wk.slice(cut.kv.clone(), whole)?,
+            wv: self.wv.slice(cut.kv.clone(), whole)?,
             wo: self.wo.slice(all.clone(), std::slice::from_ref(&cut.n))?,
             gate: self.gate.slice(cut.ffn.clone(), whole)?,
             up: self.up.slice(cut.ffn.clone(), whole)?,
@@ -524,6 +719,122 @@ impl FullLayer {
                 .slice(all.clone(), std::slice::from_ref(&cut.ffn))?,
         })
     }
+}
+
+/// Whether every cut of a row-parallel matrix's input, at every valid np (computed by `range`), falls on a
+/// 64-weight block boundary.
+fn cuts_on_blocks(c: &Config, range: impl Fn(&Cut) -> std::ops::Range<usize>) -> bool {
+    c.valid_np().iter().all(|&np| {
+        (0..np).all(|r| {
+            let x = range(&Cut::new(c, Shard { rank: r, size: np }));
+            x.start.is_multiple_of(crate::quant::nf4::BLOCK)
+                && x.end.is_multiple_of(crate::quant::nf4::BLOCK)
+        })
+    })
+}
+
+impl FullLayer {
+    /// A Llama layer from a GGUF file (llama.cpp's tensor names), dequantized and prepared like the others.
+    fn read_gguf(g: &Gguf, c: &Config, l: usize, format: Format) -> Result<FullLayer> {
+        let (h, d, f) = (c.hidden, c.head_dim(), c.ffn);
+        let nkv = c.kv_heads * d;
+        let take = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
+            let full = format!("blk.{l}.{name}");
+            let t = g
+                .tensors
+                .get(&full)
+                .ok_or_else(|| Error::Format(format!("tensor {full} is missing")).file(g.path()))?;
+            if t.rows_cols() != (rows, cols) {
+                return Err(Error::Shape(format!(
+                    "dims {:?}, the metadata implies {rows}×{cols}",
+                    t.dims
+                ))
+                .tensor(&full)
+                .file(g.path()));
+            }
+            g.f32(&full)
+        };
+        let full = |v: Vec<f32>, rows: usize, cols: usize, ok: bool, name: &str| {
+            FullWeight::new(v, rows, cols, format, ok)
+                .map_err(|e| e.tensor(format!("blk.{l}.{name}")))
+        };
+        let o_ok = cuts_on_blocks(c, |cut| cut.n.clone());
+        let down_ok = cuts_on_blocks(c, |cut| cut.ffn.clone());
+        Ok(FullLayer {
+            input_norm: take("attn_norm.weight", 1, h)?,
+            post_norm: take("ffn_norm.weight", 1, h)?,
+            lfa: None,
+            wq: full(take("attn_q.weight", h, h)?, h, h, true, "attn_q.weight")?,
+            wk: full(
+                take("attn_k.weight", nkv, h)?,
+                nkv,
+                h,
+                true,
+                "attn_k.weight",
+            )?,
+            wv: full(
+                take("attn_v.weight", nkv, h)?,
+                nkv,
+                h,
+                true,
+                "attn_v.weight",
+            )?,
+            wo: full(
+                take("attn_output.weight", h, h)?,
+                h,
+                h,
+                o_ok,
+                "attn_output.weight",
+            )?,
+            gate: full(
+                take("ffn_gate.weight", f, h)?,
+                f,
+                h,
+                true,
+                "ffn_gate.weight",
+            )?,
+            up: full(take("ffn_up.weight", f, h)?, f, h, true, "ffn_up.weight")?,
+            down: full(
+                take("ffn_down.weight", h, f)?,
+                h,
+                f,
+                down_ok,
+                "ffn_down.weight",
+            )?,
+        })
+    }
+}
+
+/// Embedding, lm_head (tied to the embedding when the file has no output.weight) and final norm of a GGUF.
+fn read_head_gguf(
+    g: &Gguf,
+    c: &Config,
+    head_format: Format,
+) -> Result<(Vec<f32>, FullWeight, Vec<f32>)> {
+    let h = c.hidden;
+    let check = |name: &str, rows: usize| -> Result<Vec<f32>> {
+        let t = g
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::Format(format!("tensor {name} is missing")).file(g.path()))?;
+        if t.rows_cols() != (rows, h) {
+            return Err(
+                Error::Shape(format!("dims {:?}, expected {rows}×{h}", t.dims))
+                    .tensor(name)
+                    .file(g.path()),
+            );
+        }
+        g.f32(name)
+    };
+    let embed = check("token_embd.weight", c.vocab)?;
+    let head = if g.tensors.contains_key("output.weight") {
+        check("output.weight", c.vocab)?
+    } else {
+        embed.clone()
+    };
+    let head = FullWeight::new(head, c.vocab, h, head_format, true)
+        .map_err(|e| e.tensor("output.weight"))?;
+    Ok((embed, head, check("output_norm.weight", 1)?))
 }
 
 /// The embedding (f32, whole) and the lm_head prepared for slicing by vocabulary rows.
@@ -570,11 +881,14 @@ impl Model {
         kernels: Kernels,
     ) -> Result<Model> {
         let config = Config::load(dir)?;
+        if config.arch != Arch::Yuan2 {
+            return Err(Error::Format("a Llama config.json without shard files: Llama models load from GGUF files or from `ringlm convert` output".into()).file(dir));
+        }
         config.check_np(shard.size)?;
         let ck = Checkpoint::open(dir)?;
         let c = &config;
         let h = c.hidden;
-        let d = c.head_dim();
+
         let cut = Cut::new(c, shard);
         let mut layers = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
@@ -599,21 +913,58 @@ impl Model {
             ))
             .file(dir));
         }
-        let inv_freq = (0..d / 2)
-            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
-            .collect();
-        Ok(Model {
+        Ok(Model::assemble(
             config,
             shard,
-            layers,
-            embed,
-            final_norm,
-            lm_head,
-            vocab,
             kernels,
-            inv_freq,
-            profile: Profile::default(),
-        })
+            Parts {
+                layers,
+                embed,
+                final_norm,
+                lm_head,
+                vocab,
+            },
+        ))
+    }
+
+    /// Loads this rank's slice of a Llama model from a GGUF file (dequantized, then kept in `format`).
+    pub fn load_gguf(
+        path: &Path,
+        shard: Shard,
+        format: Format,
+        head_format: Format,
+        kernels: Kernels,
+    ) -> Result<Model> {
+        let g = Gguf::open(path)?;
+        let config = Config::from_gguf(&g)?;
+        config.check_np(shard.size)?;
+        let h = config.hidden;
+        let cut = Cut::new(&config, shard);
+        let mut layers = Vec::with_capacity(config.layers);
+        for l in 0..config.layers {
+            layers.push(FullLayer::read_gguf(&g, &config, l, format)?.slice(h, &cut)?);
+        }
+        let (embed_f32, head, final_norm) = read_head_gguf(&g, &config, head_format)?;
+        let lm_head = head
+            .slice(cut.vocab.clone(), &[0..h])
+            .map_err(|e| e.tensor("output.weight"))?;
+        let embed = if format == Format::F32 {
+            Embedding::F32(embed_f32)
+        } else {
+            Embedding::Bf16(embed_f32.iter().map(|&x| half::bf16::from_f32(x)).collect())
+        };
+        Ok(Model::assemble(
+            config,
+            shard,
+            kernels,
+            Parts {
+                layers,
+                embed,
+                final_norm,
+                lm_head,
+                vocab: cut.vocab,
+            },
+        ))
     }
 
     /// Loads this rank's shard file from a directory made by [`convert`]: checks the manifest (architecture,
@@ -639,23 +990,29 @@ impl Model {
         let path = dir.join(&entry.file);
         let mut r = ShardReader::open(&path)?;
         let c = &config;
-        let (h, d) = (c.hidden, c.head_dim());
+        let h = c.hidden;
         let cut = Cut::new(c, shard);
-        let (n, ch, f) = (cut.n.len(), cut.chans.len(), cut.ffn.len());
+        let (n, nkv, ch, f) = (cut.n.len(), cut.kv.len(), cut.chans.len(), cut.ffn.len());
         let mut layers = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
             let t = |s: &str| format!("layers.{l}.{s}");
             layers.push(Layer {
                 input_norm: r.take_f32(&t("input_norm"), &[h])?,
                 post_norm: r.take_f32(&t("post_norm"), &[h])?,
-                lfa_norm: r.take_f32(&t("lfa_norm"), &[h])?,
-                conv1: r.take_weight(&t("conv1"), ch, 2 * h)?,
-                conv1_bias: r.take_f32(&t("conv1_bias"), &[ch])?,
-                conv2: r.take_weight(&t("conv2"), h, 2 * ch)?,
-                conv2_bias: r.take_f32(&t("conv2_bias"), &[h])?,
+                lfa: if c.arch == Arch::Yuan2 {
+                    Some(Lfa {
+                        norm: r.take_f32(&t("lfa_norm"), &[h])?,
+                        conv1: r.take_weight(&t("conv1"), ch, 2 * h)?,
+                        bias1: r.take_f32(&t("conv1_bias"), &[ch])?,
+                        conv2: r.take_weight(&t("conv2"), h, 2 * ch)?,
+                        bias2: r.take_f32(&t("conv2_bias"), &[h])?,
+                    })
+                } else {
+                    None
+                },
                 wq: r.take_weight(&t("wq"), n, h)?,
-                wk: r.take_weight(&t("wk"), n, h)?,
-                wv: r.take_weight(&t("wv"), n, h)?,
+                wk: r.take_weight(&t("wk"), nkv, h)?,
+                wv: r.take_weight(&t("wv"), nkv, h)?,
                 wo: r.take_weight(&t("wo"), h, n)?,
                 gate: r.take_weight(&t("gate"), f, h)?,
                 up: r.take_weight(&t("up"), f, h)?,
@@ -692,21 +1049,18 @@ impl Model {
             ))
             .file(&path));
         }
-        let inv_freq = (0..d / 2)
-            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
-            .collect();
-        Ok(Model {
+        Ok(Model::assemble(
             config,
             shard,
-            layers,
-            embed,
-            final_norm,
-            lm_head,
-            vocab: cut.vocab,
             kernels,
-            inv_freq,
-            profile: Profile::default(),
-        })
+            Parts {
+                layers,
+                embed,
+                final_norm,
+                lm_head,
+                vocab: cut.vocab,
+            },
+        ))
     }
 
     /// A model of `config`'s exact shapes with seeded random weights, built directly in this rank's memory
@@ -749,11 +1103,13 @@ impl Model {
             layers.push(Layer {
                 input_norm: vec![1.0; h],
                 post_norm: vec![1.0; h],
-                lfa_norm: vec![1.0; h],
-                conv1: w(ch, 2 * h, format)?,
-                conv1_bias: vec![0.0; ch],
-                conv2: w(h, 2 * ch, format)?,
-                conv2_bias: vec![0.0; h],
+                lfa: Some(Lfa {
+                    norm: vec![1.0; h],
+                    conv1: w(ch, 2 * h, format)?,
+                    bias1: vec![0.0; ch],
+                    conv2: w(h, 2 * ch, format)?,
+                    bias2: vec![0.0; h],
+                }),
                 wq: w(n, h, format)?,
                 wk: w(n, h, format)?,
                 wv: w(n, h, format)?,
@@ -767,21 +1123,18 @@ impl Model {
         let embed: Vec<half::bf16> = (0..c.vocab * h)
             .map(|_| half::bf16::from_f32(rng.uniform()))
             .collect();
-        let inv_freq = (0..d / 2)
-            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
-            .collect();
-        Ok(Model {
-            final_norm: vec![1.0; h],
+        Ok(Model::assemble(
             config,
             shard,
-            layers,
-            embed: Embedding::Bf16(embed),
-            lm_head,
-            vocab,
             kernels,
-            inv_freq,
-            profile: Profile::default(),
-        })
+            Parts {
+                layers,
+                embed: Embedding::Bf16(embed),
+                final_norm: vec![1.0; h],
+                lm_head,
+                vocab,
+            },
+        ))
     }
 
     /// Bytes of weights per decode step in the layers alone (no lm_head): scales with the layer count.
@@ -805,11 +1158,7 @@ impl Model {
                 .map(|l| Layer {
                     input_norm: l.input_norm.clone(),
                     post_norm: l.post_norm.clone(),
-                    lfa_norm: l.lfa_norm.clone(),
-                    conv1: f(&l.conv1),
-                    conv1_bias: l.conv1_bias.clone(),
-                    conv2: f(&l.conv2),
-                    conv2_bias: l.conv2_bias.clone(),
+                    lfa: l.lfa.as_ref().map(|a| a.map(&f)),
                     wq: f(&l.wq),
                     wk: f(&l.wk),
                     wv: f(&l.wv),
@@ -836,14 +1185,7 @@ impl Model {
 
     /// Bytes of weights one decode step streams on this rank (projections, convolutions, lm_head).
     pub fn weight_bytes(&self) -> usize {
-        let per_layer = |l: &Layer| {
-            [
-                &l.conv1, &l.conv2, &l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down,
-            ]
-            .iter()
-            .map(|w| w.bytes())
-            .sum::<usize>()
-        };
+        let per_layer = |l: &Layer| l.weights().iter().map(|w| w.bytes()).sum::<usize>();
         self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.bytes()
     }
 
@@ -851,9 +1193,7 @@ impl Model {
     pub fn weight_regions(&self) -> Vec<&[u8]> {
         let mut v: Vec<&[u8]> = Vec::new();
         for l in &self.layers {
-            for w in [
-                &l.conv1, &l.conv2, &l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down,
-            ] {
+            for w in l.weights() {
                 v.push(w.region());
             }
         }
@@ -864,8 +1204,13 @@ impl Model {
     /// Fresh caches for a sequence of up to `capacity` tokens.
     pub fn new_state(&self, capacity: usize) -> State {
         let c = &self.config;
-        let n = self.layers.first().map(|l| l.wq.rows()).unwrap_or(0);
-        let ch = self.layers.first().map(|l| l.conv1.rows()).unwrap_or(0);
+        let n = self.layers.first().map(|l| l.wk.rows()).unwrap_or(0);
+        let ch = self
+            .layers
+            .first()
+            .and_then(|l| l.lfa.as_ref())
+            .map(|a| a.conv1.rows())
+            .unwrap_or(0);
         State {
             pos: 0,
             capacity,
@@ -953,7 +1298,7 @@ impl Model {
         let mut hn = vec![0f32; m * h];
         for (li, layer) in self.layers.iter().enumerate() {
             let n = layer.wq.rows();
-            let ch = layer.conv1.rows();
+            let nkv = layer.wk.rows();
             // h = input_layernorm(x)
             for i in 0..m {
                 rms_norm(
@@ -965,66 +1310,74 @@ impl Model {
             }
             mark(&mut prof.other, &mut t);
 
-            // LFA: o1[t] = conv1 · [h[t-1]; h[t]] + b1, o2[t] = conv2 · [o1[t-1]; o1[t]] + b2
-            let mut cat1 = vec![0f32; m * 2 * h];
-            for i in 0..m {
-                let prev = if i == 0 {
-                    &state.lfa_h[li][..]
-                } else {
-                    &hn[(i - 1) * h..i * h]
-                };
-                cat1[i * 2 * h..i * 2 * h + h].copy_from_slice(prev);
-                cat1[i * 2 * h + h..(i + 1) * 2 * h].copy_from_slice(&hn[i * h..(i + 1) * h]);
-            }
-            let mut o1 = vec![0f32; m * ch];
-            layer.conv1.matmul(&k, pool, &cat1, m, &mut o1)?;
-            for row in o1.chunks_mut(ch) {
-                for (v, b) in row.iter_mut().zip(&layer.conv1_bias) {
-                    *v += b;
+            // Yuan 2.0: q and k see the LFA-filtered state; Llama: the normed input itself.
+            let lf_owned;
+            let qk_in: &[f32] = match &layer.lfa {
+                None => &hn,
+                Some(lfa) => {
+                    let ch = lfa.conv1.rows();
+                    // LFA: o1[t] = conv1 · [h[t-1]; h[t]] + b1, o2[t] = conv2 · [o1[t-1]; o1[t]] + b2
+                    let mut cat1 = vec![0f32; m * 2 * h];
+                    for i in 0..m {
+                        let prev = if i == 0 {
+                            &state.lfa_h[li][..]
+                        } else {
+                            &hn[(i - 1) * h..i * h]
+                        };
+                        cat1[i * 2 * h..i * 2 * h + h].copy_from_slice(prev);
+                        cat1[i * 2 * h + h..(i + 1) * 2 * h]
+                            .copy_from_slice(&hn[i * h..(i + 1) * h]);
+                    }
+                    let mut o1 = vec![0f32; m * ch];
+                    lfa.conv1.matmul(&k, pool, &cat1, m, &mut o1)?;
+                    for row in o1.chunks_mut(ch) {
+                        for (v, b) in row.iter_mut().zip(&lfa.bias1) {
+                            *v += b;
+                        }
+                    }
+                    // conv2's columns interleave (channel, tap): [o1[t-1][0], o1[t][0], o1[t-1][1], ...]
+                    let mut cat2 = vec![0f32; m * 2 * ch];
+                    for i in 0..m {
+                        let prev = if i == 0 {
+                            &state.lfa_o1[li][..]
+                        } else {
+                            &o1[(i - 1) * ch..i * ch]
+                        };
+                        let row = &mut cat2[i * 2 * ch..(i + 1) * 2 * ch];
+                        for (j, pair) in row.chunks_exact_mut(2).enumerate() {
+                            pair[0] = prev[j];
+                            pair[1] = o1[i * ch + j];
+                        }
+                    }
+                    let mut o2 = vec![0f32; m * h];
+                    lfa.conv2.matmul(&k, pool, &cat2, m, &mut o2)?;
+                    mark(&mut prof.conv, &mut t);
+                    comm.allreduce_sum(&mut o2)?; // conv2 is row-parallel over the LFA channels
+                    mark(&mut prof.comm, &mut t);
+                    state.lfa_h[li].copy_from_slice(&hn[(m - 1) * h..m * h]);
+                    state.lfa_o1[li].copy_from_slice(&o1[(m - 1) * ch..m * ch]);
+                    // lf = output_layernorm(conv2 + b2 + h)
+                    let mut lf = vec![0f32; m * h];
+                    for i in 0..m {
+                        let row = &mut o2[i * h..(i + 1) * h];
+                        for ((v, b), r) in
+                            row.iter_mut().zip(&lfa.bias2).zip(&hn[i * h..(i + 1) * h])
+                        {
+                            *v += b + r;
+                        }
+                        rms_norm(row, &lfa.norm, LFA_EPS, &mut lf[i * h..(i + 1) * h]);
+                    }
+                    mark(&mut prof.other, &mut t);
+                    lf_owned = lf;
+                    &lf_owned
                 }
-            }
-            // conv2's columns interleave (channel, tap): [o1[t-1][0], o1[t][0], o1[t-1][1], o1[t][1], ...]
-            let mut cat2 = vec![0f32; m * 2 * ch];
-            for i in 0..m {
-                let prev = if i == 0 {
-                    &state.lfa_o1[li][..]
-                } else {
-                    &o1[(i - 1) * ch..i * ch]
-                };
-                let row = &mut cat2[i * 2 * ch..(i + 1) * 2 * ch];
-                for (j, pair) in row.chunks_exact_mut(2).enumerate() {
-                    pair[0] = prev[j];
-                    pair[1] = o1[i * ch + j];
-                }
-            }
-            let mut o2 = vec![0f32; m * h];
-            layer.conv2.matmul(&k, pool, &cat2, m, &mut o2)?;
-            mark(&mut prof.conv, &mut t);
-            comm.allreduce_sum(&mut o2)?; // conv2 is row-parallel over the LFA channels
-            mark(&mut prof.comm, &mut t);
-            state.lfa_h[li].copy_from_slice(&hn[(m - 1) * h..m * h]);
-            state.lfa_o1[li].copy_from_slice(&o1[(m - 1) * ch..m * ch]);
-            // lf = output_layernorm(conv2 + b2 + h)
-            let mut lf = vec![0f32; m * h];
-            for i in 0..m {
-                let row = &mut o2[i * h..(i + 1) * h];
-                for ((v, b), r) in row
-                    .iter_mut()
-                    .zip(&layer.conv2_bias)
-                    .zip(&hn[i * h..(i + 1) * h])
-                {
-                    *v += b + r;
-                }
-                rms_norm(row, &layer.lfa_norm, LFA_EPS, &mut lf[i * h..(i + 1) * h]);
-            }
-            mark(&mut prof.other, &mut t);
+            };
 
-            // q, k from the filtered state; v from h.
             let mut q = vec![0f32; m * n];
-            let mut kk = vec![0f32; m * n];
-            let mut v = vec![0f32; m * n];
-            layer.wq.matmul(&k, pool, &lf, m, &mut q)?;
-            layer.wk.matmul(&k, pool, &lf, m, &mut kk)?;
+            let mut kk = vec![0f32; m * nkv];
+            let mut v = vec![0f32; m * nkv];
+            layer.wq.matmul(&k, pool, qk_in, m, &mut q)?;
+            layer.wk.matmul(&k, pool, qk_in, m, &mut kk)?;
             layer.wv.matmul(&k, pool, &hn, m, &mut v)?;
             mark(&mut prof.linear, &mut t);
 
@@ -1032,10 +1385,10 @@ impl Model {
             for i in 0..m {
                 let p = state.pos + i;
                 self.rope(&mut q[i * n..(i + 1) * n], p, d);
-                self.rope(&mut kk[i * n..(i + 1) * n], p, d);
+                self.rope(&mut kk[i * nkv..(i + 1) * nkv], p, d);
             }
-            state.keys[li][state.pos * n..(state.pos + m) * n].copy_from_slice(&kk);
-            state.values[li][state.pos * n..(state.pos + m) * n].copy_from_slice(&v);
+            state.keys[li][state.pos * nkv..(state.pos + m) * nkv].copy_from_slice(&kk);
+            state.values[li][state.pos * nkv..(state.pos + m) * nkv].copy_from_slice(&v);
             let mut att = vec![0f32; m * n];
             attention(
                 &q,
@@ -1043,8 +1396,7 @@ impl Model {
                 &state.values[li],
                 state.pos,
                 &doc_start,
-                n,
-                d,
+                (n, nkv, d),
                 &mut att,
             );
             mark(&mut prof.attention, &mut t);
@@ -1058,7 +1410,7 @@ impl Model {
             for (xv, av) in x.iter_mut().zip(&a) {
                 *xv += av;
             }
-            // x += down(gate(h2) * silu(up(h2))), h2 = post_attention_layernorm(x)
+            // x += down(act(gate, up)), on h2 = post_attention_layernorm(x)
             for i in 0..m {
                 rms_norm(
                     &x[i * h..(i + 1) * h],
@@ -1075,7 +1427,11 @@ impl Model {
             layer.up.matmul(&k, pool, &hn, m, &mut u)?;
             mark(&mut prof.linear, &mut t);
             for (gv, uv) in g.iter_mut().zip(&u) {
-                *gv *= silu(*uv);
+                // Yuan 2.0: gate(x) · silu(up(x)); Llama: silu(gate(x)) · up(x).
+                *gv = match c.arch {
+                    Arch::Yuan2 => *gv * silu(*uv),
+                    Arch::Llama => silu(*gv) * *uv,
+                };
             }
             mark(&mut prof.other, &mut t);
             let mut dn = vec![0f32; m * h];
@@ -1124,9 +1480,16 @@ impl Model {
             for i in 0..half {
                 let angle = p as f32 * self.inv_freq[i];
                 let (sin, cos) = angle.sin_cos();
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos - b * sin;
-                head[i + half] = b * cos + a * sin;
+                // Yuan 2.0 (HF rotate_half) pairs dimension i with i + d/2; llama.cpp's GGUF permutes q/k rows
+                // so that the same rotation applies to adjacent dimensions 2i, 2i+1.
+                let (ia, ib) = if self.config.arch == Arch::Yuan2 {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * cos - b * sin;
+                head[ib] = b * cos + a * sin;
             }
         }
     }
@@ -1211,9 +1574,22 @@ pub fn convert(
             Error::Format("already exists; remove it or choose another --out".into()).file(out),
         );
     }
-    let config = Config::load(src)?;
+    let is_gguf = src.is_file() && src.extension().is_some_and(|e| e == "gguf");
+    let gguf = if is_gguf {
+        Some(Gguf::open(src)?)
+    } else {
+        None
+    };
+    let config = match &gguf {
+        Some(g) => Config::from_gguf(g)?,
+        None => Config::load(src)?,
+    };
     config.check_np(o.np)?;
-    let ck = Checkpoint::open(src)?;
+    let ck = if is_gguf {
+        None
+    } else {
+        Some(Checkpoint::open(src)?)
+    };
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -1221,7 +1597,15 @@ pub fn convert(
     let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::Io(e).file(&tmp))?;
-    let result = convert_into(&ck, &config, &tmp, o, progress).and_then(|m| {
+    let (source, total) = match (&gguf, &ck) {
+        (Some(g), _) => (
+            Source::Gguf(g),
+            std::fs::metadata(src).map(|m| m.len()).unwrap_or(1),
+        ),
+        (None, Some(ck)) => (Source::Hf(ck), ck.file_bytes()),
+        _ => unreachable!("one of the two was opened"),
+    };
+    let result = convert_into(&source, total, &config, &tmp, o, progress).and_then(|m| {
         std::fs::rename(&tmp, out).map_err(|e| Error::Io(e).file(out))?;
         Ok(m)
     });
@@ -1231,15 +1615,50 @@ pub fn convert(
     result
 }
 
+/// Where a conversion reads whole layers from.
+enum Source<'a> {
+    Hf(&'a Checkpoint),
+    Gguf(&'a Gguf),
+}
+
+impl Source<'_> {
+    fn layer(&self, c: &Config, l: usize, format: Format) -> Result<FullLayer> {
+        match self {
+            Source::Hf(ck) => FullLayer::read(ck, c, l, format),
+            Source::Gguf(g) => FullLayer::read_gguf(g, c, l, format),
+        }
+    }
+
+    /// (embedding f32, lm_head prepared, final norm).
+    fn head(&self, c: &Config, head_format: Format) -> Result<(Vec<f32>, FullWeight, Vec<f32>)> {
+        match self {
+            Source::Hf(ck) => {
+                let (e, hd) = read_head(ck, c, head_format)?;
+                let norm = ck.take("model.norm.weight", &[c.hidden])?;
+                let unused = ck.unused();
+                if !unused.is_empty() {
+                    return Err(Error::Format(format!(
+                        "unexpected tensors (not part of a Yuan 2.0 model of this config): {}",
+                        unused.join(", ")
+                    ))
+                    .file(ck.dir()));
+                }
+                Ok((e, hd, norm))
+            }
+            Source::Gguf(g) => read_head_gguf(g, c, head_format),
+        }
+    }
+}
+
 fn convert_into(
-    ck: &Checkpoint,
+    src: &Source,
+    total: u64,
     c: &Config,
     dir: &Path,
     o: ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Manifest> {
     let h = c.hidden;
-    let total = ck.file_bytes();
     let per_layer = total / (c.layers as u64 + 2);
     let file_name = |r: usize| format!("rank-{r}-of-{}.safetensors", o.np);
     let mut writers: Vec<ShardWriter> = (0..o.np)
@@ -1257,21 +1676,19 @@ fn convert_into(
         })
         .collect();
     for l in 0..c.layers {
-        let full = FullLayer::read(ck, c, l, o.format)?;
+        let full = src.layer(c, l, o.format)?;
         for (w, cut) in writers.iter_mut().zip(&cuts) {
             let layer = full.slice(h, cut)?;
             let t = |s: &str| format!("layers.{l}.{s}");
             w.put_f32(&t("input_norm"), &[h], &layer.input_norm)?;
             w.put_f32(&t("post_norm"), &[h], &layer.post_norm)?;
-            w.put_f32(&t("lfa_norm"), &[h], &layer.lfa_norm)?;
-            w.put_weight(&t("conv1"), &layer.conv1)?;
-            w.put_f32(
-                &t("conv1_bias"),
-                &[layer.conv1_bias.len()],
-                &layer.conv1_bias,
-            )?;
-            w.put_weight(&t("conv2"), &layer.conv2)?;
-            w.put_f32(&t("conv2_bias"), &[h], &layer.conv2_bias)?;
+            if let Some(lfa) = &layer.lfa {
+                w.put_f32(&t("lfa_norm"), &[h], &lfa.norm)?;
+                w.put_weight(&t("conv1"), &lfa.conv1)?;
+                w.put_f32(&t("conv1_bias"), &[lfa.bias1.len()], &lfa.bias1)?;
+                w.put_weight(&t("conv2"), &lfa.conv2)?;
+                w.put_f32(&t("conv2_bias"), &[h], &lfa.bias2)?;
+            }
             for (role, wt) in [
                 ("wq", &layer.wq),
                 ("wk", &layer.wk),
@@ -1286,7 +1703,7 @@ fn convert_into(
         }
         progress((l as u64 + 1) * per_layer, total);
     }
-    let (embed, head) = read_head(ck, c, o.head_format)?;
+    let (embed, head, final_norm) = src.head(c, o.head_format)?;
     let embed_bytes: Vec<u8> = if o.format == Format::F32 {
         embed.iter().flat_map(|x| x.to_le_bytes()).collect()
     } else {
@@ -1300,15 +1717,6 @@ fn convert_into(
     } else {
         safetensors::Dtype::BF16
     };
-    let final_norm = ck.take("model.norm.weight", &[h])?;
-    let unused = ck.unused();
-    if !unused.is_empty() {
-        return Err(Error::Format(format!(
-            "unexpected tensors (not part of a Yuan 2.0 model of this config): {}",
-            unused.join(", ")
-        ))
-        .file(ck.dir()));
-    }
     for (w, cut) in writers.iter_mut().zip(&cuts) {
         w.put("embed", embed_dtype, &[c.vocab, h], &embed_bytes)?;
         w.put_f32("final_norm", &[h], &final_norm)?;
@@ -1345,7 +1753,10 @@ fn convert_into(
             ("config".to_string(), c.to_json()),
             (
                 "source".to_string(),
-                serde_json::Value::from(ck.dir().display().to_string()),
+                serde_json::Value::from(match src {
+                    Source::Hf(ck) => ck.dir().display().to_string(),
+                    Source::Gguf(g) => g.path().display().to_string(),
+                }),
             ),
         ]
         .into(),
@@ -1356,15 +1767,21 @@ fn convert_into(
         serde_json::to_string_pretty(&c.to_json()).unwrap(),
     )
     .map_err(|e| Error::Io(e).file(dir))?;
-    for f in [
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        let p = ck.dir().join(f);
-        if p.exists() {
-            std::fs::copy(&p, dir.join(f)).map_err(|e| Error::Io(e).file(&p))?;
+    match src {
+        Source::Hf(ck) => {
+            for f in [
+                "tokenizer.model",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ] {
+                let p = ck.dir().join(f);
+                if p.exists() {
+                    std::fs::copy(&p, dir.join(f)).map_err(|e| Error::Io(e).file(&p))?;
+                }
+            }
         }
+        Source::Gguf(g) => crate::tokenizer::bpe::Bpe::from_gguf(g)?
+            .save(&dir.join(crate::tokenizer::bpe::FILE))?,
     }
     Ok(m)
 }
@@ -1432,29 +1849,31 @@ impl Rng {
 }
 
 /// Causal attention of `m` new queries (positions pos..pos+m) over the cached keys and values, each query
-/// limited to its document (`doc_start`). q, out: (m, n); caches: (capacity, n), n = heads × d.
-#[allow(clippy::too_many_arguments)]
+/// limited to its document (`doc_start`). q, out: (m, n); caches: (capacity, nkv), n = heads × d, nkv = key/value
+/// heads × d; query head h reads key/value head h / (heads / kv heads) (grouped-query attention).
 fn attention(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
     pos: usize,
     doc_start: &[usize],
-    n: usize,
-    d: usize,
+    dims: (usize, usize, usize),
     out: &mut [f32],
 ) {
+    let (n, nkv, d) = dims;
     let m = q.len() / n;
+    let group = n / nkv;
     let scale = 1.0 / (d as f32).sqrt();
     let mut scores = vec![0f32; pos + m];
     for i in 0..m {
         let qpos = pos + i;
         let lo = doc_start[i];
         for head in 0..n / d {
+            let kvh = head / group;
             let qh = &q[i * n + head * d..i * n + head * d + d];
             let mut max = f32::NEG_INFINITY;
             for j in lo..=qpos {
-                let kh = &keys[j * n + head * d..j * n + head * d + d];
+                let kh = &keys[j * nkv + kvh * d..j * nkv + kvh * d + d];
                 let s = crate::kernels::reference::dot_f32(qh, kh) * scale;
                 scores[j] = s;
                 max = max.max(s);
@@ -1468,7 +1887,7 @@ fn attention(
             o.fill(0.0);
             for j in lo..=qpos {
                 let w = scores[j] / sum;
-                let vh = &values[j * n + head * d..j * n + head * d + d];
+                let vh = &values[j * nkv + kvh * d..j * nkv + kvh * d + d];
                 for (ov, vv) in o.iter_mut().zip(vh) {
                     *ov += w * vv;
                 }

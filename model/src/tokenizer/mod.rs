@@ -2,6 +2,7 @@
 //! `LlamaTokenizer` without BOS/EOS, eos `<eod>`, plus Yuan's added special tokens, which are matched whole
 //! in the input text; decoding follows the Hugging Face slow tokenizer's rules, spaces included.
 
+pub mod bpe;
 pub mod sentencepiece;
 
 use std::path::{Path, PathBuf};
@@ -205,6 +206,125 @@ impl Yuan {
     }
 }
 
+/// The tokenizer a model comes with.
+pub enum Tokenizer {
+    /// Yuan 2.0's SentencePiece model.
+    Yuan(Yuan),
+    /// Byte-level BPE from a GGUF file (Llama-family models).
+    Bpe(bpe::Bpe),
+}
+
+impl Tokenizer {
+    /// The tokenizer of a model: a .gguf file's metadata, a converted directory's bpe_tokenizer.json, or a
+    /// tokenizer.model (file, or in the directory).
+    pub fn for_model(path: &Path) -> Result<Tokenizer> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            return Ok(Tokenizer::Bpe(bpe::Bpe::from_gguf(
+                &crate::gguf::Gguf::open(path)?,
+            )?));
+        }
+        if path.is_dir() && path.join(bpe::FILE).exists() {
+            return Ok(Tokenizer::Bpe(bpe::Bpe::load(&path.join(bpe::FILE))?));
+        }
+        Ok(Tokenizer::Yuan(Yuan::load(path)?))
+    }
+
+    /// Text → ids.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        match self {
+            Tokenizer::Yuan(t) => t.encode(text),
+            Tokenizer::Bpe(t) => t.encode(text),
+        }
+    }
+
+    /// Ids → text.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tokenizer::Yuan(t) => t.decode(ids),
+            Tokenizer::Bpe(t) => t.decode(ids),
+        }
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        match self {
+            Tokenizer::Yuan(t) => t.vocab(),
+            Tokenizer::Bpe(t) => t.vocab(),
+        }
+    }
+
+    /// The token that ends an answer: Yuan's <eod>; for ChatML models <|im_end|>, else the model's eos.
+    pub fn stop(&self) -> u32 {
+        match self {
+            Tokenizer::Yuan(t) => t.eod(),
+            Tokenizer::Bpe(t) => t
+                .id("<|im_end|>")
+                .filter(|_| t.chat_template().contains("<|im_start|>"))
+                .unwrap_or(t.eos()),
+        }
+    }
+
+    /// A single prompt in the model's format. Yuan: newlines as <n>, <sep> appended; others: as is.
+    pub fn prompt(&self, text: &str) -> String {
+        match self {
+            Tokenizer::Yuan(_) => yuan_prompt(&[text.to_string()]),
+            Tokenizer::Bpe(_) => text.to_string(),
+        }
+    }
+
+    /// A conversation (user, assistant, user, ...) in the model's chat format: Yuan's <n>-joined turns
+    /// ending in <sep>, or ChatML (with the template's default system message) for models that use it.
+    pub fn chat_prompt(&self, turns: &[String]) -> String {
+        match self {
+            Tokenizer::Yuan(_) => yuan_prompt(turns),
+            Tokenizer::Bpe(t) => {
+                let tpl = t.chat_template();
+                let mut out = String::new();
+                if let Some(sys) = tpl
+                    .split("<|im_start|>system\n")
+                    .nth(1)
+                    .and_then(|r| r.split("<|im_end|>").next())
+                {
+                    out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+                }
+                for (i, turn) in turns.iter().enumerate() {
+                    let role = if i % 2 == 0 { "user" } else { "assistant" };
+                    out.push_str(&format!("<|im_start|>{role}\n{turn}<|im_end|>\n"));
+                }
+                out.push_str("<|im_start|>assistant\n");
+                out
+            }
+        }
+    }
+
+    /// Why `chat` cannot talk with this model, if it cannot: only Yuan's format and ChatML are built in.
+    pub fn chat_unsupported(&self) -> Option<String> {
+        match self {
+            Tokenizer::Bpe(t) if !t.chat_template().contains("<|im_start|>") => Some(
+                "the model's chat template is not ChatML, the only GGUF chat format ringlm builds in; \
+                 use `ringlm generate` with a prompt written in the model's own format"
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether answers write newlines as Yuan's <n>.
+    pub fn newline_marker(&self) -> bool {
+        matches!(self, Tokenizer::Yuan(_))
+    }
+}
+
+/// The Yuan 2.0 prompt of a conversation (FastChat's "yuan2" template, which the Yuan-2.0 repository
+/// documents): turns joined by <n>, newlines inside turns as <n>, and <sep> where the model is to answer.
+pub fn yuan_prompt(turns: &[String]) -> String {
+    let joined: Vec<String> = turns
+        .iter()
+        .map(|t| t.trim_end_matches('\n').replace('\n', "<n>"))
+        .collect();
+    format!("{}<sep>", joined.join("<n>"))
+}
+
 /// Turns generated ids into text as they come, never printing half a UTF-8 character or a stray "▁": each
 /// call decodes everything so far and returns what was not returned before, holding back a trailing
 /// replacement character (an incomplete byte sequence) until the next token completes it.
@@ -223,7 +343,7 @@ impl StreamDecoder {
     }
 
     /// Adds a token; returns the new text.
-    pub fn push(&mut self, tok: &Yuan, id: u32) -> Result<String> {
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = tok.decode(&self.ids)?;
         let stable = text.strip_suffix('\u{FFFD}').unwrap_or(&text);
@@ -236,7 +356,7 @@ impl StreamDecoder {
     }
 
     /// What is left at the end (an incomplete sequence, as replacement characters).
-    pub fn finish(&mut self, tok: &Yuan) -> Result<String> {
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
         let text = tok.decode(&self.ids)?;
         let rest = text.get(self.emitted..).unwrap_or("").to_string();
         self.emitted = text.len();
