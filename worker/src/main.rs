@@ -6,6 +6,7 @@ mod commcmd;
 mod convert;
 mod engine;
 mod logits;
+mod perplexity;
 mod placement;
 mod runtime;
 mod synth;
@@ -22,7 +23,9 @@ Run it under ringrun to use several sockets, e.g.:
   ringlm logits --model DIR --ids 5,17,3 --steps 8
                                              logits of a prompt and 8 greedy steps, as JSON
   ringrun -np 2 ringlm logits --model DIR --ids 5,17 --weights nf4
-                                             the same, tensor parallel over 2 ranks, NF4 weights";
+                                             the same, tensor parallel over 2 ranks, NF4 weights
+  ringlm perplexity --model M.gguf --file LICENSE --ctx 512 --json
+                                             perplexity of a text, comparable with llama-perplexity's";
 
 /// ringlm: large language models, tensor-parallel over the sockets of one server.
 #[derive(Parser, Debug)]
@@ -50,6 +53,8 @@ enum Command {
     Synth(synth::Args),
     /// Print the logits of a prompt and K greedy steps as JSON (prefill_logits, greedy_ids, step_logits).
     Logits(logits::Args),
+    /// Perplexity of a text file, computed like llama.cpp's llama-perplexity (chunks of --ctx, second halves scored).
+    Perplexity(perplexity::Args),
     /// Benchmark a preset's exact shapes (random weights): prefill and decode speed, roofline, time profile.
     Bench(bench::Args),
     /// Measure the NF4 and BF16 kernels: GEMV bandwidth beside a streaming read, GEMM beside the FMA peak.
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         Command::CommCheck(a) => commcmd::check(a),
         Command::BenchKernels(a) => benchk::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Generate(a) => textcmd::generate_cmd(a),

@@ -224,6 +224,11 @@ impl Bpe {
         self.tokens.len()
     }
 
+    /// The BOS that `encode` puts first, when the model's metadata asks for one.
+    pub fn bos_added(&self) -> Option<u32> {
+        self.bos.filter(|_| self.add_bos)
+    }
+
     /// End-of-sequence id.
     pub fn eos(&self) -> u32 {
         self.eos

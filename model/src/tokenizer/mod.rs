@@ -237,6 +237,14 @@ impl Tokenizer {
         }
     }
 
+    /// The BOS that `encode` puts first, if any (Yuan adds none).
+    pub fn bos_added(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Yuan(_) => None,
+            Tokenizer::Bpe(t) => t.bos_added(),
+        }
+    }
+
     /// Ids → text.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
