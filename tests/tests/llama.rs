@@ -59,6 +59,20 @@ fn ringlm(np: usize, args: &[&str], model: &Path, stdin_text: Option<&str>) -> e
     }
 }
 
+/// `ringlm convert` to NF4 shards for `np` ranks, verified.
+fn convert_nf4(model: &Path, out: &Path, np: usize) {
+    let done = run(
+        Command::new(bin("ringlm"))
+            .args(["convert", "--model"])
+            .arg(model)
+            .arg("--out")
+            .arg(out)
+            .args(["--np", &np.to_string(), "--quant", "nf4", "--verify"]),
+        LIMIT,
+    );
+    assert_eq!(done.code(), 0, "convert np={np}: {done:?}");
+}
+
 fn tokenize(model: &Path, text: &str) -> Vec<u64> {
     let out = run(
         Command::new(bin("ringlm"))
@@ -169,16 +183,7 @@ fn nf4_shards_give_the_same_logits_at_every_np() {
     let mut first: Option<Value> = None;
     for np in [1usize, 2, 3] {
         let dir = TempDir::new("llama-nf4");
-        let out = run(
-            Command::new(bin("ringlm"))
-                .args(["convert", "--model"])
-                .arg(&model)
-                .arg("--out")
-                .arg(dir.0.join("m"))
-                .args(["--np", &np.to_string(), "--quant", "nf4", "--verify"]),
-            LIMIT,
-        );
-        assert_eq!(out.code(), 0, "convert np={np}: {out:?}");
+        convert_nf4(&model, &dir.0.join("m"), np);
         let got = logits_json(np, &dir.0.join("m"), &ids, &["--kernels", "reference"]);
         // NF4 of a Q4_1 source moves single logits by up to ~13 over the 49152-word vocabulary, so only the
         // decision is compared with f32: the first greedy token (" Paris") must be the same.
@@ -289,16 +294,7 @@ fn perplexity_matches_llama_cpp() {
     assert!((p / r - 1.0).abs() < 0.01, "f32 {p} vs llama.cpp {r}");
 
     let dir = TempDir::new("llama-ppl");
-    let out = run(
-        Command::new(bin("ringlm"))
-            .args(["convert", "--model"])
-            .arg(&model)
-            .arg("--out")
-            .arg(dir.0.join("m"))
-            .args(["--np", "2", "--quant", "nf4"]),
-        LIMIT,
-    );
-    assert_eq!(out.code(), 0, "{out:?}");
+    convert_nf4(&model, &dir.0.join("m"), 2);
     let nf4 = perplexity(2, &dir.0.join("m"))["perplexity"]
         .as_f64()
         .unwrap();
