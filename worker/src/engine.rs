@@ -8,6 +8,7 @@ use anyhow::Result;
 use model::arch::yuan2::Profile;
 
 use crate::runtime::Job;
+use model::tokenizer::{StreamDecoder, Tokenizer};
 
 /// How the next token is chosen.
 #[derive(clap::Args, Debug, Clone)]
@@ -143,13 +144,15 @@ pub fn share_ids(job: &mut Job, ids: &[u32]) -> Result<Vec<u32>> {
         .collect())
 }
 
-/// Runs `prompt` and generates until `stop`, max_tokens or Ctrl-C on rank 0; `emit` sees every new token
-/// (on every rank; only rank 0 prints). All ranks must call it with the same arguments.
+/// Runs `prompt` and generates until `stop`, max_tokens, Ctrl-C or `cancel()` on rank 0 (the other ranks'
+/// `cancel` is not consulted); `emit` sees every new token (on every rank; only rank 0 prints). All ranks
+/// must call it with the same arguments.
 pub fn generate(
     job: &mut Job,
     prompt: &[u32],
     s: &SamplingArgs,
     stop: u32,
+    cancel: &dyn Fn() -> bool,
     mut emit: impl FnMut(u32) -> Result<()>,
 ) -> Result<Stats> {
     let cap =
@@ -175,8 +178,8 @@ pub fn generate(
             let full = job.model.gather_logits(&mut job.comm, &logits, 1)?;
             sample(&full, s, &mut rng)
         };
-        // Rank 0 decides whether to go on (Ctrl-C); everyone follows.
-        let mut go = vec![u8::from(!INTERRUPTED.load(Ordering::SeqCst))];
+        // Rank 0 decides whether to go on (Ctrl-C, a client gone); everyone follows.
+        let mut go = vec![u8::from(!INTERRUPTED.load(Ordering::SeqCst) && !cancel())];
         job.comm.0.broadcast(0, &mut go)?;
         if go[0] == 0 {
             stats.interrupted = true;
@@ -198,6 +201,49 @@ pub fn generate(
     stats.decode_s = t.elapsed().as_secs_f64();
     stats.profile = job.model.profile;
     Ok(stats)
+}
+
+/// Generated ids → text pieces as they come: whole UTF-8 characters only, and Yuan's `<n>` as a newline.
+pub struct TextStream<'a> {
+    tok: &'a Tokenizer,
+    dec: StreamDecoder,
+    nl: NewlineFilter,
+}
+
+impl<'a> TextStream<'a> {
+    /// Starts empty.
+    pub fn new(tok: &'a Tokenizer) -> TextStream<'a> {
+        TextStream {
+            tok,
+            dec: StreamDecoder::new(),
+            nl: NewlineFilter::default(),
+        }
+    }
+
+    /// The text that `id` completes (often empty or one word).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        // Checkpoints pad the embedding past the tokenizer's vocabulary (Yuan: 135040 rows for 134958
+        // tokens); a sampled padding id has no text.
+        if id as usize >= self.tok.vocab() {
+            return Ok(String::new());
+        }
+        let piece = self.dec.push(self.tok, id)?;
+        Ok(if self.tok.newline_marker() {
+            self.nl.push(&piece)
+        } else {
+            piece
+        })
+    }
+
+    /// What was held back, at the end.
+    pub fn finish(&mut self) -> Result<String> {
+        let tail = self.dec.finish(self.tok)?;
+        Ok(if self.tok.newline_marker() {
+            self.nl.push(&tail) + &self.nl.finish()
+        } else {
+            tail
+        })
+    }
 }
 
 /// Turns Yuan's `<n>` into a newline in streamed text, holding back a partial `<n` at a chunk's end.

@@ -9,6 +9,7 @@ mod logits;
 mod perplexity;
 mod placement;
 mod runtime;
+mod serve;
 mod synth;
 mod textcmd;
 
@@ -25,7 +26,9 @@ Run it under ringrun to use several sockets, e.g.:
   ringrun -np 2 ringlm logits --model DIR --ids 5,17 --weights nf4
                                              the same, tensor parallel over 2 ranks, NF4 weights
   ringlm perplexity --model M.gguf --file LICENSE --ctx 512 --json
-                                             perplexity of a text, comparable with llama-perplexity's";
+                                             perplexity of a text, comparable with llama-perplexity's
+  ringrun -np 2 ringlm serve --model DIR --port 8000
+                                             OpenAI-compatible HTTP API on 127.0.0.1:8000";
 
 /// ringlm: large language models, tensor-parallel over the sockets of one server.
 #[derive(Parser, Debug)]
@@ -53,6 +56,8 @@ enum Command {
     Synth(synth::Args),
     /// Print the logits of a prompt and K greedy steps as JSON (prefill_logits, greedy_ids, step_logits).
     Logits(logits::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, streaming).
+    Serve(serve::Args),
     /// Perplexity of a text file, computed like llama.cpp's llama-perplexity (chunks of --ctx, second halves scored).
     Perplexity(perplexity::Args),
     /// Benchmark a preset's exact shapes (random weights): prefill and decode speed, roofline, time profile.
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Command::BenchKernels(a) => benchk::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Perplexity(a) => perplexity::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Generate(a) => textcmd::generate_cmd(a),

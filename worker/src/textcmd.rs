@@ -4,9 +4,9 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use model::tokenizer::{StreamDecoder, Tokenizer};
+use model::tokenizer::Tokenizer;
 
-use crate::engine::{self, generate, share_ids, NewlineFilter, SamplingArgs};
+use crate::engine::{self, generate, share_ids, SamplingArgs, TextStream};
 use crate::runtime::{Job, ModelArgs};
 
 #[derive(clap::Args, Debug)]
@@ -75,29 +75,20 @@ pub struct GenerateArgs {
 
 /// Streams tokens as text to stdout (rank 0).
 struct Printer<'a> {
-    tok: &'a Tokenizer,
-    dec: StreamDecoder,
-    nl: NewlineFilter,
+    text: TextStream<'a>,
     out: String,
 }
 
 impl<'a> Printer<'a> {
     fn new(tok: &'a Tokenizer) -> Printer<'a> {
         Printer {
-            tok,
-            dec: StreamDecoder::new(),
-            nl: NewlineFilter::default(),
+            text: TextStream::new(tok),
             out: String::new(),
         }
     }
 
     fn push(&mut self, id: u32) -> Result<()> {
-        let piece = self.dec.push(self.tok, id)?;
-        let text = if self.tok.newline_marker() {
-            self.nl.push(&piece)
-        } else {
-            piece
-        };
+        let text = self.text.push(id)?;
         self.emit(&text)
     }
 
@@ -112,12 +103,7 @@ impl<'a> Printer<'a> {
     }
 
     fn finish(mut self) -> Result<String> {
-        let tail = self.dec.finish(self.tok)?;
-        let text = if self.tok.newline_marker() {
-            self.nl.push(&tail) + &self.nl.finish()
-        } else {
-            tail
-        };
+        let text = self.text.finish()?;
         self.emit(&text)?;
         Ok(self.out)
     }
@@ -146,7 +132,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     };
     let ids = share_ids(&mut job, &ids)?;
     let mut printer = Printer::new(&tok);
-    let stats = generate(&mut job, &ids, &a.sampling, tok.stop(), |id| {
+    let stats = generate(&mut job, &ids, &a.sampling, tok.stop(), &|| false, |id| {
         if rank0 {
             printer.push(id)
         } else {
@@ -253,7 +239,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         let ids = share_ids(&mut job, &ids)?;
         engine::INTERRUPTED.store(false, std::sync::atomic::Ordering::SeqCst);
         let mut printer = Printer::new(&tok);
-        let stats = generate(&mut job, &ids, &a.sampling, tok.stop(), |id| {
+        let stats = generate(&mut job, &ids, &a.sampling, tok.stop(), &|| false, |id| {
             if rank0 {
                 printer.push(id)
             } else {

@@ -43,6 +43,13 @@ pub fn broadcast(t: &mut dyn Transport, root: usize, buf: &mut Vec<u8>) -> Resul
             // Wake-up comes from the root's publication of this chunk.
             t.wait(root, op)?;
             let data = t.inbox(root, op);
+            if first && data.len() < 8 {
+                return Err(crate::error::Error::Mismatch(format!(
+                    "broadcast: root {root} published {} bytes, less than the length header; the ranks are \
+                     not running the same collective operation",
+                    data.len()
+                )));
+            }
             let data = if first {
                 total = Some(u64::from_le_bytes(data[..8].try_into().unwrap()) as usize);
                 buf.reserve(total.unwrap());
@@ -73,7 +80,8 @@ pub fn allgather(t: &mut dyn Transport, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
     let mut lens = Vec::with_capacity(n);
     for p in 0..n {
         t.wait(p, op)?;
-        lens.push(u64::from_le_bytes(t.inbox(p, op)[..8].try_into().unwrap()) as usize);
+        let len = super::inbox_exact(t, p, op, 8, "allgather")?;
+        lens.push(u64::from_le_bytes(len.try_into().unwrap()) as usize);
     }
     let rounds = lens.iter().map(|l| l.div_ceil(cap)).max().unwrap_or(0);
     let mut out: Vec<Vec<u8>> = lens.iter().map(|&l| Vec::with_capacity(l)).collect();

@@ -8,6 +8,27 @@ pub mod basic;
 pub mod one_shot;
 pub mod two_shot;
 
+/// A peer's publication for `op`, which must be exactly `len` bytes: any other length means the ranks are
+/// not running the same collective (a caller's bug, or a rank that abandoned a sequence of operations), and
+/// reading on would mix unrelated data.
+pub(crate) fn inbox_exact<'a>(
+    t: &'a dyn crate::transport::Transport,
+    peer: usize,
+    op: crate::transport::Op,
+    len: usize,
+    what: &str,
+) -> crate::error::Result<&'a [u8]> {
+    let data = t.inbox(peer, op);
+    if data.len() != len {
+        return Err(crate::error::Error::Mismatch(format!(
+            "{what}: rank {peer} published {} bytes where {len} were expected; the ranks are not running \
+             the same collective operation",
+            data.len()
+        )));
+    }
+    Ok(data)
+}
+
 /// Views a byte slice published by a peer as f32 values. Outboxes are page aligned and the algorithms only
 /// publish whole f32 values at f32-aligned offsets.
 pub(crate) fn as_f32(bytes: &[u8]) -> &[f32] {

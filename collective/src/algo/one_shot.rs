@@ -4,7 +4,7 @@
 //! each rank pulls all n-1 peer vectors through the cache-coherence fabric, which stops paying off early: on
 //! the 2-rank measurement here two-shot is faster from 1 KiB on (see `DEFAULT_ONE_SHOT_MAX`).
 
-use super::{add_into, as_f32, f32_bytes, sum_into};
+use super::{add_into, as_f32, f32_bytes, inbox_exact, sum_into};
 
 use crate::error::Result;
 use crate::transport::Transport;
@@ -21,7 +21,10 @@ pub fn allreduce_sum(t: &mut dyn Transport, data: &mut [f32]) -> Result<()> {
         t.wait(p, op)?;
     }
     // Rank order for every rank, own input included (its mailbox holds the same values as `data`).
-    let input = |p: usize| as_f32(&t.inbox(p, op)[..len]);
+    for p in 0..n {
+        inbox_exact(t, p, op, len, "allreduce")?;
+    }
+    let input = |p: usize| as_f32(t.inbox(p, op));
     sum_into(data, input(0), input(1));
     for p in 2..n {
         add_into(data, input(p));

@@ -5,7 +5,7 @@
 //! rank moves about 2·(n-1)/n of the data instead of one-shot's n-1 times, and the additions are spread over
 //! all ranks. Chunks are one outbox, small enough that what a peer just wrote is still in the shared cache.
 
-use super::{add_into, as_f32, as_f32_mut, piece, sum_into};
+use super::{add_into, as_f32, as_f32_mut, inbox_exact, piece, sum_into};
 use crate::error::Result;
 use crate::transport::Transport;
 
@@ -29,6 +29,7 @@ pub fn allreduce_sum(t: &mut dyn Transport, data: &mut [f32]) -> Result<()> {
         // Every rank's input for my piece must be in place before I sum it.
         for p in 0..n {
             t.wait(p, op1)?;
+            inbox_exact(t, p, op1, count * 4, "allreduce")?;
         }
 
         // Phase 2: reduce my piece in rank order into the next outbox, publish it.
@@ -59,6 +60,7 @@ pub fn allreduce_sum(t: &mut dyn Transport, data: &mut [f32]) -> Result<()> {
         // Phase 3: gather the other ranks' results once they are published.
         for p in (0..n).filter(|&p| p != me) {
             t.wait(p, op2)?;
+            inbox_exact(t, p, op2, count * 4, "allreduce")?;
             let theirs = piece(count, n, p);
             chunk[theirs.clone()].copy_from_slice(&as_f32(t.inbox(p, op2))[theirs]);
         }

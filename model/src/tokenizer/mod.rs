@@ -283,16 +283,29 @@ impl Tokenizer {
     /// A conversation (user, assistant, user, ...) in the model's chat format: Yuan's <n>-joined turns
     /// ending in <sep>, or ChatML (with the template's default system message) for models that use it.
     pub fn chat_prompt(&self, turns: &[String]) -> String {
+        self.chat_prompt_with_system(None, turns)
+    }
+
+    /// [`Tokenizer::chat_prompt`] with the caller's system message in place of the template's default
+    /// (Yuan has no system role: the message opens the first turn).
+    pub fn chat_prompt_with_system(&self, system: Option<&str>, turns: &[String]) -> String {
         match self {
-            Tokenizer::Yuan(_) => yuan_prompt(turns),
+            Tokenizer::Yuan(_) => match (system, turns.split_first()) {
+                (Some(sys), Some((first, rest))) => {
+                    let mut all = vec![format!("{sys}\n{first}")];
+                    all.extend_from_slice(rest);
+                    yuan_prompt(&all)
+                }
+                _ => yuan_prompt(turns),
+            },
             Tokenizer::Bpe(t) => {
                 let tpl = t.chat_template();
                 let mut out = String::new();
-                if let Some(sys) = tpl
+                let default = tpl
                     .split("<|im_start|>system\n")
                     .nth(1)
-                    .and_then(|r| r.split("<|im_end|>").next())
-                {
+                    .and_then(|r| r.split("<|im_end|>").next());
+                if let Some(sys) = system.or(default) {
                     out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
                 }
                 for (i, turn) in turns.iter().enumerate() {
