@@ -26,6 +26,8 @@ pub const DEFAULT_ONE_SHOT_MAX: usize = 512;
 pub struct Communicator {
     env: JobEnv,
     transport: Option<Box<dyn Transport>>,
+    #[cfg(feature = "mpi")]
+    mpi: Option<crate::mpi_backend::MpiComm>,
     algorithm: Algorithm,
     one_shot_max: usize,
 }
@@ -43,7 +45,29 @@ impl Communicator {
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
         };
-        let transport: Option<Box<dyn Transport>> = if env.size > 1 {
+        let use_mpi = match std::env::var("RINGLM_TRANSPORT").as_deref() {
+            Ok("shm") | Err(_) => false,
+            Ok("mpi") => true,
+            Ok(other) => {
+                return Err(Error::Env(format!(
+                    "RINGLM_TRANSPORT={other:?}: expected shm or mpi"
+                )))
+            }
+        };
+        if use_mpi && !cfg!(feature = "mpi") {
+            return Err(Error::Env(
+                "RINGLM_TRANSPORT=mpi but this build has no MPI transport: rebuild with \
+                 `cargo build --release --features worker/mpi` (needs Open MPI and clang)"
+                    .into(),
+            ));
+        }
+        #[cfg(feature = "mpi")]
+        let mpi = if use_mpi {
+            Some(crate::mpi_backend::MpiComm::init(env.rank, env.size)?)
+        } else {
+            None
+        };
+        let transport: Option<Box<dyn Transport>> = if env.size > 1 && !use_mpi {
             let capacity = num("RINGLM_SHM_CAPACITY").unwrap_or(DEFAULT_CAPACITY);
             let t = ShmTransport::attach(
                 &env.job,
@@ -74,6 +98,8 @@ impl Communicator {
         Ok(Communicator {
             env,
             transport,
+            #[cfg(feature = "mpi")]
+            mpi,
             algorithm,
             one_shot_max: num("RINGLM_ONE_SHOT_MAX").unwrap_or(DEFAULT_ONE_SHOT_MAX),
         })
@@ -134,8 +160,26 @@ impl Communicator {
         }
     }
 
+    /// Which transport carries the collectives: "shm", "mpi", or "none" for a job of one.
+    pub fn transport_name(&self) -> &'static str {
+        #[cfg(feature = "mpi")]
+        if self.mpi.is_some() {
+            return "mpi";
+        }
+        if self.transport.is_some() {
+            "shm"
+        } else {
+            "none"
+        }
+    }
+
     /// Returns once every rank has called it.
     pub fn barrier(&mut self) -> Result<()> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            m.barrier();
+            return Ok(());
+        }
         self.run("barrier", basic::barrier).map(|_| ())
     }
 
@@ -147,12 +191,21 @@ impl Communicator {
                 self.size()
             )));
         }
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            m.broadcast(root, buf);
+            return Ok(());
+        }
         self.run("broadcast", |t| basic::broadcast(t, root, buf))
             .map(|_| ())
     }
 
     /// Every rank's `mine`, in rank order, on every rank.
     pub fn allgather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m.allgather(mine);
+        }
         Ok(self
             .run("allgather", |t| basic::allgather(t, mine))?
             .unwrap_or_else(|| vec![mine.to_vec()]))
@@ -173,6 +226,11 @@ impl Communicator {
 
     /// Sums `data` over all ranks, in place; the result is bitwise identical on every rank.
     pub fn allreduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            m.allreduce_sum(data);
+            return Ok(());
+        }
         let bytes = std::mem::size_of_val(data);
         let one_shot = match self.algorithm {
             Algorithm::Auto => bytes <= self.one_shot_max,

@@ -33,6 +33,8 @@ pub mod algo;
 mod comm;
 mod env;
 mod error;
+#[cfg(feature = "mpi")]
+pub mod mpi_backend;
 pub mod segments;
 pub mod transport;
 

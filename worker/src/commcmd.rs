@@ -163,7 +163,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "{}",
                     serde_json::json!({
                         "op": op, "bytes": bytes, "ranks": n, "median_us": median * 1e6, "p99_us": p99 * 1e6,
-                        "bytes_per_s": bps, "memcpy_bytes_per_s": memcpy, "transport": "shm",
+                        "bytes_per_s": bps, "memcpy_bytes_per_s": memcpy, "transport": comm.transport_name(),
                         "algorithm": format!("{:?}", a.algorithm).to_lowercase(),
                     })
                 );

@@ -1,0 +1,116 @@
+//! The MPI transport (`RINGLM_TRANSPORT=mpi`, built with `--features worker/mpi`) under Open MPI's mpirun,
+//! without ringrun: collectives checked against serial sums, and the tensor-parallel model against the
+//! reference logits of the official Yuan 2.0 code.
+
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::{bin, max_logit_diff, run, shared_dir};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+/// `mpirun -np N ... ringlm ARGS` over the MPI transport, or None (loudly) when MPI is not available here.
+fn mpirun(np: usize, args: &[&str]) -> Option<e2e::Finished> {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        eprintln!(
+            "\n*** SKIPPED: mpirun is not installed (scripts/setup-system installs Open MPI) ***\n"
+        );
+        return None;
+    }
+    let out = run(
+        Command::new("mpirun")
+            // Root in containers and CI; more ranks than the 2 cores here.
+            .args([
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "-np",
+                &np.to_string(),
+            ])
+            .args(["-x", "RINGLM_TRANSPORT=mpi"])
+            .arg(bin("ringlm"))
+            .args(args),
+        LIMIT,
+    );
+    if out.stderr.contains("has no MPI transport") {
+        eprintln!(
+            "\n*** SKIPPED: ringlm was built without --features worker/mpi (scripts/test builds it) ***\n"
+        );
+        return None;
+    }
+    Some(out)
+}
+
+#[test]
+fn collectives_over_mpi_match_serial_sums() {
+    for np in [2, 3, 4] {
+        let Some(out) = mpirun(np, &["comm-check"]) else {
+            return;
+        };
+        assert_eq!(out.code(), 0, "np={np}: {out:?}");
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "one report from rank 0: {out:?}");
+        let v: Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["ranks"], np, "{v}");
+    }
+}
+
+/// np = 2 and 4 over MPI give the golden logits: within 1e-4 of np = 1 and the same greedy ids (the sums
+/// are MPI's, so they may differ from the shared-memory transport's by rounding only).
+#[test]
+fn tensor_parallel_over_mpi_matches_the_golden_logits() {
+    let Some(dir) = shared_dir("golden/yuan-tiny-a") else {
+        return;
+    };
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let case = &g["cases"][0];
+    let ids: Vec<String> = case["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let steps = case["greedy_ids"].as_array().unwrap().len().to_string();
+    for np in [2, 4] {
+        let Some(out) = mpirun(
+            np,
+            &[
+                "logits",
+                "--model",
+                dir.to_str().unwrap(),
+                "--ids",
+                &ids.join(","),
+                "--steps",
+                &steps,
+                "--kernels",
+                "reference",
+            ],
+        ) else {
+            return;
+        };
+        assert_eq!(out.code(), 0, "np={np}: {out:?}");
+        let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        let d = max_logit_diff(&v, case);
+        assert!(d <= 1e-4, "np={np}: max logit difference {d}");
+        assert_eq!(v["greedy_ids"], case["greedy_ids"], "np={np}");
+    }
+}
+
+#[test]
+fn a_failing_rank_ends_the_mpi_job_with_a_message() {
+    // A model path that does not exist: every rank fails to load and the job ends non-zero with the reason.
+    let Some(out) = mpirun(
+        2,
+        &["logits", "--model", "/nonexistent/model", "--ids", "1"],
+    ) else {
+        return;
+    };
+    assert_ne!(out.code(), 0, "{out:?}");
+    assert!(
+        out.stderr.contains("/nonexistent/model"),
+        "the error names the path: {}",
+        out.stderr
+    );
+}
