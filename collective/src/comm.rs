@@ -45,24 +45,37 @@ impl Communicator {
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
         };
-        let use_mpi = match std::env::var("RINGLM_TRANSPORT").as_deref() {
-            Ok("shm") | Err(_) => false,
-            Ok("mpi") => true,
+        // A job that spans nodes (the launcher says so, or RINGLM_RANKS_PER_NODE declares fake ones) takes
+        // the hierarchical allreduce when MPI is built in.
+        let spans_nodes = std::env::var("RINGLM_RANKS_PER_NODE").is_ok()
+            || num("OMPI_COMM_WORLD_LOCAL_SIZE").is_some_and(|l| l < env.size)
+            || num("SLURM_NNODES").is_some_and(|n| n > 1);
+        let (use_mpi, hier) = match std::env::var("RINGLM_TRANSPORT").as_deref() {
+            Ok("shm") => (false, false),
+            Err(_) => (cfg!(feature = "mpi") && spans_nodes, true),
+            Ok("mpi") => (true, false),
+            Ok("hier") => (true, true),
             Ok(other) => {
                 return Err(Error::Env(format!(
-                    "RINGLM_TRANSPORT={other:?}: expected shm or mpi"
+                    "RINGLM_TRANSPORT={other:?}: expected shm, mpi or hier"
                 )))
             }
         };
         if use_mpi && !cfg!(feature = "mpi") {
             return Err(Error::Env(
-                "RINGLM_TRANSPORT=mpi but this build has no MPI transport: rebuild with \
+                "RINGLM_TRANSPORT=mpi/hier but this build has no MPI transport: rebuild with \
                  `cargo build --release --features worker/mpi` (needs Open MPI and clang)"
                     .into(),
             ));
         }
+        #[cfg(not(feature = "mpi"))]
+        let _ = hier;
         #[cfg(feature = "mpi")]
-        let mpi = if use_mpi {
+        let mpi = if use_mpi && hier {
+            Some(crate::mpi_backend::MpiComm::init_hierarchical(
+                &env.job, env.rank, env.size,
+            )?)
+        } else if use_mpi {
             Some(crate::mpi_backend::MpiComm::init(env.rank, env.size)?)
         } else {
             None
@@ -163,8 +176,8 @@ impl Communicator {
     /// Which transport carries the collectives: "shm", "mpi", or "none" for a job of one.
     pub fn transport_name(&self) -> &'static str {
         #[cfg(feature = "mpi")]
-        if self.mpi.is_some() {
-            return "mpi";
+        if let Some(m) = &self.mpi {
+            return if m.is_hierarchical() { "hier" } else { "mpi" };
         }
         if self.transport.is_some() {
             "shm"
@@ -227,9 +240,13 @@ impl Communicator {
     /// Sums `data` over all ranks, in place; the result is bitwise identical on every rank.
     pub fn allreduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
         #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            m.allreduce_sum(data);
-            return Ok(());
+        if let Some(m) = self.mpi.as_mut() {
+            let rank = self.env.rank;
+            return m.allreduce_sum(data).map_err(|e| Error::InOp {
+                op: "allreduce",
+                rank,
+                source: Box::new(e),
+            });
         }
         let bytes = std::mem::size_of_val(data);
         let one_shot = match self.algorithm {

@@ -10,13 +10,52 @@ use mpi::datatype::PartitionMut;
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 use mpi::traits::*;
 
-use crate::error::{Error, Result};
+use mpi::topology::Color;
 
-/// MPI_COMM_WORLD with the environment that keeps MPI initialised while it lives.
+use crate::algo::{basic, one_shot, two_shot};
+use crate::error::{Error, Result};
+use crate::transport::shm::{ShmTransport, WaitPolicy, DEFAULT_CAPACITY};
+
+/// MPI_COMM_WORLD with the environment that keeps MPI initialised while it lives, and optionally the
+/// two-level layout of a job that spans nodes.
 pub struct MpiComm {
     world: SimpleCommunicator,
+    hier: Option<Hier>,
     // Dropped last: finalizes MPI.
     _universe: mpi::environment::Universe,
+}
+
+/// Hierarchical allreduce: ringlm's shared-memory collectives among the ranks of a node, MPI among the
+/// nodes' leaders (local rank 0), then the leaders' result broadcast inside each node. Only one rank per
+/// node crosses the network, with the node's whole sum.
+struct Hier {
+    node: Option<ShmTransport>,
+    leaders: Option<SimpleCommunicator>,
+}
+
+/// Ranks per node: RINGLM_RANKS_PER_NODE declares fake nodes (consecutive ranks), to exercise the
+/// cross-node path on one machine; otherwise MPI's shared-memory split finds the real ones.
+fn node_layout(world: &SimpleCommunicator) -> Result<(usize, usize, usize)> {
+    let (rank, size) = (world.rank() as usize, world.size() as usize);
+    if let Ok(v) = std::env::var("RINGLM_RANKS_PER_NODE") {
+        let k: usize = v.trim().parse().ok().filter(|&k| k > 0).ok_or_else(|| {
+            Error::Env(format!(
+                "RINGLM_RANKS_PER_NODE={v:?}: expected a positive number"
+            ))
+        })?;
+        let node = rank / k;
+        let local_size = k.min(size - node * k);
+        return Ok((node * k, rank % k, local_size));
+    }
+    let local = world.split_shared(rank as i32);
+    // The node's name is its leader's world rank.
+    let mut leader = rank as u64;
+    local.process_at_rank(0).broadcast_into(&mut leader);
+    Ok((
+        leader as usize,
+        local.rank() as usize,
+        local.size() as usize,
+    ))
 }
 
 impl MpiComm {
@@ -35,8 +74,40 @@ impl MpiComm {
         }
         Ok(MpiComm {
             world,
+            hier: None,
             _universe: universe,
         })
+    }
+
+    /// [`MpiComm::init`], then the node layout for the hierarchical allreduce; `job` names the node's
+    /// shared-memory segment.
+    pub fn init_hierarchical(job: &str, rank: usize, size: usize) -> Result<MpiComm> {
+        let mut m = MpiComm::init(rank, size)?;
+        let (leader, local_rank, local_size) = node_layout(&m.world)?;
+        let node = if local_size > 1 {
+            Some(ShmTransport::attach(
+                &format!("{job}-node{leader}"),
+                local_rank,
+                local_size,
+                DEFAULT_CAPACITY,
+                WaitPolicy::from_env(local_size),
+            )?)
+        } else {
+            None
+        };
+        let color = if local_rank == 0 {
+            Color::with_value(0)
+        } else {
+            Color::undefined()
+        };
+        let leaders = m.world.split_by_color(color);
+        m.hier = Some(Hier { node, leaders });
+        Ok(m)
+    }
+
+    /// Whether the allreduce is hierarchical.
+    pub fn is_hierarchical(&self) -> bool {
+        self.hier.is_some()
     }
 
     /// MPI_Barrier.
@@ -85,11 +156,39 @@ impl MpiComm {
             .collect())
     }
 
-    /// MPI_Allreduce(SUM) of f32.
-    pub fn allreduce_sum(&self, data: &mut [f32]) {
+    /// Sum over all ranks: MPI_Allreduce, or the hierarchical scheme.
+    pub fn allreduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
         if data.is_empty() {
-            return;
+            return Ok(());
         }
+        let Some(h) = self.hier.as_mut() else {
+            self.mpi_allreduce(data);
+            return Ok(());
+        };
+        if let Some(t) = h.node.as_mut() {
+            if std::mem::size_of_val(data) <= crate::comm::DEFAULT_ONE_SHOT_MAX {
+                one_shot::allreduce_sum(t, data)?;
+            } else {
+                two_shot::allreduce_sum(t, data)?;
+            }
+        }
+        if let Some(l) = &h.leaders {
+            if l.size() > 1 {
+                let send = data.to_vec();
+                l.all_reduce_into(&send[..], data, SystemOperation::sum());
+            }
+        }
+        if let Some(t) = h.node.as_mut() {
+            let mut bytes = crate::algo::f32_bytes(data).to_vec();
+            basic::broadcast(t, 0, &mut bytes)?;
+            for (x, b) in data.iter_mut().zip(bytes.chunks_exact(4)) {
+                *x = f32::from_le_bytes(b.try_into().unwrap());
+            }
+        }
+        Ok(())
+    }
+
+    fn mpi_allreduce(&self, data: &mut [f32]) {
         let send = data.to_vec();
         self.world
             .all_reduce_into(&send[..], data, SystemOperation::sum());

@@ -12,6 +12,20 @@ const LIMIT: Duration = Duration::from_secs(180);
 
 /// `mpirun -np N ... ringlm ARGS` over the MPI transport, or None (loudly) when MPI is not available here.
 fn mpirun(np: usize, args: &[&str]) -> Option<e2e::Finished> {
+    mpirun_with(np, &["-x", "RINGLM_TRANSPORT=mpi"], args)
+}
+
+/// Two fake nodes of 2 ranks (RINGLM_RANKS_PER_NODE=2) talking TCP between them, as across servers; the
+/// transport is chosen automatically (hierarchical) because the job spans nodes.
+fn mpirun_two_nodes(np: usize, args: &[&str]) -> Option<e2e::Finished> {
+    mpirun_with(
+        np,
+        &["--mca", "btl", "tcp,self", "-x", "RINGLM_RANKS_PER_NODE=2"],
+        args,
+    )
+}
+
+fn mpirun_with(np: usize, mpi_args: &[&str], args: &[&str]) -> Option<e2e::Finished> {
     if Command::new("mpirun").arg("--version").output().is_err() {
         eprintln!(
             "\n*** SKIPPED: mpirun is not installed (scripts/setup-system installs Open MPI) ***\n"
@@ -27,7 +41,7 @@ fn mpirun(np: usize, args: &[&str]) -> Option<e2e::Finished> {
                 "-np",
                 &np.to_string(),
             ])
-            .args(["-x", "RINGLM_TRANSPORT=mpi"])
+            .args(mpi_args)
             .arg(bin("ringlm"))
             .args(args),
         LIMIT,
@@ -113,4 +127,60 @@ fn a_failing_rank_ends_the_mpi_job_with_a_message() {
         "the error names the path: {}",
         out.stderr
     );
+    // A rank that leaves mid-loop with code 3: mpirun ends the job, non-zero, naming the process.
+    let Some(out) = mpirun(2, &["comm-check", "--die-rank", "1", "--die-at", "50"]) else {
+        return;
+    };
+    assert_ne!(out.code(), 0, "{out:?}");
+    assert!(
+        out.stderr.contains("exit") || out.stderr.contains("Exit"),
+        "mpirun says why the job ended: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn hierarchical_allreduce_across_two_fake_nodes() {
+    for np in [3, 4] {
+        let Some(out) = mpirun_two_nodes(np, &["comm-check"]) else {
+            return;
+        };
+        assert_eq!(out.code(), 0, "np={np}: {out:?}");
+        let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    let Some(dir) = shared_dir("golden/yuan-tiny-a") else {
+        return;
+    };
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let case = &g["cases"][1];
+    let ids: Vec<String> = case["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let steps = case["greedy_ids"].as_array().unwrap().len().to_string();
+    let Some(out) = mpirun_two_nodes(
+        4,
+        &[
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids.join(","),
+            "--steps",
+            &steps,
+            "--kernels",
+            "reference",
+        ],
+    ) else {
+        return;
+    };
+    assert_eq!(out.code(), 0, "{out:?}");
+    let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let d = max_logit_diff(&v, case);
+    assert!(d <= 1e-4, "max logit difference {d}");
+    assert_eq!(v["greedy_ids"], case["greedy_ids"]);
 }

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Seconds spent per measurement (more gives steadier medians).
     #[arg(long, default_value_t = 0.1)]
     seconds: f64,
+    /// Transport: shm (ringlm's shared memory), mpi, or hier (shm in a node, MPI between nodes); the last two
+    /// need a build with --features worker/mpi and a job started by mpirun/srun. Default: RINGLM_TRANSPORT.
+    #[arg(long, value_parser = ["shm", "mpi", "hier"])]
+    transport: Option<String>,
 }
 
 fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
@@ -96,6 +100,10 @@ fn measure(
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(t) = &a.transport {
+        // Read once by Communicator::new below, before any other thread exists.
+        std::env::set_var("RINGLM_TRANSPORT", t);
+    }
     let mut comm = Communicator::from_env().context("joining the job")?;
     comm.set_algorithm(a.algorithm.into());
     let n = comm.size();
