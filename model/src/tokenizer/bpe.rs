@@ -251,28 +251,14 @@ impl Bpe {
         if self.add_bos {
             ids.extend(self.bos);
         }
-        let mut rest = text;
-        while !rest.is_empty() {
-            let hit = self
-                .specials
-                .iter()
-                .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
-                .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            let (seg, next) = match hit {
-                Some((at, len, id)) => (&rest[..at], Some((id, &rest[at + len..]))),
-                None => (rest, None),
-            };
-            for piece in self.pre_tokenize(seg) {
-                self.bpe(&piece, &mut ids);
-            }
-            match next {
-                Some((id, r)) => {
-                    ids.push(id);
-                    rest = r;
+        super::split_specials(text, &self.specials, |piece| match piece {
+            super::Piece::Text(t) => {
+                for word in self.pre_tokenize(t) {
+                    self.bpe(&word, &mut ids);
                 }
-                None => break,
             }
-        }
+            super::Piece::Special(id) => ids.push(id),
+        });
         ids
     }
 

@@ -110,25 +110,10 @@ impl Yuan {
     /// segment between them is encoded by SentencePiece on its own (the legacy behaviour).
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            let hit = self
-                .specials
-                .iter()
-                .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
-                .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            match hit {
-                Some((at, len, id)) => {
-                    ids.extend(self.sp.encode(&rest[..at]));
-                    ids.push(id);
-                    rest = &rest[at + len..];
-                }
-                None => {
-                    ids.extend(self.sp.encode(rest));
-                    break;
-                }
-            }
-        }
+        split_specials(text, &self.specials, |piece| match piece {
+            Piece::Text(t) => ids.extend(self.sp.encode(t)),
+            Piece::Special(id) => ids.push(id),
+        });
         ids
     }
 
@@ -333,6 +318,43 @@ impl Tokenizer {
     /// Whether answers write newlines as Yuan's <n>.
     pub fn newline_marker(&self) -> bool {
         matches!(self, Tokenizer::Yuan(_))
+    }
+}
+
+/// A part of a text cut by [`split_specials`].
+pub(crate) enum Piece<'a> {
+    /// Ordinary text, to be encoded by the model's algorithm.
+    Text(&'a str),
+    /// A special token written out whole in the text.
+    Special(u32),
+}
+
+/// Cuts `text` at the special tokens written in it, earliest match first and the longest at a position,
+/// and hands the pieces to `each` in order (what Hugging Face does before the model's own algorithm runs).
+pub(crate) fn split_specials<'a>(
+    text: &'a str,
+    specials: &[(String, u32)],
+    mut each: impl FnMut(Piece<'a>),
+) {
+    let mut rest = text;
+    while !rest.is_empty() {
+        let hit = specials
+            .iter()
+            .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
+            .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        match hit {
+            Some((at, len, id)) => {
+                if at > 0 {
+                    each(Piece::Text(&rest[..at]));
+                }
+                each(Piece::Special(id));
+                rest = &rest[at + len..];
+            }
+            None => {
+                each(Piece::Text(rest));
+                break;
+            }
+        }
     }
 }
 
