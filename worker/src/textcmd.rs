@@ -131,20 +131,37 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
         Vec::new()
     };
     let ids = share_ids(&mut job, &ids)?;
-    let mut printer = Printer::new(&tok);
-    let stats = generate(&mut job, &ids, &a.sampling, tok.stop(), &|| false, |id| {
+    let (_, stats) = print_answer(&mut job, &tok, &ids, &a.sampling)?;
+    if rank0 {
+        eprintln!("[{}]", stats.summary());
+    }
+    Ok(())
+}
+
+/// Generates on every rank; rank 0 prints the text as it comes (then a newline) and returns it.
+fn print_answer(
+    job: &mut Job,
+    tok: &Tokenizer,
+    ids: &[u32],
+    sampling: &SamplingArgs,
+) -> Result<(String, engine::Stats)> {
+    let rank0 = job.rank() == 0;
+    let mut printer = Printer::new(tok);
+    let stats = generate(job, ids, sampling, tok.stop(), &|| false, |id| {
         if rank0 {
             printer.push(id)
         } else {
             Ok(())
         }
     })?;
-    if rank0 {
-        printer.finish()?;
+    let text = if rank0 {
+        let text = printer.finish()?;
         println!();
-        eprintln!("[{}]", stats.summary());
-    }
-    Ok(())
+        text
+    } else {
+        String::new()
+    };
+    Ok((text, stats))
 }
 
 #[derive(clap::Args, Debug)]
@@ -238,17 +255,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         }
         let ids = share_ids(&mut job, &ids)?;
         engine::INTERRUPTED.store(false, std::sync::atomic::Ordering::SeqCst);
-        let mut printer = Printer::new(&tok);
-        let stats = generate(&mut job, &ids, &a.sampling, tok.stop(), &|| false, |id| {
-            if rank0 {
-                printer.push(id)
-            } else {
-                Ok(())
-            }
-        })?;
+        let (answer, stats) = print_answer(&mut job, &tok, &ids, &a.sampling)?;
         if rank0 {
-            let answer = printer.finish()?;
-            println!();
             if stats.interrupted {
                 eprintln!("[stopped]");
             }
