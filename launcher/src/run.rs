@@ -15,6 +15,8 @@ use crate::plan::{plan, Plan};
 use crate::topo::{self, Machine, Source};
 use crate::{bind, Args};
 
+/// How long the other ranks get to end by themselves after one fails, before SIGTERM.
+const SETTLE: Duration = Duration::from_millis(300);
 /// How long ranks get between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(3);
 
@@ -264,6 +266,7 @@ fn launch(args: &Args, machine: &Machine, plan: &Plan) -> Result<u8, String> {
     let start = Instant::now();
     let timeout = args.timeout.map(Duration::from_secs_f64);
     let mut kill_at: Option<Instant> = None;
+    let mut term_at: Option<Instant> = None;
     let mut last_sigint: Option<Instant> = None;
     if failure.is_some() {
         terminate(&pids, Signal::SIGTERM);
@@ -304,8 +307,13 @@ fn launch(args: &Args, machine: &Machine, plan: &Plan) -> Result<u8, String> {
             break;
         }
         if failure.is_some() && kill_at.is_none() {
-            terminate(&pids, Signal::SIGTERM);
-            kill_at = Some(Instant::now() + GRACE);
+            // A rank's failure usually makes its peers fail too, each printing why; give them a moment to
+            // finish that on their own before SIGTERM cuts a message (the cause) short.
+            let at = *term_at.get_or_insert_with(|| Instant::now() + SETTLE);
+            if Instant::now() >= at {
+                terminate(&pids, Signal::SIGTERM);
+                kill_at = Some(Instant::now() + GRACE);
+            }
         }
         if let (Some(limit), None) = (timeout, &failure) {
             if start.elapsed() > limit {
