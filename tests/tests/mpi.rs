@@ -158,3 +158,61 @@ fn golden_case_matches(i: usize, launch: impl Fn(&[&str]) -> Option<e2e::Finishe
     assert!(d <= 1e-4, "case {i}: max logit difference {d}");
     assert_eq!(v["greedy_ids"], case["greedy_ids"], "case {i}");
 }
+
+/// mpirun told not to bind (`--bind-to none`): the ranks spread over the packages themselves, one CPU set
+/// each, disjoint; told to bind, they keep the launcher's choice.
+#[test]
+fn ranks_bind_themselves_when_mpirun_does_not() {
+    let Some(dir) = shared_dir("golden/yuan-tiny-a") else {
+        return;
+    };
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    if online.trim() == "0" {
+        eprintln!("\n*** SKIPPED: one CPU, nothing to spread over ***\n");
+        return;
+    }
+    let model = dir.to_str().unwrap();
+    let args = [
+        "logits",
+        "--model",
+        model,
+        "--ids",
+        "1,2",
+        "--report-placement",
+    ];
+    let Some(out) = mpirun_with(
+        2,
+        &["--bind-to", "none", "-x", "RINGLM_TRANSPORT=shm"],
+        &args,
+    ) else {
+        return;
+    };
+    assert_eq!(out.code(), 0, "{out:?}");
+    let cpus: Vec<String> = out
+        .stderr
+        .lines()
+        .filter_map(|l| l.split("bound to CPUs [").nth(1))
+        .map(|r| r.split(']').next().unwrap().to_string())
+        .collect();
+    assert_eq!(cpus.len(), 2, "both ranks bind themselves:\n{}", out.stderr);
+    let parse = |s: &str| -> Vec<usize> { s.split(", ").map(|c| c.parse().unwrap()).collect() };
+    let (a, b) = (parse(&cpus[0]), parse(&cpus[1]));
+    assert!(
+        a.iter().all(|c| !b.contains(c)),
+        "overlapping CPU sets {a:?} {b:?}"
+    );
+
+    let Some(out) = mpirun_with(
+        2,
+        &["--bind-to", "core", "-x", "RINGLM_TRANSPORT=shm"],
+        &args,
+    ) else {
+        return;
+    };
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(
+        !out.stderr.contains("left it unbound"),
+        "mpirun bound the ranks; ringlm must keep that: {}",
+        out.stderr
+    );
+}

@@ -9,6 +9,7 @@ mod logits;
 mod perplexity;
 mod placement;
 mod runtime;
+mod selfbind;
 mod serve;
 mod synth;
 mod textcmd;

@@ -68,7 +68,17 @@ pub struct Job {
 impl Job {
     /// Joins the job and loads this rank's shard.
     pub fn start(a: &ModelArgs) -> Result<Job> {
-        let comm = Communicator::from_env().context("joining the job")?;
+        // Before any thread or weight exists, so that both follow the binding.
+        let env = collective::JobEnv::from_env()?;
+        if let Some(b) = crate::selfbind::apply(&env)? {
+            if a.report_placement {
+                eprintln!(
+                    "[rank {}] {} left it unbound: bound to CPUs {:?}, memory to NUMA nodes {:?} (RINGLM_SELF_BIND=0 to skip)",
+                    env.rank, env.launcher, b.cpus, b.nodes
+                );
+            }
+        }
+        let comm = Communicator::new(env).context("joining the job")?;
         let shard = Shard {
             rank: comm.rank(),
             size: comm.size(),
