@@ -100,6 +100,17 @@ impl<T> Shared<T> {
     }
 }
 
+/// Runs `f(y, rows)` on every pool thread with its own 4-aligned share of the output rows; all threads see
+/// the whole `y` but write only their rows.
+fn par_rows(pool: &Pool, y: &mut [f32], f: &(dyn Fn(&mut [f32], std::ops::Range<usize>) + Sync)) {
+    let len = y.len();
+    let yp = Shared(y.as_mut_ptr());
+    pool.run(&|p, n| {
+        let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), len) };
+        f(y, split(len, n, p, 4));
+    });
+}
+
 /// Writes row r of a weight as bf16 into the slice (prefill tiles on AVX-512).
 type TileRowFn<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
@@ -181,27 +192,20 @@ impl Kernels {
     /// y = W·x for one token (decode).
     pub fn gemv_nf4(&self, pool: &Pool, w: &Nf4Matrix, x: &[f32], y: &mut [f32]) -> Result<()> {
         Self::check("NF4 GEMV", w.rows(), w.cols(), x.len(), y.len(), 1)?;
-        let yp = Shared(y.as_mut_ptr());
-        let rows = w.rows();
         match self.isa {
-            Isa::Scalar => pool.run(&|p, n| {
-                let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), rows) };
-                reference::gemv_nf4_rows(w, x, y, split(rows, n, p, 4));
-            }),
+            Isa::Scalar => par_rows(pool, y, &|y, rows| reference::gemv_nf4_rows(w, x, y, rows)),
             Isa::Avx2 => {
                 let mut xp = vec![0f32; x.len()];
                 avx2::prep_x_nf4(x, &mut xp);
-                pool.run(&|p, n| {
-                    let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), rows) };
-                    unsafe { avx2::gemv_nf4_rows(w, &xp, y, split(rows, n, p, 4)) };
+                par_rows(pool, y, &|y, rows| unsafe {
+                    avx2::gemv_nf4_rows(w, &xp, y, rows)
                 });
             }
             Isa::Avx512 => {
                 let mut xp = vec![0u16; x.len().div_ceil(avx512::CHUNK) * avx512::CHUNK];
                 avx512::prep_x_nf4_w4(x, &mut xp);
-                pool.run(&|p, n| {
-                    let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), rows) };
-                    unsafe { avx512::gemv_nf4_rows_w4(w, &xp, y, split(rows, n, p, 4)) };
+                par_rows(pool, y, &|y, rows| unsafe {
+                    avx512::gemv_nf4_rows_w4(w, &xp, y, rows)
                 });
             }
         }
@@ -211,23 +215,16 @@ impl Kernels {
     /// y = W·x for one token, bf16 weights.
     pub fn gemv_bf16(&self, pool: &Pool, w: &Bf16Matrix, x: &[f32], y: &mut [f32]) -> Result<()> {
         Self::check("BF16 GEMV", w.rows(), w.cols(), x.len(), y.len(), 1)?;
-        let yp = Shared(y.as_mut_ptr());
-        let rows = w.rows();
         match self.isa {
-            Isa::Scalar => pool.run(&|p, n| {
-                let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), rows) };
-                reference::gemv_bf16_rows(w, x, y, split(rows, n, p, 4));
-            }),
-            Isa::Avx2 => pool.run(&|p, n| {
-                let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), rows) };
-                unsafe { avx2::gemv_bf16_rows(w, x, y, split(rows, n, p, 4)) };
+            Isa::Scalar => par_rows(pool, y, &|y, rows| reference::gemv_bf16_rows(w, x, y, rows)),
+            Isa::Avx2 => par_rows(pool, y, &|y, rows| unsafe {
+                avx2::gemv_bf16_rows(w, x, y, rows)
             }),
             Isa::Avx512 => {
                 let mut xp = vec![0u16; x.len().div_ceil(32) * 32];
                 avx512::prep_x_bf16(x, &mut xp);
-                pool.run(&|p, n| {
-                    let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), rows) };
-                    unsafe { avx512::gemv_bf16_rows(w, &xp, y, split(rows, n, p, 4)) };
+                par_rows(pool, y, &|y, rows| unsafe {
+                    avx512::gemv_bf16_rows(w, &xp, y, rows)
                 });
             }
         }
@@ -238,12 +235,7 @@ impl Kernels {
     /// for exactness checks, not speed).
     pub fn gemv_f32(&self, pool: &Pool, w: &F32Matrix, x: &[f32], y: &mut [f32]) -> Result<()> {
         Self::check("F32 GEMV", w.rows(), w.cols(), x.len(), y.len(), 1)?;
-        let yp = Shared(y.as_mut_ptr());
-        let rows = w.rows();
-        pool.run(&|p, n| {
-            let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), rows) };
-            reference::gemv_f32_rows(w, x, y, split(rows, n, p, 4));
-        });
+        par_rows(pool, y, &|y, rows| reference::gemv_f32_rows(w, x, y, rows));
         Ok(())
     }
 
