@@ -601,6 +601,10 @@ impl FullLayer {
         let full = |v: Vec<f32>, rows: usize, cols: usize, ok: bool, n: &str| {
             FullWeight::new(v, rows, cols, format, ok).map_err(|e| e.tensor(name(n)))
         };
+        // A matrix stored as is: read and wrap in one step.
+        let stored = |n: &str, rows: usize, cols: usize, ok: bool| {
+            full(ck.take(&name(n), &[rows, cols])?, rows, cols, ok, n)
+        };
         // q/k: undo the per-head interleave of the stacked [q; k] output.
         let q = ck.take(&name("self_attn.q_proj.weight"), &[h, h])?;
         let k = ck.take(&name("self_attn.k_proj.weight"), &[h, h])?;
@@ -651,41 +655,11 @@ impl FullLayer {
             }),
             wq: full(wq, h, h, true, "self_attn.q_proj.weight")?,
             wk: full(wk, h, h, true, "self_attn.k_proj.weight")?,
-            wv: full(
-                ck.take(&name("self_attn.v_proj.weight"), &[h, h])?,
-                h,
-                h,
-                true,
-                "self_attn.v_proj.weight",
-            )?,
-            wo: full(
-                ck.take(&name("self_attn.o_proj.weight"), &[h, h])?,
-                h,
-                h,
-                blocks_survive(h, &valid),
-                "self_attn.o_proj.weight",
-            )?,
-            gate: full(
-                ck.take(&name("mlp.gate_proj.weight"), &[f, h])?,
-                f,
-                h,
-                true,
-                "mlp.gate_proj.weight",
-            )?,
-            up: full(
-                ck.take(&name("mlp.up_proj.weight"), &[f, h])?,
-                f,
-                h,
-                true,
-                "mlp.up_proj.weight",
-            )?,
-            down: full(
-                ck.take(&name("mlp.down_proj.weight"), &[h, f])?,
-                h,
-                f,
-                blocks_survive(f, &valid),
-                "mlp.down_proj.weight",
-            )?,
+            wv: stored("self_attn.v_proj.weight", h, h, true)?,
+            wo: stored("self_attn.o_proj.weight", h, h, blocks_survive(h, &valid))?,
+            gate: stored("mlp.gate_proj.weight", f, h, true)?,
+            up: stored("mlp.up_proj.weight", f, h, true)?,
+            down: stored("mlp.down_proj.weight", h, f, blocks_survive(f, &valid))?,
         })
     }
 
@@ -754,8 +728,8 @@ impl FullLayer {
             }
             g.f32(&full)
         };
-        let full = |v: Vec<f32>, rows: usize, cols: usize, ok: bool, name: &str| {
-            FullWeight::new(v, rows, cols, format, ok)
+        let full = |name: &str, rows: usize, cols: usize, ok: bool| {
+            FullWeight::new(take(name, rows, cols)?, rows, cols, format, ok)
                 .map_err(|e| e.tensor(format!("blk.{l}.{name}")))
         };
         let o_ok = cuts_on_blocks(c, |cut| cut.n.clone());
@@ -764,43 +738,13 @@ impl FullLayer {
             input_norm: take("attn_norm.weight", 1, h)?,
             post_norm: take("ffn_norm.weight", 1, h)?,
             lfa: None,
-            wq: full(take("attn_q.weight", h, h)?, h, h, true, "attn_q.weight")?,
-            wk: full(
-                take("attn_k.weight", nkv, h)?,
-                nkv,
-                h,
-                true,
-                "attn_k.weight",
-            )?,
-            wv: full(
-                take("attn_v.weight", nkv, h)?,
-                nkv,
-                h,
-                true,
-                "attn_v.weight",
-            )?,
-            wo: full(
-                take("attn_output.weight", h, h)?,
-                h,
-                h,
-                o_ok,
-                "attn_output.weight",
-            )?,
-            gate: full(
-                take("ffn_gate.weight", f, h)?,
-                f,
-                h,
-                true,
-                "ffn_gate.weight",
-            )?,
-            up: full(take("ffn_up.weight", f, h)?, f, h, true, "ffn_up.weight")?,
-            down: full(
-                take("ffn_down.weight", h, f)?,
-                h,
-                f,
-                down_ok,
-                "ffn_down.weight",
-            )?,
+            wq: full("attn_q.weight", h, h, true)?,
+            wk: full("attn_k.weight", nkv, h, true)?,
+            wv: full("attn_v.weight", nkv, h, true)?,
+            wo: full("attn_output.weight", h, h, o_ok)?,
+            gate: full("ffn_gate.weight", f, h, true)?,
+            up: full("ffn_up.weight", f, h, true)?,
+            down: full("ffn_down.weight", h, f, down_ok)?,
         })
     }
 }
