@@ -15,7 +15,7 @@ use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::kernels::{AlignedBytes, Bf16Matrix, F32Matrix, Nf4Matrix};
+use crate::kernels::{Bf16Matrix, F32Matrix, Nf4Matrix};
 use crate::weight::Weight;
 
 /// Format name and version in manifest.json.
@@ -121,13 +121,13 @@ impl ShardWriter {
                     &format!("{name}.codes"),
                     Dtype::U8,
                     &[m.rows(), m.cols() / 2],
-                    codes,
+                    &codes,
                 )?;
                 self.put(
                     &format!("{name}.scales"),
                     Dtype::U8,
                     &[scales.len()],
-                    scales,
+                    &scales,
                 )?;
                 self.put_f32(&format!("{name}.nested"), &[nested.len()], nested)?;
                 let meta = [row0 as u32, stride as u32, offset.to_bits()];
@@ -359,7 +359,7 @@ impl ShardReader {
         let w = if peek == format!("{name}.codes") {
             // Each piece is copied out before the next read reuses the buffer.
             let (_, cs, b) = self.take(&format!("{name}.codes"))?;
-            let codes = AlignedBytes::from_slice(b);
+            let codes = b.to_vec();
             let scales = self.take(&format!("{name}.scales"))?.2.to_vec();
             let nested = f32s(self.take(&format!("{name}.nested"))?.2);
             let meta = u32s(self.take(&format!("{name}.meta"))?.2);
@@ -371,7 +371,7 @@ impl ShardReader {
             }
             let m = Nf4Matrix::from_slice_parts(
                 rows,
-                codes,
+                &codes,
                 scales,
                 nested,
                 f32::from_bits(meta[2]),

@@ -142,7 +142,7 @@ impl Weight {
             Weight::F32(m) => unsafe {
                 std::slice::from_raw_parts(m.values().as_ptr() as *const u8, m.values().len() * 4)
             },
-            Weight::Nf4(m) => m.parts().0,
+            Weight::Nf4(m) => m.region(),
             Weight::Bf16(m) => m.raw_bytes(),
         }
     }

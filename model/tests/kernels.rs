@@ -6,8 +6,13 @@ use model::pool::Pool;
 
 /// Reference kernels (f32 activations, f32 accumulation) vs f64: max error over outputs / output RMS.
 const REFERENCE_TOL: f64 = 1e-5;
-/// SIMD kernels with bf16 activations (AVX-512 GEMV): rounding x to 8 mantissa bits.
+/// Kernels that round activations and weight tiles to bf16 (AVX-512 and AMX GEMM): 8 mantissa bits; the
+/// issue's bound for reduced-precision kernels.
 const BF16_ACT_TOL: f64 = 1e-2;
+/// The integer NF4 GEMVs (AVX-512, AVX2): x to 1/8191 of its block maximum, levels to 1/4095. A layer-sized
+/// matrix measures ~3e-4 (see `fast_kernel_error_on_a_layer_sized_matrix`); a handful of outputs of 64
+/// inputs divide by a small RMS and reach ~2e-3.
+const INT16_ACT_TOL: f64 = 5e-3;
 
 fn data(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed;
@@ -38,19 +43,27 @@ fn rel_err(w: &[f32], rows: usize, cols: usize, x: &[f32], m: usize, y: &[f32]) 
     max / (sq / (rows * m) as f64).sqrt().max(1e-30)
 }
 
-fn isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|i| i.supported())
-        .collect()
+/// Every kernel family this CPU runs: each instruction set, and AVX-512 with and without AMX prefill.
+fn variants() -> Vec<(Isa, Kernels)> {
+    let mut v = Vec::new();
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+        if let Ok(k) = Kernels::with_isa(isa) {
+            if k.uses_amx() {
+                v.push((isa, k.without_amx()));
+            }
+            v.push((isa, k));
+        }
+    }
+    v
 }
 
-fn tol(isa: Isa, _gemv: bool) -> f64 {
-    // The AVX-512 GEMV and GEMM both round activations (and GEMM tiles) to bf16.
-    if isa == Isa::Avx512 {
-        BF16_ACT_TOL
-    } else {
-        REFERENCE_TOL
+/// NF4 GEMV: integer on both SIMD families. GEMM and BF16 GEMV: bf16 on AVX-512, f32 on AVX2.
+fn tol(isa: Isa, nf4_gemv: bool) -> f64 {
+    match isa {
+        Isa::Scalar => REFERENCE_TOL,
+        _ if nf4_gemv => INT16_ACT_TOL,
+        Isa::Avx512 => BF16_ACT_TOL,
+        Isa::Avx2 => REFERENCE_TOL,
     }
 }
 
@@ -67,8 +80,7 @@ fn nf4_gemv_and_gemm_match_f64_for_odd_shapes() {
     ] {
         let w = Nf4Matrix::quantize(&data(rows as u64, rows * cols), rows, cols).unwrap();
         let wf = w.dequantize();
-        for isa in isas() {
-            let k = Kernels::with_isa(isa).unwrap();
+        for (isa, k) in variants() {
             for pool in &pools {
                 let x = data(7, cols);
                 let mut y = vec![0f32; rows];
@@ -78,14 +90,16 @@ fn nf4_gemv_and_gemm_match_f64_for_odd_shapes() {
                     e <= tol(isa, true),
                     "{isa:?} NF4 GEMV {rows}x{cols}: error {e:e}"
                 );
-                for m in [2, 3, 5, 16] {
+                // 33 crosses AMX's token groups of 16 and blocks of two groups.
+                for m in [2, 3, 5, 16, 33] {
                     let x = data(11 + m as u64, m * cols);
                     let mut y = vec![0f32; m * rows];
                     k.gemm_nf4(pool, &w, &x, m, &mut y).unwrap();
                     let e = rel_err(&wf, rows, cols, &x, m, &y);
                     assert!(
                         e <= tol(isa, false),
-                        "{isa:?} NF4 GEMM {rows}x{cols} m={m}: error {e:e}"
+                        "{} NF4 GEMM {rows}x{cols} m={m}: error {e:e}",
+                        k.describe()
                     );
                 }
             }
@@ -102,14 +116,13 @@ fn bf16_gemv_and_gemm_match_f64_for_odd_shapes() {
         for r in 0..rows {
             w.dequantize_row(r, &mut wf[r * cols..(r + 1) * cols]);
         }
-        for isa in isas() {
-            let k = Kernels::with_isa(isa).unwrap();
+        for (isa, k) in variants() {
             let x = data(5, cols);
             let mut y = vec![0f32; rows];
             k.gemv_bf16(&pool, &w, &x, &mut y).unwrap();
             let e = rel_err(&wf, rows, cols, &x, 1, &y);
             assert!(
-                e <= tol(isa, true),
+                e <= tol(isa, false),
                 "{isa:?} BF16 GEMV {rows}x{cols}: error {e:e}"
             );
             for m in [2, 7] {
@@ -119,7 +132,8 @@ fn bf16_gemv_and_gemm_match_f64_for_odd_shapes() {
                 let e = rel_err(&wf, rows, cols, &x, m, &y);
                 assert!(
                     e <= tol(isa, false),
-                    "{isa:?} BF16 GEMM {rows}x{cols} m={m}: error {e:e}"
+                    "{} BF16 GEMM {rows}x{cols} m={m}: error {e:e}",
+                    k.describe()
                 );
             }
         }
@@ -134,15 +148,41 @@ fn fast_kernel_error_on_a_layer_sized_matrix() {
     let wf = w.dequantize();
     let x = data(43, cols);
     let pool = Pool::new(2, None);
-    for isa in isas() {
+    for (isa, k) in variants() {
         let mut y = vec![0f32; rows];
-        Kernels::with_isa(isa)
-            .unwrap()
-            .gemv_nf4(&pool, &w, &x, &mut y)
-            .unwrap();
+        k.gemv_nf4(&pool, &w, &x, &mut y).unwrap();
         let e = rel_err(&wf, rows, cols, &x, 1, &y);
         eprintln!("NF4 GEMV 256x2048 {isa:?}: max error / output RMS = {e:.2e}");
-        assert!(e <= tol(isa, true));
+        // Tighter than the odd shapes' bound: a regression of the integer path shows here first.
+        let bound = if isa == Isa::Scalar {
+            REFERENCE_TOL
+        } else {
+            1e-3
+        };
+        assert!(e <= bound, "{isa:?}: {e:e} > {bound:e}");
+    }
+}
+
+/// The two integer GEMVs sum the same integers and apply the scales with the same fused multiply-adds.
+#[test]
+fn integer_gemvs_agree_bit_for_bit() {
+    if !(Isa::Avx2.supported() && Isa::Avx512.supported()) {
+        eprintln!("SKIPPED: this CPU lacks AVX2 or AVX-512, nothing to compare");
+        return;
+    }
+    let pool = Pool::new(2, None);
+    for &(rows, cols) in &[(13, 320), (40, 2048), (9, 64)] {
+        let w = Nf4Matrix::quantize(&data(rows as u64 * 3, rows * cols), rows, cols).unwrap();
+        let x = data(99, cols);
+        let run = |isa| {
+            let mut y = vec![0f32; rows];
+            Kernels::with_isa(isa)
+                .unwrap()
+                .gemv_nf4(&pool, &w, &x, &mut y)
+                .unwrap();
+            y
+        };
+        assert_eq!(run(Isa::Avx2), run(Isa::Avx512), "{rows}x{cols}");
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use model::kernels::{Bf16Matrix, KernelChoice, Kernels, Nf4Matrix};
+use model::kernels::{AlignedBytes, Bf16Matrix, KernelChoice, Kernels, Nf4Matrix};
 use model::pool::Pool;
 
 #[derive(clap::Args, Debug)]
@@ -21,16 +21,45 @@ pub struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
-    /// Bytes of distinct matrix copies cycled through per GEMV measurement (many times the 32 MiB L3, so
-    /// every pass streams from memory as decode does).
-    #[arg(long, default_value_t = 512 << 20)]
-    working_set: usize,
+    /// Bytes of distinct matrix copies cycled through per GEMV measurement, so every pass streams from
+    /// memory as decode does (default: 4× the last-level cache the CPU reports, at least 512 MiB).
+    #[arg(long)]
+    working_set: Option<usize>,
     /// Only these shapes (e.g. 8192x2048); default: all.
     #[arg(long, value_delimiter = ',')]
     shapes: Vec<String>,
     /// Token counts for GEMM.
     #[arg(long, value_delimiter = ',', default_value = "16,64,128")]
     gemm_m: Vec<usize>,
+}
+
+/// Size of the last-level cache of CPU 0 in bytes, as sysfs reports it ("491520K").
+fn llc_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    let mut best = None;
+    // Entries that are not caches (uevent) or do not parse are skipped.
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok();
+    for e in dir.flatten() {
+        let Some(level) = read(e.path().join("level")).and_then(|l| l.trim().parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let Some(size) = read(e.path().join("size")) else {
+            continue;
+        };
+        let size = size.trim();
+        let bytes = match (size.strip_suffix('K'), size.strip_suffix('M')) {
+            (Some(k), _) => k.parse::<usize>().ok().map(|k| k << 10),
+            (_, Some(m)) => m.parse::<usize>().ok().map(|m| m << 20),
+            _ => size.parse().ok(),
+        };
+        if let Some(bytes) = bytes {
+            if best.is_none_or(|(l, _)| level > l) {
+                best = Some((level, bytes));
+            }
+        }
+    }
+    best.map(|(_, b)| b)
 }
 
 pub fn parse_choice(s: &str) -> std::result::Result<KernelChoice, String> {
@@ -121,6 +150,10 @@ pub fn run(a: Args) -> Result<()> {
         None => Pool::from_env(),
     };
     let threads = pool.threads();
+    let llc = llc_bytes();
+    let working_set = a
+        .working_set
+        .unwrap_or_else(|| (4 * llc.unwrap_or(0)).max(512 << 20));
     let peak = Kernels::fma_peak_flops(0.3) * threads as f64;
     // Cost of starting an empty job on every pool thread and waiting for it.
     let n = 20_000;
@@ -132,13 +165,23 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"pool_dispatch_us": dispatch_us, "threads": threads, "peak_gflops": peak / 1e9})
+            serde_json::json!({"pool_dispatch_us": dispatch_us, "threads": threads, "peak_gflops": peak / 1e9,
+                "kernels": kernels.describe(), "amx": kernels.uses_amx(), "llc_bytes": llc,
+                "working_set_bytes": working_set})
         );
     } else {
         println!(
-            "kernels: {}; threads: {threads}; peak FMA: {:.1} GFLOP/s; pool dispatch: {dispatch_us:.2} µs",
+            "kernels: {}; threads: {threads}; peak f32 FMA: {:.1} GFLOP/s; pool dispatch: {dispatch_us:.2} µs",
             kernels.describe(),
             peak / 1e9
+        );
+        println!(
+            "working set per GEMV measurement: {:.0} MiB (last-level cache: {})",
+            working_set as f64 / (1 << 20) as f64,
+            llc.map_or("unknown".into(), |b| format!(
+                "{:.0} MiB",
+                b as f64 / (1 << 20) as f64
+            ))
         );
         println!(
             "{:<13} {:<5} {:>9} {:>11} {:>11} {:>6} {:>26}",
@@ -148,7 +191,14 @@ pub fn run(a: Args) -> Result<()> {
             "gemv GB/s",
             "stream GB/s",
             "ratio",
-            "gemm GFLOP/s (m=16/64/128)"
+            format!(
+                "gemm GFLOP/s (m={})",
+                a.gemm_m
+                    .iter()
+                    .map(|m| m.to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            )
         );
     }
     let mut rng = Rng(0x2545_F491_4F6C_DD1D);
@@ -158,7 +208,7 @@ pub fn run(a: Args) -> Result<()> {
             continue;
         }
         let first = random(rows, cols, kind, &mut rng)?;
-        let copies = a.working_set.div_ceil(first.bytes()).max(1);
+        let copies = working_set.div_ceil(first.bytes()).max(1);
         let mut mats = vec![first];
         for _ in 1..copies {
             mats.push(random(rows, cols, kind, &mut rng)?);
@@ -179,12 +229,13 @@ pub fn run(a: Args) -> Result<()> {
             best = best.min(t.elapsed().as_secs_f64());
         }
         let gemv_bps = total as f64 / best;
-        // A plain read of the same bytes, the same way: each copy in turn.
-        let mut raw: Vec<Vec<u8>> = Vec::new();
+        // A plain read of the same bytes, the same way (each copy in turn), from the same kind of memory
+        // as the weights (huge-page mappings for large buffers).
+        let mut raw: Vec<AlignedBytes> = Vec::new();
         let per = total / copies;
         for _ in 0..copies {
-            let mut v = vec![0u8; per];
-            rng.fill(&mut v);
+            let mut v = AlignedBytes::zeroed(per);
+            rng.fill(v.as_mut_slice());
             raw.push(v);
         }
         let mut sbest = f64::MAX;
@@ -192,7 +243,7 @@ pub fn run(a: Args) -> Result<()> {
         while start.elapsed().as_secs_f64() < a.seconds || sbest == f64::MAX {
             let t = Instant::now();
             for r in &raw {
-                std::hint::black_box(Kernels::stream_read(&pool, r));
+                std::hint::black_box(Kernels::stream_read(&pool, r.as_slice()));
             }
             sbest = sbest.min(t.elapsed().as_secs_f64());
         }
@@ -228,9 +279,11 @@ pub fn run(a: Args) -> Result<()> {
                 })
             );
         } else {
-            let g: Vec<String> = gflops
-                .values()
-                .map(|v| format!("{:.1}", v.as_f64().unwrap_or(0.0)))
+            // In the order asked for: the JSON map sorts its keys as strings ("128" before "16").
+            let g: Vec<String> = a
+                .gemm_m
+                .iter()
+                .map(|m| format!("{:.1}", gflops[&m.to_string()].as_f64().unwrap_or(0.0)))
                 .collect();
             println!(
                 "{:<13} {:<5} {:>9.1} {:>11.2} {:>11.2} {:>6.2} {:>26}",

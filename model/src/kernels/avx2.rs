@@ -1,69 +1,90 @@
-//! AVX2 + FMA kernels for CPUs without AVX-512: NF4 codes become f32 weights through two 8-entry
-//! `vpermps` lookups and a blend on the code's top bit; prefill tiles use an 8-wide FMA micro-kernel.
+//! AVX2 + FMA kernels for CPUs without AVX-512: the NF4 GEMV in 16-bit integers on the tiled layout (as the
+//! AVX-512 one), the BF16 GEMV in f32, and an 8-wide FMA micro-kernel for prefill tiles.
 
 use std::arch::x86_64::*;
 
-use super::matrix::{Bf16Matrix, Nf4Matrix};
-use crate::quant::nf4::{BLOCK, LEVELS};
+use super::matrix::{Bf16Matrix, Nf4Matrix, CHUNK_SCALES, TILE_ROWS};
+use super::quantx::{level_codes, QuantX};
 
-/// x split per group of 16 into the 8 even-indexed then the 8 odd-indexed values (the order the NF4
-/// kernel decodes high and low nibbles in). `out.len() == x.len()` (a multiple of 64 for NF4 matrices).
-pub fn prep_x_nf4(x: &[f32], out: &mut [f32]) {
-    for (g, (src, dst)) in x.chunks(16).zip(out.chunks_mut(16)).enumerate() {
-        let _ = g;
-        for p in 0..8 {
-            dst[p] = src[2 * p];
-            dst[8 + p] = src[2 * p + 1];
-        }
-    }
-}
-
-/// NF4 GEMV over `rows`, two rows per pass.
+/// NF4 GEMV over whole tiles `tiles` on the tiled layout, integer products as in the AVX-512 kernel:
+/// 16-bit level codes come from two `vpshufb` lookups (their low and high bytes), `vpmaddwd` multiplies them
+/// with the activation codes. The integer block sums are exact and the scales are applied with the same
+/// fused multiply-adds in the same order, so the results equal the AVX-512 kernel's bit for bit.
 ///
 /// # Safety
-/// avx2 and fma; `xp` is `prep_x_nf4(x)`.
+/// avx2 and fma; `x` was quantized from a vector of `w.cols()` values.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn gemv_nf4_rows(
+pub unsafe fn gemv_nf4_tiles(
     w: &Nf4Matrix,
-    xp: &[f32],
+    x: &QuantX,
     y: &mut [f32],
-    rows: std::ops::Range<usize>,
+    tiles: std::ops::Range<usize>,
 ) {
-    let lo8 = _mm256_loadu_ps(LEVELS.as_ptr());
-    let hi8 = _mm256_loadu_ps(LEVELS.as_ptr().add(8));
-    let fifteen = _mm256_set1_epi32(15);
-    let blocks = w.cols() / BLOCK;
-    let decode = |idx: __m256i| -> __m256 {
-        let sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-        _mm256_blendv_ps(
-            _mm256_permutevar8x32_ps(lo8, idx),
-            _mm256_permutevar8x32_ps(hi8, idx),
-            sel,
-        )
-    };
-    let mut r = rows.start;
-    while r < rows.end {
-        let n = (rows.end - r).min(2);
+    let lv = level_codes();
+    let mut lo = [0u8; 32];
+    let mut hi = [0u8; 32];
+    for i in 0..32 {
+        lo[i] = lv[i % 16] as u16 as u8;
+        hi[i] = ((lv[i % 16] as u16) >> 8) as u8;
+    }
+    let tlo = _mm256_loadu_si256(lo.as_ptr() as *const __m256i);
+    let thi = _mm256_loadu_si256(hi.as_ptr() as *const __m256i);
+    let m4 = _mm256_set1_epi16(0x000F);
+    let m8 = _mm256_set1_epi16(0x00FF);
+    let nb = w.blocks();
+    let p = w.scale_parts();
+    for t in tiles {
+        let codes = w.tile_codes(t).as_ptr();
+        let sc = w.tile_scale_codes(t);
+        // Lanes 0..8 (rows 0..4) and 8..16 (rows 4..8).
         let mut acc = [_mm256_setzero_ps(); 2];
-        for b in 0..blocks {
-            for (i, a) in acc.iter_mut().enumerate().take(n) {
-                let codes = w.row_codes(r + i).as_ptr().add(b * 32);
-                let mut t = _mm256_setzero_ps();
-                for g in 0..4 {
-                    let bytes =
-                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.add(8 * g) as *const __m128i));
-                    let xe = _mm256_loadu_ps(xp.as_ptr().add(b * BLOCK + 16 * g));
-                    let xo = _mm256_loadu_ps(xp.as_ptr().add(b * BLOCK + 16 * g + 8));
-                    t = _mm256_fmadd_ps(decode(_mm256_srli_epi32(bytes, 4)), xe, t);
-                    t = _mm256_fmadd_ps(decode(_mm256_and_si256(bytes, fifteen)), xo, t);
+        for c in 0..w.chunks() {
+            let supers = if 2 * c + 1 < nb { 8 } else { 4 };
+            let xp = x.q.as_ptr().add(c * 128) as *const i64;
+            let mut sum = [_mm256_setzero_si256(); 2];
+            for s in 0..supers {
+                for (half, part) in sum.iter_mut().enumerate() {
+                    let v = _mm256_loadu_si256(
+                        codes.add(c * 512 + s * 64 + half * 32) as *const __m256i
+                    );
+                    let shifted = [
+                        v,
+                        _mm256_srli_epi16::<4>(v),
+                        _mm256_srli_epi16::<8>(v),
+                        _mm256_srli_epi16::<12>(v),
+                    ];
+                    for (k, sv) in shifted.into_iter().enumerate() {
+                        let n = _mm256_and_si256(sv, m4);
+                        let wq = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_shuffle_epi8(tlo, n), m8),
+                            _mm256_slli_epi16::<8>(_mm256_shuffle_epi8(thi, n)),
+                        );
+                        let xv = _mm256_set1_epi64x(std::ptr::read_unaligned(xp.add(4 * s + k)));
+                        *part = _mm256_add_epi32(*part, _mm256_madd_epi16(wq, xv));
+                    }
                 }
-                *a = _mm256_fmadd_ps(t, _mm256_set1_ps(w.scale(r + i, b)), *a);
+            }
+            let mut s16 = [0f32; 16];
+            for (l, out) in s16.iter_mut().enumerate() {
+                let (i, h) = (l / 2, l % 2);
+                let code = sc[c * CHUNK_SCALES + l] as usize;
+                let g = (p.rowbase[t * TILE_ROWS + i] + p.colpair[2 * c + h]) as usize / 256;
+                *out = p.map[code].mul_add(p.nested[g], p.offset) * x.scale[2 * c + h];
+            }
+            for (half, a) in acc.iter_mut().enumerate() {
+                let sv = _mm256_loadu_ps(s16.as_ptr().add(8 * half));
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[half]), sv, *a);
             }
         }
-        for i in 0..n {
-            y[r + i] = hsum(acc[i]);
+        let mut out = [0f32; 16];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+        for i in 0..TILE_ROWS {
+            let r = t * TILE_ROWS + i;
+            if r < w.rows() {
+                y[r] = out[2 * i] + out[2 * i + 1];
+            }
         }
-        r += n;
     }
 }
 

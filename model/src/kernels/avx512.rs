@@ -1,19 +1,18 @@
-//! AVX-512 kernels (F, BW, BF16): NF4 codes are turned into bf16 weights with byte shuffles and multiplied
-//! with `vdpbf16ps`; prefill tiles are dequantized to f32 once and multiplied with FMA.
+//! AVX-512 kernels (F, BW, VNNI, BF16).
 //!
-//! NF4 GEMV layout: 64 packed bytes (128 weights, two blocks) per step, read as 32 16-bit words; four
-//! `vpermw` lookups turn the four nibbles of every word into bf16 weights. The weights come out in a fixed
-//! permutation, so the activations are permuted the same way once per call ([`prep_x_nf4_w4`]) instead of
-//! permuting every weight. Measured alternatives (BENCHMARKS.md): byte shuffles + unpacks (`vpshufb`), and one
-//! block per step with `vpmovzxbw` + two `vpermw` — both slower.
+//! NF4 GEMV: integer multiply-adds on the tiled layout ([`Nf4Matrix`]). Each 64-byte load holds 8 weights of
+//! each of 16 lanes (8 rows × 2 blocks); `vpermw` turns a lane's nibbles into 16-bit level codes (its index
+//! is the low 5 bits of a word, so shifts by 4, 8 and 12 reach the other nibbles without a mask) and
+//! `vpdpwssd` multiplies them with the activations' 16-bit codes ([`QuantX`]), broadcast 8 bytes at a time.
+//! A block's products sum exactly in 32 bits, and one vector of 16 decoded block scales then weighs all 16
+//! lanes at once. Measured here (BENCHMARKS.md): `vdpbf16ps` issues at half the rate of `vpdpwssd`, which is
+//! why the multiply is integer rather than bf16. Prefill decodes tiles to bf16 ([`decode_tile_bf16`]).
 
 use std::arch::x86_64::*;
 
-use super::matrix::{Bf16Matrix, Nf4Matrix};
+use super::matrix::{Bf16Matrix, Nf4Matrix, CHUNK_SCALES, TILE_ROWS};
+use super::quantx::{level_codes, QuantX};
 use crate::quant::nf4::{BLOCK, LEVELS};
-
-/// Activation words per 128-weight chunk.
-pub const CHUNK: usize = 128;
 
 /// bf16 bits of x, round to nearest even.
 #[inline]
@@ -21,140 +20,220 @@ fn bf16(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
 
-/// x permuted per 128-value chunk into the order [`gemv_nf4_rows_w4`] decodes nibbles in: each 16-bit word w
-/// of the codes holds elements 4w+1, 4w, 4w+3, 4w+2 in its four nibbles (low to high). Padding is zero.
-pub fn prep_x_nf4_w4(x: &[f32], out: &mut [u16]) {
-    let at = |i: usize| if i < x.len() { bf16(x[i]) } else { 0 };
-    for (c, chunk) in out.chunks_mut(CHUNK).enumerate() {
-        let base = c * CHUNK;
-        for w in 0..32 {
-            chunk[w] = at(base + 4 * w + 1);
-            chunk[32 + w] = at(base + 4 * w);
-            chunk[64 + w] = at(base + 4 * w + 3);
-            chunk[96 + w] = at(base + 4 * w + 2);
+/// How far ahead (bytes) the GEMV asks for the code stream, in two steps: into L2 far enough to cover the
+/// memory latency at the rate a core consumes codes, into L1 shortly before use. Each software prefetch holds
+/// one of the core's few L1 fill buffers until its line arrives, so the far one goes to L2 only. Measured on
+/// the Xeon here (BENCHMARKS.md): hardware prefetch alone reads at ~55% of a plain read, one L1 prefetch
+/// 4 KiB ahead at ~77%, this pair at ~85%.
+const PREFETCH_L2: usize = 32 << 10;
+const PREFETCH_L1: usize = 1 << 10;
+
+/// Decodes the 16 lane scales of chunk `c` of a tile: `map[code] · nested + offset`; `nested` is gathered
+/// again only when some lane's nested-scale index changed (rarely: a nested scale covers 256 blocks).
+struct TileScales<'a> {
+    codes: &'a [u8],
+    map: &'a [f32; 256],
+    nested: &'a [f32],
+    colpair: &'a [u32],
+    offset: __m512,
+    rowbase: __m512i,
+    last: __m512i,
+    nested_v: __m512,
+}
+
+impl<'a> TileScales<'a> {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn new(w: &'a Nf4Matrix, t: usize) -> TileScales<'a> {
+        let p = w.scale_parts();
+        // Lanes 2i and 2i+1 belong to row i of the tile.
+        let rb = _mm256_loadu_si256(p.rowbase.as_ptr().add(t * TILE_ROWS) as *const __m256i);
+        let rowbase = _mm512_permutexvar_epi32(
+            _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+            _mm512_castsi256_si512(rb),
+        );
+        TileScales {
+            codes: w.tile_scale_codes(t),
+            map: p.map,
+            nested: p.nested,
+            colpair: p.colpair,
+            offset: _mm512_set1_ps(p.offset),
+            rowbase,
+            last: _mm512_set1_epi32(-1),
+            nested_v: _mm512_setzero_ps(),
         }
     }
-}
 
-/// Decodes row `r`'s block scales 16 at a time: two gathers (map entry, nested scale) and one FMA.
-#[target_feature(enable = "avx512f")]
-unsafe fn row_scales(w: &Nf4Matrix, r: usize, out: &mut [f32]) {
-    let p = w.scale_parts();
-    let blocks = out.len();
-    let c0 = r * blocks;
-    let base = _mm512_set1_epi32(((p.row0 + r) * p.stride) as i32);
-    let off = _mm512_set1_ps(p.offset);
-    let mut b = 0;
-    while b + 16 <= blocks {
-        let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-            p.codes.as_ptr().add(c0 + b) as *const __m128i
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn chunk(&mut self, c: usize) -> __m512 {
+        let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            self.codes.as_ptr().add(c * CHUNK_SCALES) as *const __m128i,
         ));
-        let m = _mm512_i32gather_ps::<4>(idx, p.map.as_ptr());
-        // Tensor block number → its nested scale (a slice's blocks keep the tensor's numbering).
-        let cols = _mm512_loadu_si512(p.colmap.as_ptr().add(b) as *const __m512i);
-        let gi = _mm512_srli_epi32(_mm512_add_epi32(base, cols), 8);
-        let n = _mm512_i32gather_ps::<4>(gi, p.nested.as_ptr());
-        _mm512_storeu_ps(out.as_mut_ptr().add(b), _mm512_fmadd_ps(m, n, off));
-        b += 16;
-    }
-    for (k, o) in out.iter_mut().enumerate().skip(b) {
-        *o = w.scale(r, k);
+        let m = _mm512_i32gather_ps::<4>(codes, self.map.as_ptr());
+        let cols = _mm512_set1_epi64(std::ptr::read_unaligned(
+            self.colpair.as_ptr().add(2 * c) as *const i64
+        ));
+        let g = _mm512_srli_epi32::<8>(_mm512_add_epi32(self.rowbase, cols));
+        if _mm512_cmpneq_epi32_mask(g, self.last) != 0 {
+            self.nested_v = _mm512_i32gather_ps::<4>(g, self.nested.as_ptr());
+            self.last = g;
+        }
+        _mm512_fmadd_ps(m, self.nested_v, self.offset)
     }
 }
 
-/// NF4 GEMV, 128 weights per step with four `vpermw` lookups straight from the 16-bit words of the codes:
-/// `vpermw` only reads the low 5 bits of each index, so with the 16 levels stored twice no mask is needed,
-/// and shifts by 4, 8 and 12 reach the other three nibbles.
+/// `acc + Σ pairs a·b` as one `vpdpwssd`: written as the intrinsic, LLVM splits some of them into
+/// `vpmaddwd` + `vpaddd` (one more µop on the two ports that are the GEMV's limit).
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    std::arch::asm!(
+        "vpdpwssd {acc}, {a}, {b}",
+        acc = inout(zmm_reg) acc,
+        a = in(zmm_reg) a,
+        b = in(zmm_reg) b,
+        options(pure, nomem, nostack),
+    );
+    acc
+}
+
+/// NF4 GEMV over whole tiles `tiles` (outputs of padding rows are not written).
 ///
 /// # Safety
-/// avx512f, avx512bw, avx512bf16; `xp` is `prep_x_nf4_w4(x)`.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn gemv_nf4_rows_w4(
+/// avx512f, avx512bw, avx512vnni; `x` was quantized from a vector of `w.cols()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn gemv_nf4_tiles(
     w: &Nf4Matrix,
-    xp: &[u16],
+    x: &QuantX,
     y: &mut [f32],
-    rows: std::ops::Range<usize>,
+    tiles: std::ops::Range<usize>,
 ) {
-    let blocks = w.cols() / BLOCK;
-    let stride = blocks.next_multiple_of(2);
-    let mut scales = vec![0f32; 8 * stride];
-    let mut r = rows.start;
-    while r + 8 <= rows.end {
-        nf4_rows_w4::<8>(w, xp, y, r, &mut scales);
-        r += 8;
-    }
-    while r + 4 <= rows.end {
-        nf4_rows_w4::<4>(w, xp, y, r, &mut scales);
-        r += 4;
-    }
-    while r < rows.end {
-        nf4_rows_w4::<1>(w, xp, y, r, &mut scales);
-        r += 1;
+    let lut = _mm512_loadu_si512(level_codes().as_ptr() as *const __m512i);
+    let nb = w.blocks();
+    let chunks = w.chunks();
+    // Lane 2i + h and its neighbour: the two halves of row i.
+    let swap = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    for t in tiles {
+        let codes = w.tile_codes(t).as_ptr();
+        let scale_codes = w.tile_scale_codes(t).as_ptr();
+        let mut sc = TileScales::new(w, t);
+        let mut acc = _mm512_setzero_ps();
+        for c in 0..chunks {
+            // The scale codes are a second, thin stream (16 bytes per 512 of codes): the same distance in
+            // chunks, or their load stalls every fourth chunk.
+            _mm_prefetch::<_MM_HINT_T0>(
+                scale_codes.add((c + PREFETCH_L2 / 512) * CHUNK_SCALES) as *const i8
+            );
+            let supers = if 2 * c + 1 < nb { 8 } else { 4 };
+            let base = codes.add(c * 512);
+            let xp = x.q.as_ptr().add(c * 128) as *const i64;
+            let mut a = [_mm512_setzero_si512(); 4];
+            for s in 0..supers {
+                // Into L2 far ahead, into L1 just ahead (prefetches never fault past the end).
+                _mm_prefetch::<_MM_HINT_T1>(base.add(s * 64 + PREFETCH_L2) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(base.add(s * 64 + PREFETCH_L1) as *const i8);
+                let v = _mm512_loadu_si512(base.add(s * 64) as *const __m512i);
+                let w0 = _mm512_permutexvar_epi16(v, lut);
+                let w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(v), lut);
+                let w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16::<8>(v), lut);
+                let w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16::<12>(v), lut);
+                let xs = xp.add(4 * s);
+                let x0 = _mm512_set1_epi64(std::ptr::read_unaligned(xs));
+                let x1 = _mm512_set1_epi64(std::ptr::read_unaligned(xs.add(1)));
+                let x2 = _mm512_set1_epi64(std::ptr::read_unaligned(xs.add(2)));
+                let x3 = _mm512_set1_epi64(std::ptr::read_unaligned(xs.add(3)));
+                a[0] = dpwssd(a[0], w0, x0);
+                a[1] = dpwssd(a[1], w1, x1);
+                a[2] = dpwssd(a[2], w2, x2);
+                a[3] = dpwssd(a[3], w3, x3);
+            }
+            let sum = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+            let xscale = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
+                x.scale.as_ptr().add(2 * c) as *const f64,
+            )));
+            let s = _mm512_mul_ps(sc.chunk(c), xscale);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc);
+        }
+        let rows = _mm512_add_ps(acc, _mm512_permutexvar_ps(swap, acc));
+        let mut out = [0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), rows);
+        for i in 0..TILE_ROWS {
+            let r = t * TILE_ROWS + i;
+            if r < w.rows() {
+                y[r] = out[2 * i];
+            }
+        }
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn nf4_rows_w4<const R: usize>(
-    w: &Nf4Matrix,
-    xp: &[u16],
-    y: &mut [f32],
-    r: usize,
-    scales: &mut [f32],
-) {
-    let mut lv = [0u16; 32];
-    for (i, l) in LEVELS.iter().enumerate() {
-        lv[i] = bf16(*l);
-        lv[i + 16] = bf16(*l);
-    }
-    let levels = _mm512_loadu_si512(lv.as_ptr() as *const __m512i);
-    let blocks = w.cols() / BLOCK;
-    let stride = blocks.next_multiple_of(2);
-    let full = blocks / 2;
-    for i in 0..R {
-        row_scales(w, r + i, &mut scales[i * stride..i * stride + blocks]);
-    }
-    let codes: [*const u8; R] = std::array::from_fn(|i| w.row_codes(r + i).as_ptr());
-    let mut acc = [_mm512_setzero_ps(); R];
-    // Lanes 0..8 take the chunk's first scale, lanes 8..16 its second.
-    let pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    let chunks = blocks.div_ceil(2);
-    for c in 0..chunks {
-        let xv = xp.as_ptr().add(c * CHUNK) as *const __m512i;
-        let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(xv));
-        let x1: __m512bh = std::mem::transmute(_mm512_loadu_si512(xv.add(1)));
-        let x2: __m512bh = std::mem::transmute(_mm512_loadu_si512(xv.add(2)));
-        let x3: __m512bh = std::mem::transmute(_mm512_loadu_si512(xv.add(3)));
-        for (i, a) in acc.iter_mut().enumerate() {
-            let p = codes[i].add(c * 64);
-            let v = if c < full {
-                _mm512_loadu_si512(p as *const __m512i)
-            } else {
-                // A last single block: 32 bytes only (its x words are zero).
-                _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(p as *const __m256i)),
-                    _mm256_setzero_si256(),
-                    1,
-                )
-            };
-            let w0: __m512bh = std::mem::transmute(_mm512_permutexvar_epi16(v, levels));
-            let w1: __m512bh =
-                std::mem::transmute(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), levels));
-            let w2: __m512bh =
-                std::mem::transmute(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), levels));
-            let w3: __m512bh =
-                std::mem::transmute(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), levels));
-            let t = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w0, x0), w2, x2);
-            let u = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w1, x1), w3, x3);
-            let sp = scales.as_ptr().add(i * stride + 2 * c);
-            let s = _mm512_permutexvar_ps(
-                pick,
-                _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(sp as *const __m128i))),
-            );
-            *a = _mm512_fmadd_ps(_mm512_add_ps(t, u), s, *a);
+/// Tile `t` of an NF4 matrix as bf16 rows (nearest even of the f32 `level · scale`, as
+/// [`Nf4Matrix::dequantize_row`] computes it): `out` holds 8 rows of `kp ≥ cols` values. Padding rows of the
+/// last tile get the (finite) values of zero codes; columns past `cols` are left as they are.
+///
+/// # Safety
+/// avx512f, avx512bw, avx512bf16, avx512vl; `out.len() >= 8 * kp`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
+pub unsafe fn decode_tile_bf16(w: &Nf4Matrix, t: usize, out: &mut [u16], kp: usize) {
+    let levels = _mm512_loadu_ps(LEVELS.as_ptr());
+    let nb = w.blocks();
+    let codes = w.tile_codes(t).as_ptr();
+    let nib = _mm512_set1_epi16(15);
+    let mut sc = TileScales::new(w, t);
+    // After the unpacks, a 16-word half holds lanes (2j, 2j + 2) or (2j + 1, 2j + 3), 8 values each.
+    let dst = out.as_mut_ptr();
+    for c in 0..w.chunks() {
+        let full = 2 * c + 1 < nb;
+        let s16 = sc.chunk(c);
+        let supers = if full { 8 } else { 4 };
+        for s in 0..supers {
+            for half in 0..2 {
+                // Lanes 8·half .. 8·half + 8: rows 4·half .. 4·half + 4.
+                let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                    codes.add(c * 512 + s * 64 + half * 32) as *const __m256i,
+                ));
+                let lo = _mm512_and_si512(v, nib);
+                let hi = _mm512_srli_epi16::<4>(v);
+                // 128-bit part p: lane 2p (unpacklo) or 2p + 1 (unpackhi) of this half, 8 positions in order.
+                for (h, u) in [_mm512_unpacklo_epi16(lo, hi), _mm512_unpackhi_epi16(lo, hi)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    for pair in 0..2 {
+                        let idx = _mm512_cvtepu16_epi32(if pair == 0 {
+                            _mm512_castsi512_si256(u)
+                        } else {
+                            _mm512_extracti64x4_epi64::<1>(u)
+                        });
+                        // Rows 4·half + 2·pair and the next one.
+                        let i0 = 4 * half + 2 * pair;
+                        let l0 = (2 * i0 + h) as i32;
+                        let l1 = l0 + 2;
+                        let pick = _mm512_setr_epi32(
+                            l0, l0, l0, l0, l0, l0, l0, l0, l1, l1, l1, l1, l1, l1, l1, l1,
+                        );
+                        let vals = _mm512_mul_ps(
+                            _mm512_permutexvar_ps(idx, levels),
+                            _mm512_permutexvar_ps(pick, s16),
+                        );
+                        let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(vals));
+                        let col = if full {
+                            (2 * c + h) * BLOCK + 8 * s
+                        } else {
+                            2 * c * BLOCK + 32 * h + 8 * s
+                        };
+                        _mm_storeu_si128(
+                            dst.add(i0 * kp + col) as *mut __m128i,
+                            _mm256_castsi256_si128(b),
+                        );
+                        _mm_storeu_si128(
+                            dst.add((i0 + 1) * kp + col) as *mut __m128i,
+                            _mm256_extracti128_si256::<1>(b),
+                        );
+                    }
+                }
+            }
         }
-    }
-    for i in 0..R {
-        y[r + i] = _mm512_reduce_add_ps(acc[i]);
     }
 }
 
@@ -221,71 +300,6 @@ pub unsafe fn gemv_bf16_rows(
             y[r + i] = _mm512_reduce_add_ps(acc[i]);
         }
         r += n;
-    }
-}
-
-/// out[r][t] = tile[r]·x[t] for a tile of 4 rows (`k` values each, padded to 16) and up to 4 tokens.
-///
-/// # Safety
-/// avx512f; `tile` holds 4 rows of `kp` (multiple of 16) values; each x row has `kp` readable values.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn tile_4x4(tile: &[f32], kp: usize, xs: [*const f32; 4], out: &mut [[f32; 4]; 4]) {
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-    let t = tile.as_ptr();
-    let mut k = 0;
-    while k < kp {
-        let w = [
-            _mm512_loadu_ps(t.add(k)),
-            _mm512_loadu_ps(t.add(kp + k)),
-            _mm512_loadu_ps(t.add(2 * kp + k)),
-            _mm512_loadu_ps(t.add(3 * kp + k)),
-        ];
-        for (j, &x) in xs.iter().enumerate() {
-            let xv = _mm512_loadu_ps(x.add(k));
-            for r in 0..4 {
-                acc[r][j] = _mm512_fmadd_ps(w[r], xv, acc[r][j]);
-            }
-        }
-        k += 16;
-    }
-    for r in 0..4 {
-        for j in 0..4 {
-            out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
-        }
-    }
-}
-
-/// Row `r` of an NF4 matrix as bf16 (nearest even), for prefill tiles: nibbles looked up in the 16 f32
-/// levels with `vpermps`, scaled per block, interleaved back into element order and converted 16 at a time.
-///
-/// # Safety
-/// avx512f, avx512bw, avx512bf16, avx512vl; `out.len() >= w.cols()`.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
-pub unsafe fn dequant_row_bf16(w: &Nf4Matrix, r: usize, scales: &mut [f32], out: &mut [u16]) {
-    let blocks = w.cols() / BLOCK;
-    row_scales(w, r, &mut scales[..blocks]);
-    let levels = _mm512_loadu_ps(LEVELS.as_ptr());
-    let nib = _mm512_set1_epi32(15);
-    // Element 2p is the high nibble of byte p, element 2p+1 its low nibble.
-    let even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    let codes = w.row_codes(r).as_ptr();
-    for (b, &scale) in scales[..blocks].iter().enumerate() {
-        let s = _mm512_set1_ps(scale);
-        for half in 0..2 {
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                codes.add(b * 32 + half * 16) as *const __m128i
-            ));
-            let hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), levels), s);
-            let lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, nib), levels), s);
-            let a: __m256i =
-                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_permutex2var_ps(hi, even, lo)));
-            let c: __m256i =
-                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_permutex2var_ps(hi, odd, lo)));
-            let dst = out.as_mut_ptr().add(b * BLOCK + half * 32);
-            _mm256_storeu_si256(dst as *mut __m256i, a);
-            _mm256_storeu_si256(dst.add(16) as *mut __m256i, c);
-        }
     }
 }
 

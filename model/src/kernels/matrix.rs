@@ -9,36 +9,85 @@ fn shared_map() -> &'static [f32; 256] {
     MAP.get_or_init(dynamic_map)
 }
 
-/// A 64-byte aligned byte buffer: vector loads never split a cache line at the start of a row.
-#[derive(Clone)]
+/// Buffers at least this large are mapped on their own and offered to the kernel as transparent huge pages.
+const HUGE_MIN: usize = 1 << 20;
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A 64-byte aligned byte buffer: vector loads never split a cache line at the start of a row. Large buffers
+/// (weights) are anonymous mappings aligned to 2 MiB with `MADV_HUGEPAGE`: decode reads every weight once per
+/// token, and with 4 KiB pages the hardware prefetchers stop at every page boundary and the TLB misses on
+/// each one (the GEMV streams ~8% faster on huge pages here, BENCHMARKS.md). Pages are touched first by the
+/// thread that fills them, so they land on the NUMA node the rank's memory policy names.
 pub struct AlignedBytes {
-    words: Vec<[u8; 64]>,
+    ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// Bytes mapped (from `base`), 0 for a heap allocation.
+    mapped: usize,
+    base: *mut u8,
 }
+
+// The buffer is plain owned memory.
+unsafe impl Send for AlignedBytes {}
+unsafe impl Sync for AlignedBytes {}
 
 impl AlignedBytes {
     /// A zeroed buffer of `len` bytes.
     pub fn zeroed(len: usize) -> AlignedBytes {
+        if len >= HUGE_MIN {
+            let total = len.next_multiple_of(HUGE_PAGE) + HUGE_PAGE;
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    total,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if base != libc::MAP_FAILED {
+                let base = base as *mut u8;
+                let aligned = (base as usize).next_multiple_of(HUGE_PAGE) as *mut u8;
+                // A refusal (THP disabled) leaves ordinary pages; nothing depends on it.
+                unsafe {
+                    libc::madvise(
+                        aligned as *mut libc::c_void,
+                        len.next_multiple_of(HUGE_PAGE),
+                        libc::MADV_HUGEPAGE,
+                    )
+                };
+                return AlignedBytes {
+                    ptr: std::ptr::NonNull::new(aligned).expect("mmap returned null"),
+                    len,
+                    mapped: total,
+                    base,
+                };
+            }
+        }
+        let layout = Self::heap_layout(len);
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBytes {
-            words: vec![[0u8; 64]; len.div_ceil(64)],
+            ptr,
             len,
+            mapped: 0,
+            base: std::ptr::null_mut(),
         }
     }
 
-    /// Copies `src` into a fresh aligned buffer (one pass over the new pages, not a clear and then a copy).
+    /// At least one cache line past `len` is always allocated: kernels may read a vector that starts
+    /// inside the buffer and ends up to 63 bytes after it (never using those bytes).
+    fn heap_layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.next_multiple_of(64) + 64, 64)
+            .expect("buffer size overflows")
+    }
+
+    /// Copies `src` into a fresh aligned buffer.
     pub fn from_slice(src: &[u8]) -> AlignedBytes {
-        let n = src.len().div_ceil(64);
-        let mut words: Vec<[u8; 64]> = Vec::with_capacity(n);
-        unsafe {
-            let dst = words.as_mut_ptr() as *mut u8;
-            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
-            std::ptr::write_bytes(dst.add(src.len()), 0, n * 64 - src.len());
-            words.set_len(n);
-        }
-        AlignedBytes {
-            words,
-            len: src.len(),
-        }
+        let mut b = AlignedBytes::zeroed(src.len());
+        b.as_mut_slice().copy_from_slice(src);
+        b
     }
 
     /// Length in bytes.
@@ -53,12 +102,30 @@ impl AlignedBytes {
 
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     /// The bytes, mutable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBytes {
+    fn drop(&mut self) {
+        unsafe {
+            if self.mapped > 0 {
+                libc::munmap(self.base as *mut libc::c_void, self.mapped);
+            } else {
+                std::alloc::dealloc(self.ptr.as_ptr(), Self::heap_layout(self.len));
+            }
+        }
+    }
+}
+
+impl Clone for AlignedBytes {
+    fn clone(&self) -> AlignedBytes {
+        AlignedBytes::from_slice(self.as_slice())
     }
 }
 
@@ -68,10 +135,36 @@ impl std::fmt::Debug for AlignedBytes {
     }
 }
 
-/// An NF4 weight matrix `[rows × cols]` (y = W·x has `rows` outputs), in bitsandbytes' layout: row-major
-/// codes, first element in the high nibble, one 8-bit scale code per 64 weights, one f32 per 256 blocks and a
-/// tensor offset. Scales stay double-quantized in memory and are decoded by the kernels, so a weight costs
-/// 4.127 bits of memory traffic.
+/// Rows per tile of the NF4 kernel layout.
+pub const TILE_ROWS: usize = 8;
+/// Bytes of one full chunk of a tile (8 rows × 2 blocks × 32 bytes).
+const CHUNK_BYTES: usize = TILE_ROWS * BLOCK;
+/// Scale codes per chunk of a tile (8 rows × 2 lane halves).
+pub const CHUNK_SCALES: usize = 2 * TILE_ROWS;
+
+/// Swaps the two nibbles of a byte: bitsandbytes puts the first element high, the kernels want it low.
+#[inline]
+fn swap_nibbles(b: u8) -> u8 {
+    b.rotate_left(4)
+}
+
+/// An NF4 weight matrix `[rows × cols]` (y = W·x has `rows` outputs) with bitsandbytes' semantics — 4-bit
+/// codes, one 8-bit scale code per 64 weights, one f32 per 256 blocks of the tensor and a tensor offset;
+/// scales stay double-quantized in memory and are decoded by the kernels, so a weight costs 4.127 bits of
+/// memory traffic — held in the tiled layout the kernels stream (converted on load, converted back by
+/// [`Nf4Matrix::parts`] for files).
+///
+/// # Layout
+/// Rows are grouped in tiles of 8 ([`TILE_ROWS`]; the last tile is padded with rows of zero codes whose outputs
+/// are discarded). A row's blocks are taken in pairs: chunk `c` holds blocks `2c` and `2c + 1`; when a row
+/// has an odd number of blocks its last chunk holds one block, split in two halves of 32 weights. A full
+/// chunk is 8 super-chunks of 64 bytes (a half chunk 4): 16 lanes of 4 bytes, lane `2i + h` for row `i` of
+/// the tile and half `h` (block `2c + h`, or half `h` of the single block). A lane of super-chunk `s` holds 8
+/// consecutive weights of its block (positions `8s ..`, plus `32h` in a half chunk) as the 4 bitsandbytes
+/// bytes with their nibbles swapped, so the k-th weight sits at bits `4k..4k+4` of the lane. One vector load
+/// thus carries 8 weights of each of 8 rows × 2 blocks, and one vector of 16 block scales applies to it;
+/// tiles follow each other in memory, so a GEMV reads one sequential stream. Scale codes are kept per tile
+/// and chunk in lane order (16 bytes).
 ///
 /// The matrix may be a tensor-parallel slice of a larger tensor (some rows, some whole-block column ranges):
 /// it then keeps the tensor's offset and nested scales, and maps its blocks to the tensor's block numbers, so
@@ -80,9 +173,10 @@ impl std::fmt::Debug for AlignedBytes {
 pub struct Nf4Matrix {
     rows: usize,
     cols: usize,
-    packed: AlignedBytes,
-    /// One code per block of this slice, row-major (rows × cols/64).
-    scale_codes: Vec<u8>,
+    /// Codes in the tiled layout: `tiles × cols × 4` bytes.
+    tiled: AlignedBytes,
+    /// Scale codes per tile and chunk, lane order: `tiles × chunks × 16`.
+    tile_scales: Vec<u8>,
     /// The whole tensor's nested scales.
     nested: Vec<f32>,
     offset: f32,
@@ -92,6 +186,59 @@ pub struct Nf4Matrix {
     stride: usize,
     /// Tensor column block of each of this slice's blocks in a row.
     colmap: Vec<u32>,
+    /// Per chunk, the tensor column block of each lane half.
+    colpair: Vec<u32>,
+    /// Per row of every tile (padding rows repeat the last real row): the tensor block number of its first
+    /// block, `(row0 + r) · stride`.
+    rowbase: Vec<u32>,
+}
+
+/// Where one row's data comes from while tiling: its bitsandbytes bytes and scale codes.
+trait RowSource {
+    /// The 32 code bytes of block `b` of row `r` (of this slice).
+    fn block(&self, r: usize, b: usize) -> &[u8];
+    /// The scale code of block `b` of row `r`.
+    fn code(&self, r: usize, b: usize) -> u8;
+}
+
+/// A slice in bitsandbytes' row-major layout: `cols / 2` code bytes and `cols / 64` scale codes per row.
+struct RowMajor<'a> {
+    packed: &'a [u8],
+    codes: &'a [u8],
+    nb: usize,
+}
+
+impl RowSource for RowMajor<'_> {
+    fn block(&self, r: usize, b: usize) -> &[u8] {
+        let at = (r * self.nb + b) * (BLOCK / 2);
+        &self.packed[at..at + BLOCK / 2]
+    }
+    fn code(&self, r: usize, b: usize) -> u8 {
+        self.codes[r * self.nb + b]
+    }
+}
+
+/// Rows and column ranges of a whole tensor.
+struct TensorSlice<'a> {
+    t: &'a Nf4Tensor,
+    row0: usize,
+    stride: usize,
+    colmap: &'a [u32],
+}
+
+impl RowSource for TensorSlice<'_> {
+    fn block(&self, r: usize, b: usize) -> &[u8] {
+        let g = (self.row0 + r) * self.stride + self.colmap[b] as usize;
+        &self.t.packed[g * BLOCK / 2..(g + 1) * BLOCK / 2]
+    }
+    fn code(&self, r: usize, b: usize) -> u8 {
+        self.t.absmax_code[(self.row0 + r) * self.stride + self.colmap[b] as usize]
+    }
+}
+
+/// Chunks per tile row for `nb` blocks.
+fn chunks_of(nb: usize) -> usize {
+    nb.div_ceil(2)
 }
 
 impl Nf4Matrix {
@@ -145,43 +292,105 @@ impl Nf4Matrix {
             colmap.extend((c.start / BLOCK..c.end / BLOCK).map(|b| b as u32));
         }
         let stride = tcols / BLOCK;
-        let ncols = colmap.len() * BLOCK;
-        let mut packed = AlignedBytes::zeroed(rows.len() * ncols / 2);
-        let mut codes = Vec::with_capacity(rows.len() * colmap.len());
-        {
-            let out = packed.as_mut_slice();
-            let mut o = 0;
-            for r in rows.clone() {
-                for &b in &colmap {
-                    let g = r * stride + b as usize;
-                    out[o..o + BLOCK / 2]
-                        .copy_from_slice(&t.packed[g * BLOCK / 2..(g + 1) * BLOCK / 2]);
-                    o += BLOCK / 2;
-                    codes.push(t.absmax_code[g]);
+        let src = TensorSlice {
+            t,
+            row0: rows.start,
+            stride,
+            colmap: &colmap,
+        };
+        Ok(Nf4Matrix::tile(
+            rows.len(),
+            &src,
+            t.nested_absmax.clone(),
+            t.offset,
+            rows.start,
+            stride,
+            colmap.clone(),
+        ))
+    }
+
+    /// Builds the tiled layout from a row source (every index was checked by the caller).
+    fn tile(
+        rows: usize,
+        src: &dyn RowSource,
+        nested: Vec<f32>,
+        offset: f32,
+        row0: usize,
+        stride: usize,
+        colmap: Vec<u32>,
+    ) -> Nf4Matrix {
+        let nb = colmap.len();
+        let cols = nb * BLOCK;
+        let chunks = chunks_of(nb);
+        let tiles = rows.div_ceil(TILE_ROWS);
+        let mut tiled = AlignedBytes::zeroed(tiles * cols * 4);
+        let mut tile_scales = vec![0u8; tiles * chunks * CHUNK_SCALES];
+        let out = tiled.as_mut_slice();
+        for t in 0..tiles {
+            let tile_base = t * cols * 4;
+            for i in 0..TILE_ROWS.min(rows - t * TILE_ROWS) {
+                let r = t * TILE_ROWS + i;
+                for c in 0..chunks {
+                    let chunk_base = tile_base + c * CHUNK_BYTES;
+                    let sc = &mut tile_scales[(t * chunks + c) * CHUNK_SCALES..];
+                    if 2 * c + 1 < nb {
+                        for h in 0..2 {
+                            let bytes = src.block(r, 2 * c + h);
+                            sc[2 * i + h] = src.code(r, 2 * c + h);
+                            for s in 0..8 {
+                                let at = chunk_base + s * 64 + (2 * i + h) * 4;
+                                for e in 0..4 {
+                                    out[at + e] = swap_nibbles(bytes[4 * s + e]);
+                                }
+                            }
+                        }
+                    } else {
+                        let bytes = src.block(r, 2 * c);
+                        for h in 0..2 {
+                            sc[2 * i + h] = src.code(r, 2 * c);
+                            for s in 0..4 {
+                                let at = chunk_base + s * 64 + (2 * i + h) * 4;
+                                for e in 0..4 {
+                                    out[at + e] = swap_nibbles(bytes[16 * h + 4 * s + e]);
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
-        Ok(Nf4Matrix {
-            rows: rows.len(),
-            cols: ncols,
-            packed,
-            scale_codes: codes,
-            nested: t.nested_absmax.clone(),
-            offset: t.offset,
+        let colpair = (0..chunks)
+            .flat_map(|c| {
+                let b = colmap[2 * c];
+                [b, *colmap.get(2 * c + 1).unwrap_or(&b)]
+            })
+            .collect();
+        let rowbase = (0..tiles * TILE_ROWS)
+            .map(|r| ((row0 + r.min(rows - 1)) * stride) as u32)
+            .collect();
+        Nf4Matrix {
+            rows,
+            cols,
+            tiled,
+            tile_scales,
+            nested,
+            offset,
             map: shared_map(),
-            row0: rows.start,
+            row0,
             stride,
             colmap,
-        })
+            colpair,
+            rowbase,
+        }
     }
 
-    /// A slice as stored in a shard file: its own codes and scale codes, the tensor's nested scales and
-    /// offset, and the block mapping. Every length and index is checked, so a corrupt file cannot make the
-    /// kernels read out of bounds.
+    /// A slice as stored in a shard file: its own codes and scale codes in bitsandbytes' row-major layout, the
+    /// tensor's nested scales and offset, and the block mapping. Every length and index is checked, so a
+    /// corrupt file cannot make the kernels read out of bounds.
     #[allow(clippy::too_many_arguments)]
     pub fn from_slice_parts(
         rows: usize,
-        packed: AlignedBytes,
+        packed: &[u8],
         scale_codes: Vec<u8>,
         nested: Vec<f32>,
         offset: f32,
@@ -203,32 +412,44 @@ impl Nf4Matrix {
         let last = (row0 + rows - 1)
             .checked_mul(stride)
             .and_then(|v| v.checked_add(max_col));
-        if max_col >= stride || last.is_none_or(|g| g / NESTED_BLOCK >= nested.len()) {
+        if max_col >= stride
+            || last.is_none_or(|g| g / NESTED_BLOCK >= nested.len() || g > u32::MAX as usize)
+        {
             return Err(Error::Shape(format!(
                 "NF4 slice: block map (rows from {row0}, {stride} blocks per row) points past its {} nested scales",
                 nested.len()
             )));
         }
-        Ok(Nf4Matrix {
-            rows,
-            cols,
+        let src = RowMajor {
             packed,
-            scale_codes,
-            nested,
-            offset,
-            map: shared_map(),
-            row0,
-            stride,
-            colmap,
-        })
+            codes: &scale_codes,
+            nb,
+        };
+        Ok(Nf4Matrix::tile(
+            rows, &src, nested, offset, row0, stride, colmap,
+        ))
     }
 
-    /// The stored parts: (codes, scale codes, nested scales, offset, row0, stride, colmap).
+    /// The stored parts in bitsandbytes' row-major layout, as shard files keep them: (codes, scale codes,
+    /// nested scales, offset, row0, stride, colmap).
     #[allow(clippy::type_complexity)]
-    pub fn parts(&self) -> (&[u8], &[u8], &[f32], f32, usize, usize, &[u32]) {
+    pub fn parts(&self) -> (Vec<u8>, Vec<u8>, &[f32], f32, usize, usize, &[u32]) {
+        let nb = self.colmap.len();
+        let mut packed = vec![0u8; self.rows * self.cols / 2];
+        let mut codes = vec![0u8; self.rows * nb];
+        for r in 0..self.rows {
+            for b in 0..nb {
+                codes[r * nb + b] = self.scale_code(r, b);
+                let dst = &mut packed[(r * nb + b) * BLOCK / 2..(r * nb + b + 1) * BLOCK / 2];
+                for (p, d) in dst.iter_mut().enumerate() {
+                    *d = (self.code(r, b * BLOCK + 2 * p) << 4)
+                        | self.code(r, b * BLOCK + 2 * p + 1);
+                }
+            }
+        }
         (
-            self.packed.as_slice(),
-            &self.scale_codes,
+            packed,
+            codes,
             &self.nested,
             self.offset,
             self.row0,
@@ -264,18 +485,17 @@ impl Nf4Matrix {
                 )));
             }
         }
-        Ok(Nf4Matrix {
+        let nb = cols / BLOCK;
+        Nf4Matrix::from_slice_parts(
             rows,
-            cols,
-            packed: AlignedBytes::from_slice(packed),
+            packed,
             scale_codes,
             nested,
             offset,
-            map: shared_map(),
-            row0: 0,
-            stride: cols / BLOCK,
-            colmap: (0..(cols / BLOCK) as u32).collect(),
-        })
+            0,
+            nb,
+            (0..nb as u32).collect(),
+        )
     }
 
     /// Quantizes an f32 matrix.
@@ -293,59 +513,132 @@ impl Nf4Matrix {
         self.cols
     }
 
-    /// Packed codes of row `r` (cols / 2 bytes).
+    /// Blocks per row.
+    pub fn blocks(&self) -> usize {
+        self.colmap.len()
+    }
+
+    /// Chunks (block pairs) per tile row.
+    pub fn chunks(&self) -> usize {
+        chunks_of(self.colmap.len())
+    }
+
+    /// Tiles of 8 rows (the last may be padded).
+    pub fn tiles(&self) -> usize {
+        self.rows.div_ceil(TILE_ROWS)
+    }
+
+    /// The tiled codes of tile `t` (`cols × 4` bytes).
     #[inline]
-    pub fn row_codes(&self, r: usize) -> &[u8] {
-        let n = self.cols / 2;
-        &self.packed.as_slice()[r * n..(r + 1) * n]
+    pub fn tile_codes(&self, t: usize) -> &[u8] {
+        let n = self.cols * 4;
+        &self.tiled.as_slice()[t * n..(t + 1) * n]
+    }
+
+    /// The scale codes of tile `t`, 16 per chunk in lane order.
+    #[inline]
+    pub fn tile_scale_codes(&self, t: usize) -> &[u8] {
+        let n = self.chunks() * CHUNK_SCALES;
+        &self.tile_scales[t * n..(t + 1) * n]
+    }
+
+    /// Position of weight `k` of row `r` in the tiled codes, and the shift of its nibble.
+    #[inline]
+    fn locate(&self, r: usize, k: usize) -> (usize, u32) {
+        let (t, i) = (r / TILE_ROWS, r % TILE_ROWS);
+        let (b, pos) = (k / BLOCK, k % BLOCK);
+        let c = b / 2;
+        let (h, s) = if 2 * c + 1 < self.colmap.len() {
+            (b % 2, pos / 8)
+        } else {
+            (pos / 32, (pos % 32) / 8)
+        };
+        let at = t * self.cols * 4 + c * CHUNK_BYTES + s * 64 + (2 * i + h) * 4 + (pos % 8) / 2;
+        (at, 4 * (pos as u32 % 2))
+    }
+
+    /// The 4-bit code of weight `k` of row `r`.
+    #[inline]
+    pub fn code(&self, r: usize, k: usize) -> u8 {
+        let (at, shift) = self.locate(r, k);
+        (self.tiled.as_slice()[at] >> shift) & 15
+    }
+
+    /// The 8-bit scale code of block `b` of row `r`.
+    #[inline]
+    pub fn scale_code(&self, r: usize, b: usize) -> u8 {
+        let (t, i) = (r / TILE_ROWS, r % TILE_ROWS);
+        let c = b / 2;
+        let h = if 2 * c + 1 < self.colmap.len() {
+            b % 2
+        } else {
+            0
+        };
+        self.tile_scales[(t * self.chunks() + c) * CHUNK_SCALES + 2 * i + h]
     }
 
     /// Decoded f32 scale of block `b` of row `r`.
     #[inline]
     pub fn scale(&self, r: usize, b: usize) -> f32 {
-        let code = self.scale_codes[r * self.colmap.len() + b];
         let g = (self.row0 + r) * self.stride + self.colmap[b] as usize;
-        self.map[code as usize] * self.nested[g / NESTED_BLOCK] + self.offset
+        self.map[self.scale_code(r, b) as usize] * self.nested[g / NESTED_BLOCK] + self.offset
     }
 
     /// The parts the SIMD kernels decode scales from.
     pub fn scale_parts(&self) -> ScaleParts<'_> {
         ScaleParts {
-            codes: &self.scale_codes,
             nested: &self.nested,
             offset: self.offset,
             map: self.map,
-            row0: self.row0,
-            stride: self.stride,
-            colmap: &self.colmap,
+            colpair: &self.colpair,
+            rowbase: &self.rowbase,
         }
     }
 
-    /// Decodes the scales of row `r` into `out` (cols / 64 values).
-    #[inline]
-    pub fn row_scales(&self, r: usize, out: &mut [f32]) {
-        for (b, s) in out.iter_mut().enumerate() {
-            *s = self.scale(r, b);
+    /// The 64 codes of block `b` of row `r`, in order.
+    pub fn block_codes(&self, r: usize, b: usize) -> [u8; BLOCK] {
+        let mut out = [0u8; BLOCK];
+        let (t, i) = (r / TILE_ROWS, r % TILE_ROWS);
+        let c = b / 2;
+        let tiled = self.tiled.as_slice();
+        let base = t * self.cols * 4 + c * CHUNK_BYTES;
+        let full = 2 * c + 1 < self.colmap.len();
+        for (p, pair) in out.chunks_exact_mut(2).enumerate() {
+            let pos = 2 * p;
+            let (h, s) = if full {
+                (b % 2, pos / 8)
+            } else {
+                (pos / 32, (pos % 32) / 8)
+            };
+            let byte = tiled[base + s * 64 + (2 * i + h) * 4 + (pos % 8) / 2];
+            pair[0] = byte & 15;
+            pair[1] = byte >> 4;
         }
+        out
     }
 
     /// Bytes a full pass over the matrix reads: codes and both levels of scales (this slice's share of the
-    /// nested scales).
+    /// nested scales) — the bitsandbytes sizes, not the padding of the last tile.
     pub fn bytes(&self) -> usize {
-        self.packed.as_slice().len()
-            + self.scale_codes.len()
-            + 4 * self.scale_codes.len().div_ceil(NESTED_BLOCK)
-            + 4
+        let blocks = self.rows * self.colmap.len();
+        self.rows * self.cols / 2 + blocks + 4 * blocks.div_ceil(NESTED_BLOCK) + 4
+    }
+
+    /// The tiled codes, for placement reports.
+    pub fn region(&self) -> &[u8] {
+        self.tiled.as_slice()
     }
 
     /// Row `r` in f32 (for tests and for the prefill tiles).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let levels = crate::quant::nf4::LEVELS;
-        for (b, chunk) in self.row_codes(r).chunks(BLOCK / 2).enumerate() {
+        for b in 0..self.colmap.len() {
             let s = self.scale(r, b);
-            for (i, &byte) in chunk.iter().enumerate() {
-                out[b * BLOCK + 2 * i] = levels[(byte >> 4) as usize] * s;
-                out[b * BLOCK + 2 * i + 1] = levels[(byte & 15) as usize] * s;
+            for (o, &q) in out[b * BLOCK..(b + 1) * BLOCK]
+                .iter_mut()
+                .zip(&self.block_codes(r, b))
+            {
+                *o = levels[q as usize] * s;
             }
         }
     }
@@ -360,23 +653,20 @@ impl Nf4Matrix {
     }
 }
 
-/// What a kernel needs to decode an [`Nf4Matrix`]'s block scales: block (r, b) has code `codes[r·nb + b]`
-/// (nb = blocks per row of the slice) and nested scale `nested[((row0 + r)·stride + colmap[b]) / 256]`.
+/// What a kernel needs to decode an [`Nf4Matrix`]'s block scales: lane `2i + h` of chunk `c` of tile `t` has
+/// the code at `tile_scale_codes(t)[16c + 2i + h]` and the nested scale
+/// `nested[(rowbase[8t + i] + colpair[2c + h]) / 256]`.
 pub struct ScaleParts<'a> {
-    /// 8-bit codes, row-major over the slice.
-    pub codes: &'a [u8],
     /// The tensor's nested scales.
     pub nested: &'a [f32],
     /// The tensor's offset.
     pub offset: f32,
     /// The dynamic map.
     pub map: &'a [f32; 256],
-    /// First tensor row of the slice.
-    pub row0: usize,
-    /// Blocks per tensor row.
-    pub stride: usize,
-    /// Tensor column block of each block of a slice row.
-    pub colmap: &'a [u32],
+    /// Per chunk, the tensor column block of each lane half.
+    pub colpair: &'a [u32],
+    /// Per padded row, the tensor block number of its first block.
+    pub rowbase: &'a [u32],
 }
 
 /// A bf16 weight matrix `[rows × cols]`, row-major.
@@ -509,5 +799,92 @@ impl F32Matrix {
     /// The values, row-major.
     pub fn values(&self) -> &[f32] {
         &self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(rows: usize, cols: usize, seed: u32) -> Nf4Tensor {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect();
+        Nf4Tensor::quantize(&w, &[rows, cols]).unwrap()
+    }
+
+    /// The code of element `k` of row `r` in bitsandbytes' layout: first element in the high nibble.
+    fn bnb_code(t: &Nf4Tensor, r: usize, k: usize) -> u8 {
+        let i = r * t.shape[1] + k;
+        let b = t.packed[i / 2];
+        if i.is_multiple_of(2) {
+            b >> 4
+        } else {
+            b & 15
+        }
+    }
+
+    #[test]
+    fn tiling_keeps_every_code_and_scale_and_round_trips() {
+        // Odd block counts (half chunks), row counts that pad the last tile, and a single block.
+        for &(rows, cols) in &[(1, 64), (7, 192), (9, 320), (16, 128), (21, 576)] {
+            let t = tensor(rows, cols, rows as u32);
+            let m = Nf4Matrix::new(&t).unwrap();
+            for r in 0..rows {
+                for k in 0..cols {
+                    assert_eq!(m.code(r, k), bnb_code(&t, r, k), "{rows}x{cols} r{r} k{k}");
+                }
+                for b in 0..cols / BLOCK {
+                    assert_eq!(m.scale_code(r, b), t.absmax_code[r * cols / BLOCK + b]);
+                }
+            }
+            let (packed, codes, ..) = m.parts();
+            assert_eq!(packed, t.packed, "{rows}x{cols}");
+            assert_eq!(codes, t.absmax_code);
+            assert_eq!(m.dequantize(), t.dequantize());
+        }
+    }
+
+    #[test]
+    fn a_column_slice_decodes_like_the_same_columns_of_the_whole() {
+        let t = tensor(10, 512, 7);
+        let whole = Nf4Matrix::new(&t).unwrap();
+        let part = Nf4Matrix::slice(&t, 3..10, &[64..192, 320..448]).unwrap();
+        let cols: Vec<usize> = (64..192).chain(320..448).collect();
+        let (packed, codes, nested, offset, row0, stride, colmap) = part.parts();
+        let again = Nf4Matrix::from_slice_parts(
+            7,
+            &packed,
+            codes,
+            nested.to_vec(),
+            offset,
+            row0,
+            stride,
+            colmap.to_vec(),
+        )
+        .unwrap();
+        for r in 0..7 {
+            let mut a = vec![0f32; part.cols()];
+            let mut b = vec![0f32; whole.cols()];
+            part.dequantize_row(r, &mut a);
+            whole.dequantize_row(r + 3, &mut b);
+            let want: Vec<f32> = cols.iter().map(|&c| b[c]).collect();
+            assert_eq!(a, want, "row {r}");
+            let mut c = vec![0f32; again.cols()];
+            again.dequantize_row(r, &mut c);
+            assert_eq!(a, c);
+        }
+    }
+
+    #[test]
+    fn large_buffers_are_mapped_and_small_ones_are_not() {
+        let mut big = AlignedBytes::zeroed(3 << 20);
+        assert!(big.mapped > 0 && (big.as_slice().as_ptr() as usize).is_multiple_of(HUGE_PAGE));
+        big.as_mut_slice()[12345] = 7;
+        assert_eq!(big.clone().as_slice()[12345], 7);
+        let small = AlignedBytes::from_slice(&[1, 2, 3]);
+        assert!(small.mapped == 0 && (small.as_slice().as_ptr() as usize).is_multiple_of(64));
+        assert_eq!(small.as_slice(), &[1, 2, 3]);
+        assert!(AlignedBytes::zeroed(0).is_empty());
     }
 }

@@ -1,21 +1,25 @@
 //! Matrix kernels: GEMV for decode (one token), GEMM for prefill (m ≥ 2 tokens), over NF4 and BF16 weights.
 //!
 //! Every kernel exists as a scalar reference ([`reference`], f32 activations, the definition) and as SIMD
-//! versions for AVX-512 (F/BW/BF16) and AVX2+FMA, chosen once at start-up from the CPU's features. The fast
-//! GEMVs round activations to bf16 (AVX-512) — error bounded and tested against the reference; the GEMMs
-//! dequantize each 4-row weight tile to f32 once and reuse it for every token.
+//! versions for AVX-512 (F/BW/VNNI/BF16, plus AMX where the CPU has it) and AVX2+FMA, chosen once at start-up
+//! from the CPU's features. The fast NF4 GEMVs quantize activations to 16-bit integers per block
+//! ([`quantx`]) — error bounded and tested against the reference; the GEMMs decode each slab of weight rows
+//! once (bf16 for AMX and `vdpbf16ps`, f32 for AVX2) and reuse it for every token.
 //!
 //! Public entry points are safe: they check every length against the matrix shape and return an error, then
 //! split the rows over the [`Pool`](crate::pool::Pool) and run one narrow unsafe call per part.
 
+pub mod amx;
 mod avx2;
 mod avx512;
 pub mod matrix;
+pub mod quantx;
 pub mod reference;
 
 use std::str::FromStr;
 
-pub use matrix::{AlignedBytes, Bf16Matrix, F32Matrix, Nf4Matrix};
+pub use matrix::{AlignedBytes, Bf16Matrix, F32Matrix, Nf4Matrix, TILE_ROWS};
+use quantx::QuantX;
 
 use crate::error::{Error, Result};
 use crate::pool::{split, Pool};
@@ -27,7 +31,7 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA.
     Avx2,
-    /// AVX-512 F + BW + BF16.
+    /// AVX-512 F + BW + VNNI + BF16 (and AMX-BF16 for prefill when present).
     Avx512,
 }
 
@@ -51,6 +55,8 @@ impl Isa {
             Isa::Avx512 => {
                 is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
                     && is_x86_feature_detected!("avx512bf16")
             }
         }
@@ -100,45 +106,128 @@ impl<T> Shared<T> {
     }
 }
 
-/// Runs `f(y, rows)` on every pool thread with its own 4-aligned share of the output rows; all threads see
-/// the whole `y` but write only their rows.
-fn par_rows(pool: &Pool, y: &mut [f32], f: &(dyn Fn(&mut [f32], std::ops::Range<usize>) + Sync)) {
+/// Runs `f(y, rows)` on every pool thread with its own `align`-aligned share of the output rows; all threads
+/// see the whole `y` but write only their rows.
+fn par_rows(
+    pool: &Pool,
+    y: &mut [f32],
+    align: usize,
+    f: &(dyn Fn(&mut [f32], std::ops::Range<usize>) + Sync),
+) {
     let len = y.len();
     let yp = Shared(y.as_mut_ptr());
     pool.run(&|p, n| {
         let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), len) };
-        f(y, split(len, n, p, 4));
+        f(y, split(len, n, p, align));
     });
 }
 
-/// Writes row r of a weight as bf16 into the slice (prefill tiles on AVX-512).
-type TileRowFn<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
+/// Runs an NF4 tile kernel on every pool thread over its share of whole tiles.
+fn par_tiles(
+    pool: &Pool,
+    w: &Nf4Matrix,
+    y: &mut [f32],
+    f: &(dyn Fn(&mut [f32], std::ops::Range<usize>) + Sync),
+) {
+    par_rows(pool, y, TILE_ROWS, &|y, rows| {
+        if !rows.is_empty() {
+            f(
+                y,
+                rows.start / TILE_ROWS..rows.end.div_ceil(TILE_ROWS).min(w.tiles()),
+            )
+        }
+    });
+}
 
-/// A reference GEMV over a range of rows: (x, y, rows).
-type RowsFn<'a> = dyn Fn(&[f32], &mut [f32], std::ops::Range<usize>) + Sync + 'a;
+/// A weight matrix as the prefill driver sees it: rows it can decode in slabs.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Nf4(&'a Nf4Matrix),
+    Bf16(&'a Bf16Matrix),
+}
+
+impl Rows<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Rows::Nf4(w) => w.rows(),
+            Rows::Bf16(w) => w.rows(),
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Rows::Nf4(w) => w.cols(),
+            Rows::Bf16(w) => w.cols(),
+        }
+    }
+
+    /// Rows `r0 .. r0 + n` (n a multiple of 8, rows past the end may hold anything finite) as bf16 into
+    /// `out` (`n` rows of `kp` values; columns past `cols` must already be zero).
+    fn slab_bf16(&self, r0: usize, n: usize, out: &mut [u16], kp: usize) {
+        match self {
+            Rows::Nf4(w) => {
+                for i in (0..n).step_by(TILE_ROWS) {
+                    let t = (r0 + i) / TILE_ROWS;
+                    if t < w.tiles() {
+                        unsafe { avx512::decode_tile_bf16(w, t, &mut out[i * kp..], kp) };
+                    }
+                }
+            }
+            Rows::Bf16(w) => {
+                let cols = w.cols();
+                for i in 0..n.min(w.rows().saturating_sub(r0)) {
+                    out[i * kp..i * kp + cols].copy_from_slice(w.row(r0 + i));
+                }
+            }
+        }
+    }
+
+    /// Row `r` in f32.
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Rows::Nf4(w) => w.dequantize_row(r, out),
+            Rows::Bf16(w) => w.dequantize_row(r, out),
+        }
+    }
+
+    /// The reference GEMV over `rows`.
+    fn reference(&self, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
+        match self {
+            Rows::Nf4(w) => reference::gemv_nf4_rows(w, x, y, rows),
+            Rows::Bf16(w) => reference::gemv_bf16_rows(w, x, y, rows),
+        }
+    }
+}
 
 /// The kernel family in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels {
     isa: Isa,
+    /// Prefill on AMX tiles (AVX-512 family only, when the CPU and kernel allow it).
+    amx: bool,
 }
 
 impl Kernels {
     /// The reference kernels, or the fastest this CPU supports.
     pub fn new(choice: KernelChoice) -> Kernels {
+        let isa = if choice == KernelChoice::Reference {
+            Isa::Scalar
+        } else {
+            Isa::detect()
+        };
         Kernels {
-            isa: if choice == KernelChoice::Reference {
-                Isa::Scalar
-            } else {
-                Isa::detect()
-            },
+            isa,
+            amx: isa == Isa::Avx512 && amx::available(),
         }
     }
 
     /// A given instruction set (tests compare every one the CPU has against the reference).
     pub fn with_isa(isa: Isa) -> Result<Kernels> {
         if isa.supported() {
-            Ok(Kernels { isa })
+            Ok(Kernels {
+                isa,
+                amx: isa == Isa::Avx512 && amx::available(),
+            })
         } else {
             Err(Error::Format(format!(
                 "this CPU cannot run the {} kernels",
@@ -166,12 +255,23 @@ impl Kernels {
         self.isa
     }
 
+    /// Whether prefill runs on AMX.
+    pub fn uses_amx(&self) -> bool {
+        self.amx
+    }
+
+    /// The same kernels with AMX off (prefill on `vdpbf16ps`), as CPUs without AMX run them.
+    pub fn without_amx(self) -> Kernels {
+        Kernels { amx: false, ..self }
+    }
+
     /// "reference (scalar, f32 activations)" or "fast (avx512, bf16 activations)".
     pub fn describe(&self) -> String {
         match self.isa {
             Isa::Scalar => "reference (scalar, f32 activations)".into(),
-            Isa::Avx2 => "fast (avx2, f32 activations)".into(),
-            Isa::Avx512 => "fast (avx512, bf16 activations in GEMV)".into(),
+            Isa::Avx2 => "fast (avx2 int16 GEMV, f32 GEMM)".into(),
+            Isa::Avx512 if self.amx => "fast (avx512 int16 GEMV, AMX bf16 GEMM)".into(),
+            Isa::Avx512 => "fast (avx512 int16 GEMV, bf16 GEMM)".into(),
         }
     }
 
@@ -193,19 +293,19 @@ impl Kernels {
     pub fn gemv_nf4(&self, pool: &Pool, w: &Nf4Matrix, x: &[f32], y: &mut [f32]) -> Result<()> {
         Self::check("NF4 GEMV", w.rows(), w.cols(), x.len(), y.len(), 1)?;
         match self.isa {
-            Isa::Scalar => par_rows(pool, y, &|y, rows| reference::gemv_nf4_rows(w, x, y, rows)),
+            Isa::Scalar => par_rows(pool, y, 4, &|y, rows| {
+                reference::gemv_nf4_rows(w, x, y, rows)
+            }),
             Isa::Avx2 => {
-                let mut xp = vec![0f32; x.len()];
-                avx2::prep_x_nf4(x, &mut xp);
-                par_rows(pool, y, &|y, rows| unsafe {
-                    avx2::gemv_nf4_rows(w, &xp, y, rows)
+                let qx = QuantX::new(x);
+                par_tiles(pool, w, y, &|y, tiles| unsafe {
+                    avx2::gemv_nf4_tiles(w, &qx, y, tiles)
                 });
             }
             Isa::Avx512 => {
-                let mut xp = vec![0u16; x.len().div_ceil(avx512::CHUNK) * avx512::CHUNK];
-                avx512::prep_x_nf4_w4(x, &mut xp);
-                par_rows(pool, y, &|y, rows| unsafe {
-                    avx512::gemv_nf4_rows_w4(w, &xp, y, rows)
+                let qx = QuantX::new(x);
+                par_tiles(pool, w, y, &|y, tiles| unsafe {
+                    avx512::gemv_nf4_tiles(w, &qx, y, tiles)
                 });
             }
         }
@@ -216,14 +316,16 @@ impl Kernels {
     pub fn gemv_bf16(&self, pool: &Pool, w: &Bf16Matrix, x: &[f32], y: &mut [f32]) -> Result<()> {
         Self::check("BF16 GEMV", w.rows(), w.cols(), x.len(), y.len(), 1)?;
         match self.isa {
-            Isa::Scalar => par_rows(pool, y, &|y, rows| reference::gemv_bf16_rows(w, x, y, rows)),
-            Isa::Avx2 => par_rows(pool, y, &|y, rows| unsafe {
+            Isa::Scalar => par_rows(pool, y, 4, &|y, rows| {
+                reference::gemv_bf16_rows(w, x, y, rows)
+            }),
+            Isa::Avx2 => par_rows(pool, y, 4, &|y, rows| unsafe {
                 avx2::gemv_bf16_rows(w, x, y, rows)
             }),
             Isa::Avx512 => {
                 let mut xp = vec![0u16; x.len().div_ceil(32) * 32];
                 avx512::prep_x_bf16(x, &mut xp);
-                par_rows(pool, y, &|y, rows| unsafe {
+                par_rows(pool, y, 4, &|y, rows| unsafe {
                     avx512::gemv_bf16_rows(w, &xp, y, rows)
                 });
             }
@@ -235,7 +337,9 @@ impl Kernels {
     /// for exactness checks, not speed).
     pub fn gemv_f32(&self, pool: &Pool, w: &F32Matrix, x: &[f32], y: &mut [f32]) -> Result<()> {
         Self::check("F32 GEMV", w.rows(), w.cols(), x.len(), y.len(), 1)?;
-        par_rows(pool, y, &|y, rows| reference::gemv_f32_rows(w, x, y, rows));
+        par_rows(pool, y, 4, &|y, rows| {
+            reference::gemv_f32_rows(w, x, y, rows)
+        });
         Ok(())
     }
 
@@ -272,20 +376,8 @@ impl Kernels {
         y: &mut [f32],
     ) -> Result<()> {
         Self::check("NF4 GEMM", w.rows(), w.cols(), x.len(), y.len(), m)?;
-        self.gemm(
-            pool,
-            w.rows(),
-            w.cols(),
-            x,
-            m,
-            y,
-            &|r, out| w.dequantize_row(r, out),
-            Some(&|r, out: &mut [u16]| {
-                let mut scales = vec![0f32; w.cols() / crate::quant::nf4::BLOCK];
-                unsafe { avx512::dequant_row_bf16(w, r, &mut scales, out) }
-            }),
-            &|x, y, rows| reference::gemv_nf4_rows(w, x, y, rows),
-        )
+        self.gemm(pool, Rows::Nf4(w), x, m, y);
+        Ok(())
     }
 
     /// Y = X·Wᵀ for `m` tokens, bf16 weights.
@@ -298,72 +390,127 @@ impl Kernels {
         y: &mut [f32],
     ) -> Result<()> {
         Self::check("BF16 GEMM", w.rows(), w.cols(), x.len(), y.len(), m)?;
-        self.gemm(
-            pool,
-            w.rows(),
-            w.cols(),
-            x,
-            m,
-            y,
-            &|r, out| w.dequantize_row(r, out),
-            // bf16 weights are already what the tile needs.
-            Some(&|r, out: &mut [u16]| out[..w.cols()].copy_from_slice(w.row(r))),
-            &|x, y, rows| reference::gemv_bf16_rows(w, x, y, rows),
-        )
+        self.gemm(pool, Rows::Bf16(w), x, m, y);
+        Ok(())
     }
 
-    /// Shared prefill driver: 4-row tiles dequantized once (bf16 on AVX-512, else f32), then multiplied with
-    /// every token.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        pool: &Pool,
-        rows: usize,
-        cols: usize,
-        x: &[f32],
-        m: usize,
-        y: &mut [f32],
-        dequant_row: &(dyn Fn(usize, &mut [f32]) + Sync),
-        tile_row: Option<&TileRowFn>,
-        reference_rows: &RowsFn,
-    ) -> Result<()> {
+    /// The prefill driver: AMX when the CPU has it, else bf16 dot products (AVX-512) or f32 FMA (AVX2) on
+    /// slabs of weight rows decoded once and reused for every token; the reference GEMV per token otherwise.
+    fn gemm(&self, pool: &Pool, w: Rows, x: &[f32], m: usize, y: &mut [f32]) {
         let yp = Shared(y.as_mut_ptr());
-        if self.isa == Isa::Scalar {
-            pool.run(&|p, n| {
+        let (rows, cols) = (w.rows(), w.cols());
+        match self.isa {
+            Isa::Scalar => pool.run(&|p, n| {
                 let range = split(rows, n, p, 4);
                 let mut out = vec![0f32; rows];
                 for t in 0..m {
-                    reference_rows(&x[t * cols..(t + 1) * cols], &mut out, range.clone());
+                    w.reference(&x[t * cols..(t + 1) * cols], &mut out, range.clone());
                     for r in range.clone() {
                         unsafe { *yp.get().add(t * rows + r) = out[r] };
                     }
                 }
-            });
-            return Ok(());
+            }),
+            Isa::Avx512 if self.amx => self.gemm_amx(pool, w, x, m, yp),
+            Isa::Avx512 => self.gemm_bf16_dot(pool, w, x, m, yp),
+            Isa::Avx2 => self.gemm_fma(pool, w, x, m, yp),
         }
-        if self.isa == Isa::Avx512 {
-            // A weight without a direct bf16 producer goes through f32.
-            let via_f32 = |r: usize, out: &mut [u16]| {
-                let mut row = vec![0f32; cols];
-                dequant_row(r, &mut row);
-                avx512::prep_x_bf16(&row, out);
-            };
-            return self.gemm_bf16_dot(pool, rows, cols, x, m, y, tile_row.unwrap_or(&via_f32));
+    }
+
+    /// AMX: slabs of 32 weight rows (two A tiles) against blocks of 32 tokens (two B tiles).
+    fn gemm_amx(&self, pool: &Pool, w: Rows, x: &[f32], m: usize, yp: Shared<f32>) {
+        let (rows, cols) = (w.rows(), w.cols());
+        let kp = cols.next_multiple_of(amx::TILE_K);
+        let b = amx::pack_b(x, m, cols, kp);
+        let groups = m.div_ceil(amx::TILE);
+        let zero = vec![0u16; kp * amx::TILE];
+        let slab = 2 * amx::TILE;
+        let stride = amx::slab_stride(kp);
+        pool.run(&|p, n| {
+            let range = split(rows, n, p, slab);
+            let mut a = vec![0u16; slab * stride];
+            let mut out = [[0f32; 256]; 4];
+            for r0 in range.clone().step_by(slab) {
+                w.slab_bf16(r0, slab, &mut a, stride);
+                for g in (0..groups).step_by(2) {
+                    let b0 = b[g * kp * amx::TILE..].as_ptr();
+                    let b1 = if g + 1 < groups {
+                        b[(g + 1) * kp * amx::TILE..].as_ptr()
+                    } else {
+                        zero.as_ptr()
+                    };
+                    unsafe { amx::block_2x2(&a, kp, b0, b1, &mut out) };
+                    // C tiles are weight rows × tokens; y is tokens × rows: write each token's 16
+                    // consecutive rows together (one cache line), reading the tile down a column.
+                    for (j, c) in out.iter().enumerate() {
+                        let (rs, tg) = (r0 + (j / 2) * amx::TILE, g + j % 2);
+                        let nr = range.end.saturating_sub(rs).min(amx::TILE);
+                        for tt in 0..amx::TILE.min(m.saturating_sub(tg * amx::TILE)) {
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    yp.get().add((tg * amx::TILE + tt) * rows + rs),
+                                    nr,
+                                )
+                            };
+                            for (rr, d) in dst.iter_mut().enumerate() {
+                                *d = c[rr * amx::TILE + tt];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// AVX-512 without AMX: slabs of 8 rows in bf16, multiplied with `vdpbf16ps` 4 rows × 4 tokens at a time.
+    fn gemm_bf16_dot(&self, pool: &Pool, w: Rows, x: &[f32], m: usize, yp: Shared<f32>) {
+        let (rows, cols) = (w.rows(), w.cols());
+        let kp = cols.div_ceil(32) * 32;
+        let mut xb = vec![0u16; m * kp];
+        for t in 0..m {
+            avx512::prep_x_bf16(&x[t * cols..(t + 1) * cols], &mut xb[t * kp..(t + 1) * kp]);
         }
+        let xb = &xb;
+        pool.run(&|p, n| {
+            let range = split(rows, n, p, TILE_ROWS);
+            let mut tile = vec![0u16; TILE_ROWS * kp];
+            for r0 in range.clone().step_by(TILE_ROWS) {
+                w.slab_bf16(r0, TILE_ROWS, &mut tile, kp);
+                for q in 0..2 {
+                    let r = r0 + 4 * q;
+                    if r >= range.end {
+                        break;
+                    }
+                    let nr = (range.end - r).min(4);
+                    let t4 = &tile[4 * q * kp..(4 * q + 4) * kp];
+                    let mut t = 0;
+                    while t < m {
+                        let nt = (m - t).min(4);
+                        let ptrs: [*const u16; 4] =
+                            std::array::from_fn(|j| xb[(t + j.min(nt - 1)) * kp..].as_ptr());
+                        let mut out = [[0f32; 4]; 4];
+                        unsafe { avx512::tile_4x4_bf16(t4, kp, ptrs, &mut out) };
+                        for (i, rowv) in out.iter().enumerate().take(nr) {
+                            for (j, v) in rowv.iter().enumerate().take(nt) {
+                                unsafe { *yp.get().add((t + j) * rows + r + i) = *v };
+                            }
+                        }
+                        t += nt;
+                    }
+                }
+            }
+        });
+    }
+
+    /// AVX2: 4-row tiles in f32, multiplied 4 rows × 4 tokens at a time with FMA.
+    fn gemm_fma(&self, pool: &Pool, w: Rows, x: &[f32], m: usize, yp: Shared<f32>) {
+        let (rows, cols) = (w.rows(), w.cols());
         // Rows of x padded to a multiple of 16 so the micro-kernel needs no tail.
         let kp = cols.div_ceil(16) * 16;
-        let padded: Vec<f32>;
-        let xs: &[f32] = if kp == cols {
-            x
-        } else {
-            let mut v = vec![0f32; m * kp];
-            for t in 0..m {
-                v[t * kp..t * kp + cols].copy_from_slice(&x[t * cols..(t + 1) * cols]);
-            }
-            padded = v;
-            &padded
-        };
-        let isa = self.isa;
+        let mut xs = vec![0f32; m * kp];
+        for t in 0..m {
+            xs[t * kp..t * kp + cols].copy_from_slice(&x[t * cols..(t + 1) * cols]);
+        }
+        let xs = &xs;
         pool.run(&|p, n| {
             let range = split(rows, n, p, 4);
             let mut tile = vec![0f32; 4 * kp];
@@ -373,7 +520,7 @@ impl Kernels {
                 for i in 0..4 {
                     let row = &mut tile[i * kp..i * kp + cols];
                     if i < nr {
-                        dequant_row(r + i, row);
+                        w.row_f32(r + i, row);
                     } else {
                         row.fill(0.0);
                     }
@@ -384,12 +531,7 @@ impl Kernels {
                     let ptrs: [*const f32; 4] =
                         std::array::from_fn(|j| xs[(t + j.min(nt - 1)) * kp..].as_ptr());
                     let mut out = [[0f32; 4]; 4];
-                    unsafe {
-                        match isa {
-                            Isa::Avx512 => avx512::tile_4x4(&tile, kp, ptrs, &mut out),
-                            _ => avx2::tile_4x4(&tile, kp, ptrs, &mut out),
-                        }
-                    }
+                    unsafe { avx2::tile_4x4(&tile, kp, ptrs, &mut out) };
                     for (i, row) in out.iter().enumerate().take(nr) {
                         for (j, v) in row.iter().enumerate().take(nt) {
                             unsafe { *yp.get().add((t + j) * rows + r + i) = *v };
@@ -400,61 +542,6 @@ impl Kernels {
                 r += nr;
             }
         });
-        Ok(())
-    }
-
-    /// The AVX-512 prefill: tiles and activations rounded to bf16 once, multiplied with `vdpbf16ps` (twice
-    /// the multiply-adds per instruction of f32 FMA), accumulated in f32.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_bf16_dot(
-        &self,
-        pool: &Pool,
-        rows: usize,
-        cols: usize,
-        x: &[f32],
-        m: usize,
-        y: &mut [f32],
-        tile_row: &TileRowFn,
-    ) -> Result<()> {
-        let yp = Shared(y.as_mut_ptr());
-        let kp = cols.div_ceil(32) * 32;
-        let mut xb = vec![0u16; m * kp];
-        for t in 0..m {
-            avx512::prep_x_bf16(&x[t * cols..(t + 1) * cols], &mut xb[t * kp..(t + 1) * kp]);
-        }
-        let xb = &xb;
-        pool.run(&|p, n| {
-            let range = split(rows, n, p, 4);
-            let mut tile = vec![0u16; 4 * kp];
-            let mut r = range.start;
-            while r < range.end {
-                let nr = (range.end - r).min(4);
-                for i in 0..4 {
-                    let dst = &mut tile[i * kp..(i + 1) * kp];
-                    if i < nr {
-                        tile_row(r + i, dst);
-                    } else {
-                        dst.fill(0);
-                    }
-                }
-                let mut t = 0;
-                while t < m {
-                    let nt = (m - t).min(4);
-                    let ptrs: [*const u16; 4] =
-                        std::array::from_fn(|j| xb[(t + j.min(nt - 1)) * kp..].as_ptr());
-                    let mut out = [[0f32; 4]; 4];
-                    unsafe { avx512::tile_4x4_bf16(&tile, kp, ptrs, &mut out) };
-                    for (i, rowv) in out.iter().enumerate().take(nr) {
-                        for (j, v) in rowv.iter().enumerate().take(nt) {
-                            unsafe { *yp.get().add((t + j) * rows + r + i) = *v };
-                        }
-                    }
-                    t += nt;
-                }
-                r += nr;
-            }
-        });
-        Ok(())
     }
 
     /// Reads `data` once with every pool thread (each a contiguous part) and returns a checksum: the plain

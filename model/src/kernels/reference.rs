@@ -4,17 +4,18 @@
 use super::matrix::{Bf16Matrix, F32Matrix, Nf4Matrix};
 use crate::quant::nf4::{BLOCK, LEVELS};
 
-/// y[r] = W[r]·x for r in `rows` (y is indexed by row).
+/// y[r] = W[r]·x for r in `rows` (y is indexed by row): each block's 64 products summed in f32, then scaled.
 pub fn gemv_nf4_rows(w: &Nf4Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
     for r in rows {
         let mut acc = 0f32;
-        for (b, chunk) in w.row_codes(r).chunks(BLOCK / 2).enumerate() {
+        for b in 0..w.blocks() {
             let xb = &x[b * BLOCK..(b + 1) * BLOCK];
-            let mut part = 0f32;
-            for (i, &byte) in chunk.iter().enumerate() {
-                part += LEVELS[(byte >> 4) as usize] * xb[2 * i]
-                    + LEVELS[(byte & 15) as usize] * xb[2 * i + 1];
-            }
+            let part: f32 = w
+                .block_codes(r, b)
+                .iter()
+                .zip(xb)
+                .map(|(&q, &v)| LEVELS[q as usize] * v)
+                .sum();
             acc += part * w.scale(r, b);
         }
         y[r] = acc;
