@@ -35,9 +35,11 @@ mod env;
 mod error;
 #[cfg(feature = "mpi")]
 pub mod mpi_backend;
+pub mod pipeline;
 pub mod segments;
 pub mod transport;
 
 pub use comm::{Algorithm, Communicator, DEFAULT_ONE_SHOT_MAX};
 pub use env::{allowed_cpus, format_list, parse_list, JobEnv};
 pub use error::{Error, Result};
+pub use pipeline::Pipeline;

@@ -188,6 +188,24 @@ impl MpiComm {
         Ok(())
     }
 
+    /// MPI_Send of `x` to `dest` (blocking until MPI has taken it).
+    pub fn send(&self, dest: usize, x: &[f32]) {
+        self.world.process_at_rank(dest as i32).send(x);
+    }
+
+    /// MPI_Recv from `src` into `x`; a message of another length is an error, not a truncation.
+    pub fn recv(&self, src: usize, x: &mut [f32]) -> Result<()> {
+        let status = self.world.process_at_rank(src as i32).receive_into(x);
+        let got = status.count(f32::equivalent_datatype()) as usize;
+        if got != x.len() {
+            return Err(Error::Mismatch(format!(
+                "rank {src} sent {got} values, {} were expected",
+                x.len()
+            )));
+        }
+        Ok(())
+    }
+
     fn mpi_allreduce(&self, data: &mut [f32]) {
         let send = data.to_vec();
         self.world

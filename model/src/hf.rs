@@ -222,6 +222,14 @@ impl Checkpoint {
         self.taken.borrow_mut().insert(name.to_string());
     }
 
+    /// Marks every tensor whose name starts with `prefix` as not needed (another pipeline stage's layer).
+    pub fn ignore_prefix(&self, prefix: &str) {
+        let mut taken = self.taken.borrow_mut();
+        for n in self.index.keys().filter(|n| n.starts_with(prefix)) {
+            taken.insert(n.clone());
+        }
+    }
+
     /// Tensors present in the files that no one asked for.
     pub fn unused(&self) -> Vec<String> {
         let taken = self.taken.borrow();

@@ -334,6 +334,20 @@ impl ShardReader {
         Ok((dtype, shape, &self.buf[..len]))
     }
 
+    /// Reads past every next tensor whose name starts with `prefix` (they still count for the checksum):
+    /// another pipeline stage's layers.
+    pub fn skip_prefix(&mut self, prefix: &str) -> Result<()> {
+        while self
+            .entries
+            .get(self.next)
+            .is_some_and(|e| e.0.starts_with(prefix))
+        {
+            let name = self.entries[self.next].0.clone();
+            self.take(&name)?;
+        }
+        Ok(())
+    }
+
     /// The next tensor as f32 values of the expected shape.
     pub fn take_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (d, s, b) = self.take(name)?;

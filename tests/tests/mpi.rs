@@ -119,10 +119,145 @@ fn hierarchical_allreduce_across_two_fake_nodes() {
     golden_case_matches(1, |args| mpirun_two_nodes(4, args));
 }
 
+/// Tensor parallel inside two fake nodes, pipeline parallel across them (TP 2 × PP 2, activations over MPI
+/// on TCP): the golden logits within 1e-4 and the same greedy ids, and equal to a single process within
+/// 1e-4 (the acceptance).
+#[test]
+fn pipeline_stages_across_two_fake_nodes() {
+    golden_case_matches_with(2, &["--pp", "2"], |args| mpirun_two_nodes(4, args));
+    let Some(dir) = shared_dir("golden/yuan-tiny-a") else {
+        return;
+    };
+    let model = dir.to_str().unwrap();
+    let args = [
+        "logits",
+        "--model",
+        model,
+        "--ids",
+        "3,1,4,1,5",
+        "--steps",
+        "6",
+        "--kernels",
+        "reference",
+    ];
+    let one = run(Command::new(bin("ringlm")).args(args), LIMIT);
+    assert_eq!(one.code(), 0, "{one:?}");
+    let Some(two) = mpirun_two_nodes(4, &[&args[..], &["--pp", "2"]].concat()) else {
+        return;
+    };
+    assert_eq!(two.code(), 0, "{two:?}");
+    let (a, b): (Value, Value) = (
+        serde_json::from_str(one.stdout.trim()).unwrap(),
+        serde_json::from_str(two.stdout.trim()).unwrap(),
+    );
+    assert!(max_logit_diff(&a, &b) <= 1e-4, "TP 2 × PP 2 vs np = 1");
+    assert_eq!(a["greedy_ids"], b["greedy_ids"]);
+}
+
+/// A rank of the second stage killed (SIGKILL) while a pipelined job decodes: mpirun ends the whole job,
+/// non-zero, and says which process died; nothing of the job is left in /dev/shm.
+#[test]
+fn a_killed_stage_rank_ends_the_pipelined_mpi_job() {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        eprintln!("\n*** SKIPPED: mpirun is not installed ***\n");
+        return;
+    }
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "4"])
+        .args(["--mca", "btl", "tcp,self", "-x", "RINGLM_RANKS_PER_NODE=2"])
+        .arg(bin("ringlm"))
+        .args([
+            "bench", "--preset", "yuan2-2b", "--layers", "2", "--pp", "2",
+        ])
+        .args(["--prompt", "4", "--gen", "100000", "--threads", "1"]);
+    let child = e2e::spawn(&mut cmd);
+    // Rank 3 (stage 1) of this mpirun (other tests run ranks too): found by the environment mpirun gave it,
+    // killed once it is running.
+    let start = std::time::Instant::now();
+    let victim = loop {
+        if let Some(pid) = rank_pid(child.id() as i32, 3) {
+            break pid;
+        }
+        assert!(start.elapsed() < LIMIT, "rank 3 never started");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    if std::path::Path::new(&format!("/proc/{victim}")).exists() {
+        unsafe { libc::kill(victim, libc::SIGKILL) };
+    }
+    let out = e2e::finish(child, LIMIT);
+    if out.stderr.contains("has no MPI transport") {
+        eprintln!("\n*** SKIPPED: ringlm was built without --features worker/mpi ***\n");
+        return;
+    }
+    assert_ne!(out.code(), 0, "{out:?}");
+    assert!(
+        out.stderr.contains("signal 9") || out.stderr.contains("Killed"),
+        "mpirun says a process was killed: {}",
+        out.stderr
+    );
+    // Other MPI tests may run meanwhile, but their segments live for milliseconds (unlinked once every rank
+    // has mapped them): what is still there twice, seconds apart, was left behind.
+    let first = e2e::segments_with("ompi");
+    std::thread::sleep(Duration::from_secs(3));
+    let left: Vec<String> = e2e::segments_with("ompi")
+        .into_iter()
+        .filter(|n| first.contains(n))
+        .collect();
+    assert!(left.is_empty(), "left in /dev/shm: {left:?}");
+}
+
+/// The parent of a process, from /proc.
+fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": the name may hold spaces, so read after its closing parenthesis.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The pid of the ringlm process that the mpirun `launcher` started as `rank`, if it is running.
+fn rank_pid(launcher: i32, rank: usize) -> Option<i32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let exe = std::fs::read_link(e.path().join("exe")).unwrap_or_default();
+        if !exe.ends_with("ringlm") {
+            continue;
+        }
+        let mut up = parent(pid);
+        while let Some(p) = up.filter(|&p| p > 1 && p != launcher) {
+            up = parent(p);
+        }
+        if up != Some(launcher) {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
 /// Runs `ringlm logits` on golden case `i` through `launch` and compares with the official code's logits:
 /// within 1e-4 (MPI sums in its own order; the reference kernels agree with the golden to ~6e-6) and the
 /// same greedy ids.
 fn golden_case_matches(i: usize, launch: impl Fn(&[&str]) -> Option<e2e::Finished>) {
+    golden_case_matches_with(i, &[], launch)
+}
+
+/// [`golden_case_matches`] with more arguments for ringlm.
+fn golden_case_matches_with(
+    i: usize,
+    extra: &[&str],
+    launch: impl Fn(&[&str]) -> Option<e2e::Finished>,
+) {
     let Some(dir) = shared_dir("golden/yuan-tiny-a") else {
         return;
     };
@@ -149,7 +284,7 @@ fn golden_case_matches(i: usize, launch: impl Fn(&[&str]) -> Option<e2e::Finishe
         "--kernels",
         "reference",
     ];
-    let Some(out) = launch(&args) else {
+    let Some(out) = launch(&[&args[..], extra].concat()) else {
         return;
     };
     assert_eq!(out.code(), 0, "case {i}: {out:?}");

@@ -275,3 +275,59 @@ fn tied_embeddings_load_and_untied_missing_head_is_an_error() {
     copy_config(&dir, &tied.0);
     expect_error(&tied.0, &prompt, &["lm_head.weight is missing"]);
 }
+
+/// Pipeline stages over shared memory (ringrun): 2 stages of 1 rank and 2 stages of 2 ranks, f32 and NF4 on
+/// the reference kernels, and shards converted for 2 ranks run as 2 stages of 2, all equal np = 1 within
+/// 1e-5 (only the tensor-parallel sums' order differs) with the same greedy ids. A pipeline that does not
+/// divide the job or is deeper than the model is refused with the reason.
+#[test]
+fn pipeline_stages_equal_a_single_process() {
+    let Some((dir, cases)) = golden() else { return };
+    let case = &cases[3];
+    let prompt = ids(&case["prompt_ids"]);
+    let k = case["greedy_ids"].as_array().unwrap().len();
+    for weights in ["f32", "nf4"] {
+        let args = ["--weights", weights, "--kernels", "reference"];
+        let one = logits(1, &dir, &prompt, k, &args).unwrap();
+        for np in [2, 4] {
+            let staged = [&args[..], &["--pp", "2"]].concat();
+            let out = logits(np, &dir, &prompt, k, &staged).unwrap();
+            let d = max_logit_diff(&out, &one);
+            assert!(d <= 1e-5, "{weights} np={np} --pp 2: max diff {d}");
+            assert_eq!(out["greedy_ids"], one["greedy_ids"], "{weights} np={np}");
+        }
+    }
+
+    let tmp = TempDir::new("pp-shards");
+    let shards = tmp.0.join("np2");
+    let out = run(
+        Command::new(bin("ringlm"))
+            .args(["convert", "--model"])
+            .arg(&dir)
+            .arg("--out")
+            .arg(&shards)
+            .args(["--np", "2"]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    let args = ["--kernels", "reference"];
+    let want = logits(2, &shards, &prompt, k, &args).unwrap();
+    let got = logits(
+        4,
+        &shards,
+        &prompt,
+        k,
+        &["--kernels", "reference", "--pp", "2"],
+    )
+    .unwrap();
+    let d = max_logit_diff(&got, &want);
+    assert!(d <= 1e-5, "converted shards as 2 stages: max diff {d}");
+    assert_eq!(got["greedy_ids"], want["greedy_ids"]);
+    let err = logits(2, &shards, &prompt, 1, &["--pp", "2"]).unwrap_err();
+    assert!(err.contains("tensor-parallel ranks"), "{err}");
+
+    let err = logits(4, &dir, &prompt, 1, &["--pp", "3"]).unwrap_err();
+    assert!(err.contains("stages of equal size"), "{err}");
+    let err = logits(4, &dir, &prompt, 1, &["--pp", "4"]).unwrap_err();
+    assert!(err.contains("layers"), "the tiny model has 2 layers: {err}");
+}

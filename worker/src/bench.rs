@@ -5,15 +5,11 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use collective::Communicator;
 use model::arch::yuan2::{Config, Model, Profile};
-use model::arch::{Collective, Shard};
-use model::kernels::{KernelChoice, Kernels};
+use model::kernels::{AlignedBytes, KernelChoice, Kernels};
 use model::pool::Pool;
 use model::weight::Format;
 use serde_json::json;
-
-use crate::runtime::Comm;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -23,9 +19,12 @@ pub struct Args {
     /// Build and run only this many layers; results are also projected to the full model.
     #[arg(long)]
     layers: Option<usize>,
-    /// Tensor-parallel ranks (starts them through ringrun); under ringrun the job decides.
+    /// Ranks (starts them through ringrun); under ringrun the job decides.
     #[arg(long)]
     np: Option<usize>,
+    /// Pipeline stages (np / pp tensor-parallel ranks each): shows what stages cost a single sequence.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
     /// Threads per rank (default: RINGLM_THREADS, else every CPU allowed).
     #[arg(long)]
     threads: Option<usize>,
@@ -80,7 +79,49 @@ fn scale_layers(p: &Profile, k: f64) -> Profile {
         comm: s(p.comm),
         other: s(p.other),
         head,
+        wait: s(p.wait),
     }
+}
+
+/// A profile as numbers, for gathering over ranks.
+fn profile_bytes(p: &Profile) -> Vec<u8> {
+    [
+        p.linear,
+        p.conv,
+        p.attention,
+        p.comm,
+        p.other,
+        p.head,
+        p.wait,
+    ]
+    .iter()
+    .flat_map(|v| v.to_le_bytes())
+    .collect()
+}
+
+/// The sum of the profiles of every stage's first rank (one rank per stage: the stages run one after the
+/// other, so their times add up to the step).
+fn sum_stage_profiles(all: &[Vec<u8>], tp: usize) -> Result<Profile> {
+    let mut total = Profile::default();
+    for b in all.iter().step_by(tp) {
+        let v: Vec<u64> = b
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let [linear, conv, attention, comm, other, head, wait] = v[..] else {
+            anyhow::bail!("a rank sent a profile of {} values", v.len());
+        };
+        total = total.add(&Profile {
+            linear,
+            conv,
+            attention,
+            comm,
+            other,
+            head,
+            wait,
+        });
+    }
+    Ok(total)
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -92,12 +133,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.prompt == 0 {
         anyhow::bail!("--prompt must be at least 1");
     }
-    let comm = Communicator::from_env().context("joining the job")?;
-    let shard = Shard {
-        rank: comm.rank(),
-        size: comm.size(),
-    };
-    let mut comm = Comm(comm);
+    let env = collective::JobEnv::from_env()?;
+    let world_rank = env.rank;
+    let (mut comm, shard) = crate::runtime::join(env, a.pp)?;
     let pool = match a.threads {
         Some(t) => Pool::new(t, comm.0.env().cpuset.as_deref()),
         None => Pool::from_env(),
@@ -116,34 +154,50 @@ pub fn run(a: Args) -> Result<()> {
     .with_context(|| format!("rank {}: building {}", shard.rank, a.preset))?;
     let build_s = build.elapsed().as_secs_f64();
 
-    // The memory's streaming rate, measured now, by every rank at once with its own threads.
-    let mut buf = vec![1u8; 256 << 20];
-    for (i, b) in buf.iter_mut().enumerate().step_by(4096) {
+    // The memory's streaming rate, measured now, by every rank at once with its own threads, over twice the
+    // last-level cache and from the same kind of memory (huge-page mappings) as the weights.
+    let len = (2 * crate::benchk::llc_bytes().unwrap_or(0)).max(256 << 20);
+    let mut buf = AlignedBytes::zeroed(len);
+    for (i, b) in buf.as_mut_slice().iter_mut().enumerate().step_by(4096) {
         *b = i as u8;
     }
     comm.0.barrier()?;
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();
-        std::hint::black_box(Kernels::stream_read(&pool, &buf));
+        std::hint::black_box(Kernels::stream_read(&pool, buf.as_slice()));
         best = best.min(t.elapsed().as_secs_f64());
     }
     drop(buf);
-    let stream_rank = (256u64 << 20) as f64 / best;
-    let streams = comm.allgather_f32(&[stream_rank as f32 / 1e6])?; // MB/s, as f32
+    let stream_rank = len as f64 / best;
+    let streams = comm.0.allgather_f32(&[stream_rank as f32 / 1e6])?; // MB/s, as f32
     let stream_total: f64 = streams.iter().map(|&v| v as f64 * 1e6).sum();
 
     // Bytes each decode step streams, per rank and in total.
     let bytes_rank = model.weight_bytes() as f64;
     let layer_bytes_rank = model.layer_weight_bytes() as f64;
-    let per_rank = comm.allgather_f32(&[bytes_rank as f32, layer_bytes_rank as f32])?;
+    let per_rank = comm
+        .0
+        .allgather_f32(&[bytes_rank as f32, layer_bytes_rank as f32])?;
     let bytes_total: f64 = per_rank.chunks(2).map(|c| c[0] as f64).sum();
-    // The slowest rank sets the pace: its bytes over its share of the bandwidth.
-    let roofline = per_rank
-        .chunks(2)
-        .zip(&streams)
-        .map(|(b, &s)| s as f64 * 1e6 / b[0] as f64)
-        .fold(f64::INFINITY, f64::min);
+    // Within a stage the slowest rank sets the pace (its bytes over its share of the bandwidth); stages run
+    // one after the other, so their times add.
+    let tp = shard.size;
+    let roof = |bytes: &dyn Fn(&[f32]) -> f64| -> f64 {
+        let per_stage: f64 = per_rank
+            .chunks(2)
+            .zip(&streams)
+            .collect::<Vec<_>>()
+            .chunks(tp)
+            .map(|st| {
+                st.iter()
+                    .map(|(b, &s)| bytes(b) / (s as f64 * 1e6))
+                    .fold(0.0, f64::max)
+            })
+            .sum();
+        1.0 / per_stage
+    };
+    let roofline = roof(&|b| b[0] as f64);
 
     let prompt: Vec<u32> = (0..a.prompt)
         .map(|i| ((i as u64 * 7919 + a.seed) % config.vocab as u64) as u32)
@@ -163,15 +217,19 @@ pub fn run(a: Args) -> Result<()> {
         next = model.greedy(&mut comm, &logits)?;
     }
     let decode_s = t.elapsed().as_secs_f64();
-    let prof = model.profile;
+    let profiles = comm.0.allgather(&profile_bytes(&model.profile))?;
+    let pre_profiles = comm.0.allgather(&profile_bytes(&prefill_prof))?;
     comm.0.barrier()?;
-    if shard.rank != 0 {
+    if world_rank != 0 {
         return Ok(());
     }
+    let prof = sum_stage_profiles(&profiles, tp)?;
+    let prefill_prof = sum_stage_profiles(&pre_profiles, tp)?;
     let decode_tps = a.gen as f64 / decode_s;
     let prefill_tps = a.prompt as f64 / prefill_s;
     let mut out = json!({
-        "preset": a.preset, "layers": config.layers, "np": shard.size, "threads": pool.threads(),
+        "preset": a.preset, "layers": config.layers, "np": tp * shard.stages, "tp": tp, "pp": shard.stages,
+        "threads": pool.threads(),
         "quant": a.quant, "lm_head": a.lm_head, "kernels": kernels.isa().name(),
         "prompt": a.prompt, "gen": a.gen, "build_s": build_s,
         "prefill_tokens_per_s": prefill_tps,
@@ -194,11 +252,7 @@ pub fn run(a: Args) -> Result<()> {
         let pre_head = prefill_prof.head as f64 * 1e-9;
         let ppre_s = pre_head + (prefill_s - pre_head) * k;
         let pbytes_rank = (bytes_rank - layer_bytes_rank) + layer_bytes_rank * k;
-        let proof = per_rank
-            .chunks(2)
-            .zip(&streams)
-            .map(|(b, &s)| s as f64 * 1e6 / ((b[0] - b[1]) as f64 + b[1] as f64 * k))
-            .fold(f64::INFINITY, f64::min);
+        let proof = roof(&|b| (b[0] - b[1]) as f64 + b[1] as f64 * k);
         let pdecode = 1.0 / ptok_s;
         out["projected"] = json!({
             "layers": full_layers,
@@ -217,7 +271,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let g = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
     println!(
-        "{} ({} layers{}), {} weights, {} lm_head, np={} × {} threads, {} kernels",
+        "{} ({} layers{}), {} weights, {} lm_head, np={}{} × {} threads, {} kernels",
         a.preset,
         config.layers,
         if config.layers < full_layers {
@@ -227,7 +281,12 @@ pub fn run(a: Args) -> Result<()> {
         },
         a.quant,
         a.lm_head,
-        shard.size,
+        tp * shard.stages,
+        if shard.stages > 1 {
+            format!(" (tp {tp} × pp {})", shard.stages)
+        } else {
+            String::new()
+        },
         pool.threads(),
         kernels.isa().name()
     );

@@ -34,7 +34,7 @@ pub struct Args {
 }
 
 /// Size of the last-level cache of CPU 0 in bytes, as sysfs reports it ("491520K").
-fn llc_bytes() -> Option<usize> {
+pub fn llc_bytes() -> Option<usize> {
     let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
     let mut best = None;
     // Entries that are not caches (uevent) or do not parse are skipped.

@@ -113,30 +113,38 @@ pub fn run(a: Args) -> Result<()> {
         let local = job
             .model
             .forward(&job.pool, &mut job.comm, &mut state, &ids, true)?;
-        let width = vocab.len();
-        // Per scored position: this rank's log-sum-exp over its slice, and the target's logit if it is here.
-        let positions = first..n_ctx - 1;
-        let mut lse = Vec::with_capacity(positions.len());
-        let mut target = vec![0f32; positions.len()];
-        for (k, j) in positions.clone().enumerate() {
-            let row = &local[j * width..(j + 1) * width];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-            lse.push((max as f64 + sum.ln()) as f32);
-            let t = tokens[start + j + 1] as usize;
-            if vocab.contains(&t) {
-                target[k] = row[t - vocab.start];
+        // The last pipeline stage (every rank, without one) has the logits; the others learn the result.
+        let mut chunk_nll = 0f64;
+        if job.model.shard.last_stage() {
+            let width = vocab.len();
+            // Per scored position: this rank's log-sum-exp over its slice, and the target's logit if it is here.
+            let positions = first..n_ctx - 1;
+            let mut lse = Vec::with_capacity(positions.len());
+            let mut target = vec![0f32; positions.len()];
+            for (k, j) in positions.clone().enumerate() {
+                let row = &local[j * width..(j + 1) * width];
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                lse.push((max as f64 + sum.ln()) as f32);
+                let t = tokens[start + j + 1] as usize;
+                if vocab.contains(&t) {
+                    target[k] = row[t - vocab.start];
+                }
+            }
+            let all_lse = job.comm.allgather_f32(&lse)?;
+            job.comm.allreduce_sum(&mut target)?;
+            let ranks = all_lse.len() / lse.len();
+            for k in 0..lse.len() {
+                let parts = (0..ranks).map(|r| all_lse[r * lse.len() + k] as f64);
+                let m = parts.clone().fold(f64::NEG_INFINITY, f64::max);
+                let total = m + parts.map(|x| (x - m).exp()).sum::<f64>().ln();
+                chunk_nll += total - target[k] as f64;
             }
         }
-        let all_lse = job.comm.allgather_f32(&lse)?;
-        job.comm.allreduce_sum(&mut target)?;
-        let ranks = all_lse.len() / lse.len();
-        for k in 0..lse.len() {
-            let parts = (0..ranks).map(|r| all_lse[r * lse.len() + k] as f64);
-            let m = parts.clone().fold(f64::NEG_INFINITY, f64::max);
-            let total = m + parts.map(|x| (x - m).exp()).sum::<f64>().ln();
-            nll += total - target[k] as f64;
-        }
+        let mut bytes = chunk_nll.to_le_bytes().to_vec();
+        job.comm.share_from_last(&mut bytes)?;
+        nll += f64::from_le_bytes(bytes[..8].try_into()?);
+        let lse = first..n_ctx - 1;
         scored += lse.len();
         if rank0 {
             let secs = started.elapsed().as_secs_f64();

@@ -103,12 +103,12 @@ pub fn report(job: &mut Job) {
             .map(collective::format_list)
             .unwrap_or_else(|| "unset".into())
     };
-    eprintln!(
+    crate::runtime::rank_line(&format!(
         "[rank {rank}] {} threads on CPUs {} (cpuset {}); memory bound to NUMA {}; weight pages ({sampled} sampled): {}",
         job.pool.threads(),
         collective::format_list(&cpus),
         list(&env.cpuset),
         list(&env.numa),
         if share.is_empty() { "unknown (move_pages refused)".to_string() } else { share.join(", ") }
-    );
+    ));
 }

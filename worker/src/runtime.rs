@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use collective::Communicator;
+use collective::{Communicator, Pipeline};
 use model::arch::yuan2::Model;
 use model::arch::{Collective, Shard};
 use model::kernels::{KernelChoice, Kernels};
@@ -33,25 +33,75 @@ pub struct ModelArgs {
     /// Print, per rank, the CPUs its threads run on and the NUMA nodes its weight pages sit on.
     #[arg(long)]
     pub report_placement: bool,
+    /// Pipeline stages: consecutive ranges of layers, tensor parallel inside each stage of
+    /// np / pp ranks (one stage per server when mpirun starts np / pp ranks per server). Lets a model
+    /// larger than one server's memory run; with one sequence it adds one hand-off per stage to every
+    /// step and no throughput.
+    #[arg(long, default_value_t = 1, value_name = "P")]
+    pub pp: usize,
 }
 
 fn parse_format(s: &str) -> std::result::Result<Format, String> {
     s.parse().map_err(|e: model::Error| e.to_string())
 }
 
-/// The collective library as the model's tensor-parallel hook.
-pub struct Comm(pub Communicator);
+/// The collective library as the model's hook: the whole job (`.0`, for the commands' own broadcasts) and,
+/// with pipeline stages, this rank's stage (`.1`), whose group carries the tensor-parallel collectives.
+pub struct Comm(pub Communicator, pub Option<Pipeline>);
+
+fn model_err(e: collective::Error) -> model::Error {
+    model::Error::Format(e.to_string())
+}
+
+impl Comm {
+    /// The communicator of this rank's tensor-parallel group.
+    fn tp(&mut self) -> &mut Communicator {
+        match &mut self.1 {
+            Some(p) => p.group(),
+            None => &mut self.0,
+        }
+    }
+
+    /// With pipeline stages, replaces `bytes` on every rank by the last stage's first rank's (the stage
+    /// that has the logits); without, leaves them as they are.
+    pub fn share_from_last(&mut self, bytes: &mut Vec<u8>) -> collective::Result<()> {
+        match &self.1 {
+            Some(p) => {
+                let root = p.last_root();
+                self.0.broadcast(root, bytes)
+            }
+            None => Ok(()),
+        }
+    }
+}
 
 impl Collective for Comm {
     fn allreduce_sum(&mut self, x: &mut [f32]) -> model::Result<()> {
-        self.0
-            .allreduce_sum(x)
-            .map_err(|e| model::Error::Format(e.to_string()))
+        self.tp().allreduce_sum(x).map_err(model_err)
     }
     fn allgather_f32(&mut self, x: &[f32]) -> model::Result<Vec<f32>> {
-        self.0
-            .allgather_f32(x)
-            .map_err(|e| model::Error::Format(e.to_string()))
+        self.tp().allgather_f32(x).map_err(model_err)
+    }
+    fn recv_prev(&mut self, x: &mut [f32]) -> model::Result<()> {
+        match &mut self.1 {
+            Some(p) => p.recv_prev(&mut self.0, x).map_err(model_err),
+            None => Err(model::Error::Format("no pipeline stages".into())),
+        }
+    }
+    fn send_next(&mut self, x: &[f32]) -> model::Result<()> {
+        match &mut self.1 {
+            Some(p) => p.send_next(&mut self.0, x).map_err(model_err),
+            None => Err(model::Error::Format("no pipeline stages".into())),
+        }
+    }
+    fn broadcast_from_last(&mut self, x: &mut Vec<f32>) -> model::Result<()> {
+        let mut bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.share_from_last(&mut bytes).map_err(model_err)?;
+        *x = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(())
     }
 }
 
@@ -72,19 +122,15 @@ impl Job {
         let env = collective::JobEnv::from_env()?;
         if let Some(b) = crate::selfbind::apply(&env)? {
             if a.report_placement {
-                eprintln!(
+                crate::runtime::rank_line(&format!(
                     "[rank {}] {} left it unbound: bound to CPUs {:?}, memory to NUMA nodes {:?} (RINGLM_SELF_BIND=0 to skip)",
                     env.rank, env.launcher, b.cpus, b.nodes
-                );
+                ));
             }
         }
-        let comm = Communicator::new(env).context("joining the job")?;
-        let shard = Shard {
-            rank: comm.rank(),
-            size: comm.size(),
-        };
+        let (comm, shard) = join(env, a.pp)?;
         let pool = match a.threads {
-            Some(t) => Pool::new(t, comm.env().cpuset.as_deref()),
+            Some(t) => Pool::new(t, comm.0.env().cpuset.as_deref()),
             None => Pool::from_env(),
         };
         let kernels = Kernels::from_choice_or_env(a.kernels)?;
@@ -105,21 +151,17 @@ impl Job {
         }
         .with_context(|| format!("rank {}: loading {}", shard.rank, a.model.display()))?;
         let secs = start.elapsed().as_secs_f64();
-        let mut job = Job {
-            comm: Comm(comm),
-            pool,
-            model,
-        };
+        let mut job = Job { comm, pool, model };
         if shards || a.report_placement {
             let bytes = job.model.weight_bytes() as f64;
-            eprintln!(
+            crate::runtime::rank_line(&format!(
                 "[rank {}] loaded {:.2} GB of weights in {:.2} s ({:.2} GB/s); resident {:.2} GB",
                 shard.rank,
                 bytes / 1e9,
                 secs,
                 bytes / 1e9 / secs.max(1e-9),
                 crate::placement::resident_bytes() as f64 / 1e9
-            );
+            ));
         }
         if a.report_placement {
             crate::placement::report(&mut job);
@@ -131,6 +173,34 @@ impl Job {
     pub fn rank(&self) -> usize {
         self.comm.0.rank()
     }
+}
+
+/// Prints one line of a rank's report to stderr in a single write: launchers forward every rank's stderr
+/// into one stream, where a line written in pieces (as `eprintln!` may) interleaves with other ranks'.
+pub fn rank_line(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+/// Joins the job of `env` and, with `pp` stages, the pipeline; returns the communicators and which slice of
+/// the model this rank holds.
+pub fn join(env: collective::JobEnv, pp: usize) -> Result<(Comm, Shard)> {
+    let mut comm = Communicator::new(env).context("joining the job")?;
+    let pipe = if pp != 1 {
+        Some(Pipeline::new(&mut comm, pp).context("setting up the pipeline stages")?)
+    } else {
+        None
+    };
+    let shard = match &pipe {
+        Some(p) => Shard {
+            rank: comm.rank() % p.tp(),
+            size: p.tp(),
+            stage: p.stage(),
+            stages: p.stages(),
+        },
+        None => Shard::tensor(comm.rank(), comm.size()),
+    };
+    Ok((Comm(comm, pipe), shard))
 }
 
 /// `--np N` outside a launcher: starts N ranks of this same command under ringrun (found next to this

@@ -4,12 +4,31 @@ pub mod yuan2;
 
 use crate::error::Result;
 
-/// The communication a tensor-parallel forward pass needs; a job of one needs none ([`Solo`]).
+/// The communication a forward pass needs; a job of one needs none ([`Solo`]). The collectives run among
+/// the tensor-parallel ranks of this rank's pipeline stage (the whole job when there is one stage); the
+/// pipeline operations move activations between stages.
 pub trait Collective {
-    /// Sums `x` over all ranks, in place, bitwise identically on every rank.
+    /// Sums `x` over the stage's ranks, in place, bitwise identically on every one of them.
     fn allreduce_sum(&mut self, x: &mut [f32]) -> Result<()>;
-    /// Every rank's `x` concatenated in rank order.
+    /// Every stage rank's `x` concatenated in rank order.
     fn allgather_f32(&mut self, x: &[f32]) -> Result<Vec<f32>>;
+    /// Receives the previous stage's output activations into `x` (pipeline parallel only).
+    fn recv_prev(&mut self, _x: &mut [f32]) -> Result<()> {
+        Err(crate::Error::Format(
+            "this job has no pipeline stages to receive from".into(),
+        ))
+    }
+    /// Sends this stage's output activations to the next stage (pipeline parallel only).
+    fn send_next(&mut self, _x: &[f32]) -> Result<()> {
+        Err(crate::Error::Format(
+            "this job has no pipeline stages to send to".into(),
+        ))
+    }
+    /// Replaces `x` on every rank of the job by the last stage's first rank's `x` (pipeline parallel only:
+    /// the last stage's results reach rank 0, which does the I/O, and the first stage, which embeds).
+    fn broadcast_from_last(&mut self, _x: &mut Vec<f32>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A job of one process.
@@ -24,18 +43,58 @@ impl Collective for Solo {
     }
 }
 
-/// Which slice of the model this process holds: rank `rank` of `size` tensor-parallel ranks.
+/// Which slice of the model this process holds: rank `rank` of `size` tensor-parallel ranks, in pipeline
+/// stage `stage` of `stages` (consecutive ranges of layers; one stage is the whole depth).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
-    /// This rank.
+    /// This rank within its stage's tensor-parallel group.
     pub rank: usize,
-    /// Number of ranks.
+    /// Tensor-parallel ranks per stage.
     pub size: usize,
+    /// This rank's pipeline stage.
+    pub stage: usize,
+    /// Pipeline stages.
+    pub stages: usize,
 }
 
 impl Shard {
     /// The whole model.
-    pub const WHOLE: Shard = Shard { rank: 0, size: 1 };
+    pub const WHOLE: Shard = Shard {
+        rank: 0,
+        size: 1,
+        stage: 0,
+        stages: 1,
+    };
+
+    /// Rank `rank` of `size` tensor-parallel ranks, with no pipeline.
+    pub fn tensor(rank: usize, size: usize) -> Shard {
+        Shard {
+            rank,
+            size,
+            ..Shard::WHOLE
+        }
+    }
+
+    /// The layers of a model of `layers` this stage runs: consecutive, as even as possible (the first
+    /// stages take one more).
+    pub fn layers(&self, layers: usize) -> std::ops::Range<usize> {
+        Shard {
+            rank: self.stage,
+            size: self.stages,
+            ..Shard::WHOLE
+        }
+        .uneven(layers)
+    }
+
+    /// Whether this stage embeds the tokens.
+    pub fn first_stage(&self) -> bool {
+        self.stage == 0
+    }
+
+    /// Whether this stage holds the final norm and lm_head.
+    pub fn last_stage(&self) -> bool {
+        self.stage + 1 == self.stages
+    }
 
     /// This rank's contiguous part of `n` items split as evenly as possible (the first `n % size` ranks get
     /// one more): used for the vocabulary, which need not divide.
@@ -73,8 +132,8 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// x / (1 + e^-x).
+/// x / (1 + e^-x), with the forward pass's [`exp`](crate::kernels::vecops::exp).
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + crate::kernels::vecops::exp(-x))
 }

@@ -18,10 +18,11 @@
 
 use std::path::Path;
 
-use super::{argmax, rms_norm, silu, Collective, Shard};
+use super::{argmax, rms_norm, Collective, Shard};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::hf::Checkpoint;
+use crate::kernels::vecops::{attend, silu_mul, Head};
 use crate::kernels::Kernels;
 use crate::pool::Pool;
 use crate::shards::{FileEntry, Manifest, ShardReader, ShardWriter};
@@ -364,13 +365,36 @@ impl Config {
         }
         Ok(())
     }
+
+    /// [`Config::check_np`] for the tensor-parallel ranks of a stage, and a pipeline no deeper than the model.
+    pub fn check_shard(&self, shard: Shard) -> Result<()> {
+        self.check_np(shard.size)?;
+        if shard.stages == 0 || shard.stages > self.layers || shard.stage >= shard.stages {
+            return Err(Error::Shape(format!(
+                "stage {} of {} pipeline stages: the model has {} layers (--pp must be between 1 and the layer count)",
+                shard.stage, shard.stages, self.layers
+            )));
+        }
+        Ok(())
+    }
 }
 
-/// The embedding table, kept whole on every rank (one row is read per token).
+/// The embedding table, kept whole on every rank of the first stage (one row is read per token).
 #[derive(Clone, Debug)]
 enum Embedding {
     F32(Vec<f32>),
     Bf16(Vec<half::bf16>),
+}
+
+impl Embedding {
+    /// Kept in f32 with f32 weights, else in bf16.
+    fn new(values: Vec<f32>, format: Format) -> Embedding {
+        if format == Format::F32 {
+            Embedding::F32(values)
+        } else {
+            Embedding::Bf16(values.iter().map(|&x| half::bf16::from_f32(x)).collect())
+        }
+    }
 }
 
 /// One decoder layer's weights, this rank's slice (c = this rank's LFA channels, n = its heads × d,
@@ -440,6 +464,9 @@ pub struct Profile {
     pub other: u64,
     /// Of `linear` and `other`: the final norm and lm_head (what does not scale with the layer count).
     pub head: u64,
+    /// Pipeline stages after the first: waiting for the previous stage's activations (idle, not part of
+    /// [`Profile::total`]; the time is the earlier stages' work).
+    pub wait: u64,
 }
 
 impl Profile {
@@ -452,6 +479,7 @@ impl Profile {
             comm: self.comm + o.comm,
             other: self.other + o.other,
             head: self.head + o.head,
+            wait: self.wait + o.wait,
         }
     }
 
@@ -467,10 +495,13 @@ pub struct Model {
     pub config: Config,
     /// Which slice this is.
     pub shard: Shard,
+    /// This stage's layers (all of them without a pipeline).
     layers: Vec<Layer>,
-    embed: Embedding,
+    /// The token embedding: on the first pipeline stage only.
+    embed: Option<Embedding>,
     final_norm: Vec<f32>, // (H,)
-    lm_head: Weight,      // (vocab slice, H)
+    /// (vocab slice, H): on the last pipeline stage only.
+    lm_head: Option<Weight>,
     vocab: std::ops::Range<usize>,
     /// Kernels the linear layers run.
     pub kernels: Kernels,
@@ -483,9 +514,9 @@ pub struct Model {
 /// The weights a loader has gathered for [`Model::assemble`].
 struct Parts {
     layers: Vec<Layer>,
-    embed: Embedding,
+    embed: Option<Embedding>,
     final_norm: Vec<f32>,
-    lm_head: Weight,
+    lm_head: Option<Weight>,
     vocab: std::ops::Range<usize>,
 }
 
@@ -518,8 +549,9 @@ pub struct State {
     capacity: usize,
     /// Position of the last eod token seen, for the document mask.
     last_eod: Option<usize>,
-    keys: Vec<Vec<f32>>,   // per layer (capacity, n)
-    values: Vec<Vec<f32>>, // per layer (capacity, n)
+    /// Per layer (key/value heads, capacity, d): a head's positions contiguous, a new token's key one write.
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>, // per layer, as keys
     /// The LFA's memory per layer: the last normed input h[t-1] and conv1's output for it. Caching conv1's
     /// output instead of the two last inputs (as the official code does) gives the same numbers and saves
     /// recomputing conv1 for t-1 at every step.
@@ -547,6 +579,8 @@ struct Cut {
     ffn: std::ops::Range<usize>,
     /// Vocabulary rows of lm_head.
     vocab: std::ops::Range<usize>,
+    /// The hidden size (all columns of lm_head).
+    hidden: usize,
 }
 
 impl Cut {
@@ -565,6 +599,7 @@ impl Cut {
             chans: shard.even(c.hidden / 2),
             ffn: shard.even(c.ffn),
             vocab: shard.uneven(c.vocab),
+            hidden: c.hidden,
         }
     }
 }
@@ -700,7 +735,7 @@ impl FullLayer {
 fn cuts_on_blocks(c: &Config, range: impl Fn(&Cut) -> std::ops::Range<usize>) -> bool {
     c.valid_np().iter().all(|&np| {
         (0..np).all(|r| {
-            let x = range(&Cut::new(c, Shard { rank: r, size: np }));
+            let x = range(&Cut::new(c, Shard::tensor(r, np)));
             x.start.is_multiple_of(crate::quant::nf4::BLOCK)
                 && x.end.is_multiple_of(crate::quant::nf4::BLOCK)
         })
@@ -781,6 +816,30 @@ fn read_head_gguf(
     Ok((embed, head, check("output_norm.weight", 1)?))
 }
 
+/// What a stage keeps of the embedding and the lm_head: the first the embedding, the last its vocabulary
+/// slice of the head (`name` for errors).
+fn stage_head(
+    shard: Shard,
+    cut: &Cut,
+    format: Format,
+    embed_f32: Vec<f32>,
+    head: FullWeight,
+    name: &str,
+) -> Result<(Option<Embedding>, Option<Weight>)> {
+    let lm_head = if shard.last_stage() {
+        Some(
+            head.slice(cut.vocab.clone(), &[0..cut.hidden])
+                .map_err(|e| e.tensor(name))?,
+        )
+    } else {
+        None
+    };
+    let embed = shard
+        .first_stage()
+        .then(|| Embedding::new(embed_f32, format));
+    Ok((embed, lm_head))
+}
+
 /// The embedding (f32, whole) and the lm_head prepared for slicing by vocabulary rows.
 fn read_head(ck: &Checkpoint, c: &Config, head_format: Format) -> Result<(Vec<f32>, FullWeight)> {
     let h = c.hidden;
@@ -828,26 +887,30 @@ impl Model {
         if config.arch != Arch::Yuan2 {
             return Err(Error::Format("a Llama config.json without shard files: Llama models load from GGUF files or from `ringlm convert` output".into()).file(dir));
         }
-        config.check_np(shard.size)?;
+        config.check_shard(shard)?;
         let ck = Checkpoint::open(dir)?;
         let c = &config;
         let h = c.hidden;
 
         let cut = Cut::new(c, shard);
-        let mut layers = Vec::with_capacity(c.layers);
+        let mine = shard.layers(c.layers);
+        let mut layers = Vec::with_capacity(mine.len());
         for l in 0..c.layers {
-            layers.push(FullLayer::read(&ck, c, l, format)?.slice(h, &cut)?);
+            if mine.contains(&l) {
+                layers.push(FullLayer::read(&ck, c, l, format)?.slice(h, &cut)?);
+            } else {
+                ck.ignore_prefix(&format!("model.layers.{l}."));
+            }
         }
-        let (embed_f32, head) = read_head(&ck, c, head_format)?;
-        let lm_head = head
-            .slice(cut.vocab.clone(), &[0..h])
-            .map_err(|e| e.tensor("lm_head.weight"))?;
-        let vocab = cut.vocab.clone();
-        let embed = if format == Format::F32 {
-            Embedding::F32(embed_f32)
+        let (embed, lm_head) = if shard.first_stage() || shard.last_stage() {
+            let (embed_f32, head) = read_head(&ck, c, head_format)?;
+            stage_head(shard, &cut, format, embed_f32, head, "lm_head.weight")?
         } else {
-            Embedding::Bf16(embed_f32.iter().map(|&x| half::bf16::from_f32(x)).collect())
+            ck.ignore("model.embed_tokens.weight");
+            ck.ignore("lm_head.weight");
+            (None, None)
         };
+        let vocab = cut.vocab.clone();
         let final_norm = ck.take("model.norm.weight", &[h])?;
         let unused = ck.unused();
         if !unused.is_empty() {
@@ -881,21 +944,21 @@ impl Model {
     ) -> Result<Model> {
         let g = Gguf::open(path)?;
         let config = Config::from_gguf(&g)?;
-        config.check_np(shard.size)?;
+        config.check_shard(shard)?;
         let h = config.hidden;
         let cut = Cut::new(&config, shard);
-        let mut layers = Vec::with_capacity(config.layers);
-        for l in 0..config.layers {
+        let mine = shard.layers(config.layers);
+        let mut layers = Vec::with_capacity(mine.len());
+        for l in mine {
             layers.push(FullLayer::read_gguf(&g, &config, l, format)?.slice(h, &cut)?);
         }
-        let (embed_f32, head, final_norm) = read_head_gguf(&g, &config, head_format)?;
-        let lm_head = head
-            .slice(cut.vocab.clone(), &[0..h])
-            .map_err(|e| e.tensor("output.weight"))?;
-        let embed = if format == Format::F32 {
-            Embedding::F32(embed_f32)
+        let (embed, lm_head, final_norm) = if shard.first_stage() || shard.last_stage() {
+            let (embed_f32, head, final_norm) = read_head_gguf(&g, &config, head_format)?;
+            let (embed, lm_head) =
+                stage_head(shard, &cut, format, embed_f32, head, "output.weight")?;
+            (embed, lm_head, final_norm)
         } else {
-            Embedding::Bf16(embed_f32.iter().map(|&x| half::bf16::from_f32(x)).collect())
+            (None, None, vec![1.0; h])
         };
         Ok(Model::assemble(
             config,
@@ -923,13 +986,24 @@ impl Model {
             .file(dir));
         }
         if m.np != shard.size {
-            return Err(Error::Shape(format!(
-                "these shards are for np={}, the job has {} ranks: run with -np {} or convert again with --np {}",
-                m.np, shard.size, m.np, shard.size
-            ))
+            let (tp, pp) = (shard.size, shard.stages);
+            return Err(Error::Shape(if pp > 1 {
+                format!(
+                    "these shards are for {} tensor-parallel ranks; the job has {tp} per pipeline stage ({} ranks, --pp {pp}): run with -np {} or convert again with --np {tp}",
+                    m.np,
+                    tp * pp,
+                    m.np * pp
+                )
+            } else {
+                format!(
+                    "these shards are for np={}, the job has {tp} ranks: run with -np {} or convert again with --np {tp}",
+                    m.np, m.np
+                )
+            })
             .file(dir.join("manifest.json")));
         }
         let config = Config::load(dir)?;
+        config.check_shard(shard)?;
         let entry = m.file_of(shard.rank).clone();
         let path = dir.join(&entry.file);
         let mut r = ShardReader::open(&path)?;
@@ -937,9 +1011,15 @@ impl Model {
         let h = c.hidden;
         let cut = Cut::new(c, shard);
         let (n, nkv, ch, f) = (cut.n.len(), cut.kv.len(), cut.chans.len(), cut.ffn.len());
-        let mut layers = Vec::with_capacity(c.layers);
+        let mine = shard.layers(c.layers);
+        let mut layers = Vec::with_capacity(mine.len());
         for l in 0..c.layers {
             let t = |s: &str| format!("layers.{l}.{s}");
+            if !mine.contains(&l) {
+                // Read (the checksum covers the whole file) but not kept: another stage's layer.
+                r.skip_prefix(&t(""))?;
+                continue;
+            }
             layers.push(Layer {
                 input_norm: r.take_f32(&t("input_norm"), &[h])?,
                 post_norm: r.take_f32(&t("post_norm"), &[h])?,
@@ -969,7 +1049,7 @@ impl Model {
                 Error::Shape(format!("embed {shape:?}, expected [{}, {h}]", c.vocab)).file(&path),
             );
         }
-        let embed = match dt {
+        let embed = shard.first_stage().then(|| match dt {
             safetensors::Dtype::F32 => Embedding::F32(
                 bytes
                     .chunks_exact(4)
@@ -982,9 +1062,14 @@ impl Model {
                     .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
                     .collect(),
             ),
-        };
+        });
         let final_norm = r.take_f32("final_norm", &[h])?;
-        let lm_head = r.take_weight("lm_head", cut.vocab.len(), h)?;
+        let lm_head = if shard.last_stage() {
+            Some(r.take_weight("lm_head", cut.vocab.len(), h)?)
+        } else {
+            r.skip_prefix("lm_head")?;
+            None
+        };
         let sha = r.finish()?;
         if !entry.sha256.is_empty() && sha != entry.sha256 {
             return Err(Error::Format(format!(
@@ -1018,7 +1103,7 @@ impl Model {
         kernels: Kernels,
         seed: u64,
     ) -> Result<Model> {
-        config.check_np(shard.size)?;
+        config.check_shard(shard)?;
         let c = &config;
         let (h, d) = (c.hidden, c.head_dim());
         let n = shard.even(c.heads).len() * d;
@@ -1043,7 +1128,7 @@ impl Model {
             Weight::new(values, rows, cols, fmt)
         };
         let mut layers = Vec::with_capacity(c.layers);
-        for _ in 0..c.layers {
+        for _ in shard.layers(c.layers) {
             layers.push(Layer {
                 input_norm: vec![1.0; h],
                 post_norm: vec![1.0; h],
@@ -1063,17 +1148,25 @@ impl Model {
                 down: w(h, f, format)?,
             });
         }
-        let lm_head = w(vocab.len(), h, head_format)?;
-        let embed: Vec<half::bf16> = (0..c.vocab * h)
-            .map(|_| half::bf16::from_f32(rng.uniform()))
-            .collect();
+        let lm_head = if shard.last_stage() {
+            Some(w(vocab.len(), h, head_format)?)
+        } else {
+            None
+        };
+        let embed = shard.first_stage().then(|| {
+            Embedding::Bf16(
+                (0..c.vocab * h)
+                    .map(|_| half::bf16::from_f32(rng.uniform()))
+                    .collect(),
+            )
+        });
         Ok(Model::assemble(
             config,
             shard,
             kernels,
             Parts {
                 layers,
-                embed: Embedding::Bf16(embed),
+                embed,
                 final_norm: vec![1.0; h],
                 lm_head,
                 vocab,
@@ -1083,7 +1176,7 @@ impl Model {
 
     /// Bytes of weights per decode step in the layers alone (no lm_head): scales with the layer count.
     pub fn layer_weight_bytes(&self) -> usize {
-        self.weight_bytes() - self.lm_head.bytes()
+        self.weight_bytes() - self.lm_head.as_ref().map_or(0, Weight::bytes)
     }
 
     /// The same model with every weight dequantized to f32: the exact-arithmetic twin of a quantized model,
@@ -1114,7 +1207,7 @@ impl Model {
                 .collect(),
             embed: self.embed.clone(),
             final_norm: self.final_norm.clone(),
-            lm_head: f(&self.lm_head),
+            lm_head: self.lm_head.as_ref().map(f),
             vocab: self.vocab.clone(),
             kernels: self.kernels,
             inv_freq: self.inv_freq.clone(),
@@ -1130,7 +1223,8 @@ impl Model {
     /// Bytes of weights one decode step streams on this rank (projections, convolutions, lm_head).
     pub fn weight_bytes(&self) -> usize {
         let per_layer = |l: &Layer| l.weights().iter().map(|w| w.bytes()).sum::<usize>();
-        self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.bytes()
+        self.layers.iter().map(per_layer).sum::<usize>()
+            + self.lm_head.as_ref().map_or(0, Weight::bytes)
     }
 
     /// Every weight's main buffer, for placement reports.
@@ -1141,7 +1235,9 @@ impl Model {
                 v.push(w.region());
             }
         }
-        v.push(self.lm_head.region());
+        if let Some(head) = &self.lm_head {
+            v.push(head.region());
+        }
         v
     }
 
@@ -1159,10 +1255,18 @@ impl Model {
             pos: 0,
             capacity,
             last_eod: None,
-            keys: (0..c.layers).map(|_| vec![0f32; capacity * n]).collect(),
-            values: (0..c.layers).map(|_| vec![0f32; capacity * n]).collect(),
-            lfa_h: (0..c.layers).map(|_| vec![0f32; c.hidden]).collect(),
-            lfa_o1: (0..c.layers).map(|_| vec![0f32; ch]).collect(),
+            keys: self
+                .layers
+                .iter()
+                .map(|_| vec![0f32; capacity * n])
+                .collect(),
+            values: self
+                .layers
+                .iter()
+                .map(|_| vec![0f32; capacity * n])
+                .collect(),
+            lfa_h: self.layers.iter().map(|_| vec![0f32; c.hidden]).collect(),
+            lfa_o1: self.layers.iter().map(|_| vec![0f32; ch]).collect(),
         }
     }
 
@@ -1175,7 +1279,9 @@ impl Model {
                 self.config.vocab
             )));
         }
-        match &self.embed {
+        match self.embed.as_ref().ok_or_else(|| {
+            Error::Format("the embedding lives on the first pipeline stage".into())
+        })? {
             Embedding::F32(e) => out.copy_from_slice(&e[id * h..(id + 1) * h]),
             Embedding::Bf16(e) => {
                 for (o, v) in out.iter_mut().zip(&e[id * h..(id + 1) * h]) {
@@ -1232,12 +1338,27 @@ impl Model {
             }
         }
 
-        // x = embed_tokens(input_ids)
+        // x = embed_tokens(input_ids), or the previous pipeline stage's output.
         let mut x = vec![0f32; m * h];
-        for (i, &id) in tokens.iter().enumerate() {
-            self.embed_row(id, &mut x[i * h..(i + 1) * h])?;
+        if self.shard.first_stage() {
+            for (i, &id) in tokens.iter().enumerate() {
+                self.embed_row(id, &mut x[i * h..(i + 1) * h])?;
+            }
+            mark(&mut prof.other, &mut t);
+        } else {
+            comm.recv_prev(&mut x)?;
+            mark(&mut prof.wait, &mut t);
         }
-        mark(&mut prof.other, &mut t);
+
+        // cos and sin of every rotation angle of the new positions, shared by all heads and layers.
+        let mut rot = vec![0f32; m * d];
+        for i in 0..m {
+            for (j, f) in self.inv_freq.iter().enumerate() {
+                let (sin, cos) = ((state.pos + i) as f32 * f).sin_cos();
+                rot[i * d + 2 * j] = cos;
+                rot[i * d + 2 * j + 1] = sin;
+            }
+        }
 
         let mut hn = vec![0f32; m * h];
         for (li, layer) in self.layers.iter().enumerate() {
@@ -1327,17 +1448,24 @@ impl Model {
 
             // RoPE, then append k and v to the cache.
             for i in 0..m {
-                let p = state.pos + i;
-                self.rope(&mut q[i * n..(i + 1) * n], p, d);
-                self.rope(&mut kk[i * nkv..(i + 1) * nkv], p, d);
+                let rot = &rot[i * d..(i + 1) * d];
+                self.rope(&mut q[i * n..(i + 1) * n], rot, d);
+                self.rope(&mut kk[i * nkv..(i + 1) * nkv], rot, d);
             }
-            state.keys[li][state.pos * nkv..(state.pos + m) * nkv].copy_from_slice(&kk);
-            state.values[li][state.pos * nkv..(state.pos + m) * nkv].copy_from_slice(&v);
+            let cap = state.capacity;
+            for i in 0..m {
+                for g in 0..nkv / d {
+                    let at = (g * cap + state.pos + i) * d;
+                    let src = i * nkv + g * d..i * nkv + (g + 1) * d;
+                    state.keys[li][at..at + d].copy_from_slice(&kk[src.clone()]);
+                    state.values[li][at..at + d].copy_from_slice(&v[src]);
+                }
+            }
             let mut att = vec![0f32; m * n];
             attention(
+                pool,
                 &q,
-                &state.keys[li],
-                &state.values[li],
+                (&state.keys[li], &state.values[li], state.capacity),
                 state.pos,
                 &doc_start,
                 (n, nkv, d),
@@ -1370,13 +1498,8 @@ impl Model {
             layer.gate.matmul(&k, pool, &hn, m, &mut g)?;
             layer.up.matmul(&k, pool, &hn, m, &mut u)?;
             mark(&mut prof.linear, &mut t);
-            for (gv, uv) in g.iter_mut().zip(&u) {
-                // Yuan 2.0: gate(x) · silu(up(x)); Llama: silu(gate(x)) · up(x).
-                *gv = match c.arch {
-                    Arch::Yuan2 => *gv * silu(*uv),
-                    Arch::Llama => silu(*gv) * *uv,
-                };
-            }
+            // Yuan 2.0: gate(x) · silu(up(x)); Llama: silu(gate(x)) · up(x).
+            silu_mul(&mut g, &u, c.arch == Arch::Yuan2);
             mark(&mut prof.other, &mut t);
             let mut dn = vec![0f32; m * h];
             layer.down.matmul(&k, pool, &g, m, &mut dn)?;
@@ -1389,6 +1512,13 @@ impl Model {
             mark(&mut prof.other, &mut t);
         }
         state.pos += m;
+        let Some(lm_head) = &self.lm_head else {
+            // A stage before the last hands its output on; only the last stage has logits.
+            comm.send_next(&x)?;
+            mark(&mut prof.comm, &mut t);
+            self.profile = prof;
+            return Ok(Vec::new());
+        };
 
         // logits = lm_head(norm(x)) for the rows asked for.
         let head_start = std::time::Instant::now();
@@ -1409,21 +1539,20 @@ impl Model {
         mark(&mut prof.other, &mut t);
         let vl = self.vocab.len();
         let mut logits = vec![0f32; rows.len() * vl];
-        self.lm_head
-            .matmul(&k, pool, &xn, rows.len(), &mut logits)?;
+        lm_head.matmul(&k, pool, &xn, rows.len(), &mut logits)?;
         mark(&mut prof.linear, &mut t);
         prof.head += head_start.elapsed().as_nanos() as u64;
         self.profile = prof;
         Ok(logits)
     }
 
-    /// Rotates every head of `v` (heads × d) for position `p`: rotate_half on the full head dimension.
-    fn rope(&self, v: &mut [f32], p: usize, d: usize) {
+    /// Rotates every head of `v` (heads × d) by the position's angles `rot` ((cos, sin) per frequency):
+    /// rotate_half on the full head dimension.
+    fn rope(&self, v: &mut [f32], rot: &[f32], d: usize) {
         let half = d / 2;
         for head in v.chunks_mut(d) {
             for i in 0..half {
-                let angle = p as f32 * self.inv_freq[i];
-                let (sin, cos) = angle.sin_cos();
+                let (cos, sin) = (rot[2 * i], rot[2 * i + 1]);
                 // Yuan 2.0 (HF rotate_half) pairs dimension i with i + d/2; llama.cpp's GGUF permutes q/k rows
                 // so that the same rotation applies to adjacent dimensions 2i, 2i+1.
                 let (ia, ib) = if self.config.arch == Arch::Yuan2 {
@@ -1445,6 +1574,26 @@ impl Model {
         local: &[f32],
         rows: usize,
     ) -> Result<Vec<f32>> {
+        if self.shard.stages > 1 {
+            // The last stage assembles the rows, then every rank gets them.
+            let mut full = if self.shard.last_stage() {
+                self.assemble_logits(comm, local, rows)?
+            } else {
+                Vec::new()
+            };
+            comm.broadcast_from_last(&mut full)?;
+            return Ok(full);
+        }
+        self.assemble_logits(comm, local, rows)
+    }
+
+    /// Full rows from the stage's vocabulary slices.
+    fn assemble_logits(
+        &self,
+        comm: &mut dyn Collective,
+        local: &[f32],
+        rows: usize,
+    ) -> Result<Vec<f32>> {
         if self.shard.size == 1 {
             return Ok(local.to_vec());
         }
@@ -1453,11 +1602,7 @@ impl Model {
         let mut out = vec![0f32; rows * self.config.vocab];
         let mut off = 0;
         for r in 0..self.shard.size {
-            let range = Shard {
-                rank: r,
-                size: self.shard.size,
-            }
-            .uneven(self.config.vocab);
+            let range = Shard::tensor(r, self.shard.size).uneven(self.config.vocab);
             for row in 0..rows {
                 out[row * self.config.vocab + range.start..row * self.config.vocab + range.end]
                     .copy_from_slice(&all[off + row * range.len()..off + (row + 1) * range.len()]);
@@ -1470,6 +1615,26 @@ impl Model {
     /// Greedy next token over the whole vocabulary, from this rank's slice of one logits row: a distributed
     /// argmax (each rank's best value and index, gathered); ties go to the lowest index, as single-process.
     pub fn greedy(&self, comm: &mut dyn Collective, local_row: &[f32]) -> Result<u32> {
+        if self.shard.stages > 1 {
+            let mut id = if self.shard.last_stage() {
+                vec![self.stage_greedy(comm, local_row)? as f32]
+            } else {
+                Vec::new()
+            };
+            comm.broadcast_from_last(&mut id)?;
+            return match id[..] {
+                [v] => Ok(v as u32),
+                _ => Err(Error::Format(format!(
+                    "the last pipeline stage sent {} values for one token id",
+                    id.len()
+                ))),
+            };
+        }
+        self.stage_greedy(comm, local_row)
+    }
+
+    /// The argmax over the stage's vocabulary slices.
+    fn stage_greedy(&self, comm: &mut dyn Collective, local_row: &[f32]) -> Result<u32> {
         let i = argmax(local_row);
         let best = [local_row[i], (self.vocab.start + i) as f32];
         let all = comm.allgather_f32(&best)?;
@@ -1609,15 +1774,7 @@ fn convert_into(
         .map(|r| ShardWriter::create(&dir.join(file_name(r)), c.layers * 40 + 16))
         .collect::<Result<_>>()?;
     let cuts: Vec<Cut> = (0..o.np)
-        .map(|r| {
-            Cut::new(
-                c,
-                Shard {
-                    rank: r,
-                    size: o.np,
-                },
-            )
-        })
+        .map(|r| Cut::new(c, Shard::tensor(r, o.np)))
         .collect();
     for l in 0..c.layers {
         let full = src.layer(c, l, o.format)?;
@@ -1792,13 +1949,12 @@ impl Rng {
     }
 }
 
-/// Causal attention of `m` new queries (positions pos..pos+m) over the cached keys and values, each query
-/// limited to its document (`doc_start`). q, out: (m, n); caches: (capacity, nkv), n = heads × d, nkv = key/value
-/// heads × d; query head h reads key/value head h / (heads / kv heads) (grouped-query attention).
+/// Causal attention of the new tokens' queries over the cache, one query head per task, the heads spread
+/// over the pool's threads (each head's softmax and weighted sum is independent of the others).
 fn attention(
+    pool: &Pool,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    (keys, values, cap): (&[f32], &[f32], usize),
     pos: usize,
     doc_start: &[usize],
     dims: (usize, usize, usize),
@@ -1806,36 +1962,43 @@ fn attention(
 ) {
     let (n, nkv, d) = dims;
     let m = q.len() / n;
+    let heads = n / d;
     let group = n / nkv;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores = vec![0f32; pos + m];
-    for i in 0..m {
-        let qpos = pos + i;
-        let lo = doc_start[i];
-        for head in 0..n / d {
+    let len = out.len();
+    let op = SharedOut(out.as_mut_ptr());
+    pool.run(&|p, parts| {
+        // Each part writes only its own heads' d-wide slices of every row.
+        let out = unsafe { std::slice::from_raw_parts_mut(op.get(), len) };
+        let mut scores = vec![0f32; pos + m];
+        for head in crate::pool::split(heads, parts, p, 1) {
             let kvh = head / group;
-            let qh = &q[i * n + head * d..i * n + head * d + d];
-            let mut max = f32::NEG_INFINITY;
-            for j in lo..=qpos {
-                let kh = &keys[j * nkv + kvh * d..j * nkv + kvh * d + d];
-                let s = crate::kernels::reference::dot_f32(qh, kh) * scale;
-                scores[j] = s;
-                max = max.max(s);
-            }
-            let mut sum = 0f32;
-            for s in &mut scores[lo..=qpos] {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut out[i * n + head * d..i * n + head * d + d];
-            o.fill(0.0);
-            for j in lo..=qpos {
-                let w = scores[j] / sum;
-                let vh = &values[j * nkv + kvh * d..j * nkv + kvh * d + d];
-                for (ov, vv) in o.iter_mut().zip(vh) {
-                    *ov += w * vv;
-                }
+            for i in 0..m {
+                let o = &mut out[i * n + head * d..i * n + head * d + d];
+                let kv = kvh * d * cap..(kvh + 1) * d * cap;
+                let h = Head {
+                    q: &q[i * n + head * d..i * n + head * d + d],
+                    keys: &keys[kv.clone()],
+                    values: &values[kv],
+                    cap,
+                    lo: doc_start[i],
+                    hi: pos + i,
+                    scale,
+                };
+                attend(&h, &mut scores, o);
             }
         }
+    });
+}
+
+/// The attention output, written by several pool threads at disjoint places.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    // A method, so that closures capture the Sync wrapper rather than the raw pointer.
+    fn get(&self) -> *mut f32 {
+        self.0
     }
 }

@@ -15,6 +15,7 @@ mod avx512;
 pub mod matrix;
 pub mod quantx;
 pub mod reference;
+pub mod vecops;
 
 use std::str::FromStr;
 

@@ -34,22 +34,10 @@ pub fn gemv_bf16_rows(w: &Bf16Matrix, x: &[f32], y: &mut [f32], rows: std::ops::
     }
 }
 
-/// f32 dot product with 16 independent partial sums (vectorizes, and is the same on every ISA).
+/// f32 dot product with 16 independent partial sums (the same on every ISA: see [`super::vecops`]).
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ta.iter().zip(tb) {
-        s += x * y;
-    }
-    s
+    super::vecops::dot(a, b)
 }
 
 /// y[r] = W[r]·x for an f32 matrix.

@@ -1,0 +1,539 @@
+//! Small vector operations of the forward pass (attention's dot products and weighted sums), with AVX-512
+//! and AVX2 versions picked at run time: the crate is compiled for baseline x86-64 (SSE2), which would
+//! otherwise run them 4 wide without FMA.
+//!
+//! Every version computes exactly what the scalar definition does — 16 running sums (or one per element),
+//! multiply and add rounded separately, the 16 sums added in order — so the results do not depend on the
+//! CPU: the SIMD lanes simply are the scalar code's 16 sums.
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+type DotFn = unsafe fn(&[f32], &[f32]) -> f32;
+type AxpyFn = unsafe fn(&mut [f32], f32, &[f32]);
+type HeadFn = unsafe fn(&Head, &mut [f32], &mut [f32]);
+
+fn pick() -> (DotFn, AxpyFn, HeadFn) {
+    static P: OnceLock<(DotFn, AxpyFn, HeadFn)> = OnceLock::new();
+    *P.get_or_init(|| {
+        if is_x86_feature_detected!("avx512f") {
+            (dot_avx512, axpy_avx512, head_avx512)
+        } else if is_x86_feature_detected!("avx") {
+            (dot_avx, axpy_avx, head_scalar)
+        } else {
+            (dot_scalar, axpy_scalar, head_scalar)
+        }
+    })
+}
+
+/// e^x in f32 (Cephes' `expf`: x = k·ln2 + r with ln2 in two parts, a degree-6 polynomial for e^r, k added
+/// to the exponent), within 2e-7 of e^x; every step is a fused multiply-add or a plain operation, so
+/// [`exp16`] computes the same bits. Results below e^-86.5 (~2.6e-38, near the smallest normal) are 0,
+/// above 88.72 infinite, NaN stays NaN. libm's `expf` is a call per value; the forward pass takes millions
+/// (SiLU over the MLP width, softmax over the context).
+pub fn exp(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    if x > EXP_HI {
+        return f32::INFINITY;
+    }
+    if x < EXP_LO {
+        return 0.0;
+    }
+    let k = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
+    let r = k.mul_add(-LN2_HI, x);
+    let r = k.mul_add(-LN2_LO, r);
+    let mut p = EXP_P[0];
+    for &c in &EXP_P[1..] {
+        p = p.mul_add(r, c);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    f32::from_bits(y.to_bits().wrapping_add((k as i32 as u32) << 23))
+}
+
+const EXP_HI: f32 = 88.722_83;
+const EXP_LO: f32 = -86.5;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// [`exp`] of 16 values.
+#[target_feature(enable = "avx512f")]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+        _mm512_set1_ps(0.5),
+    ));
+    let r = _mm512_fmadd_ps(k, _mm512_set1_ps(-LN2_HI), x);
+    let r = _mm512_fmadd_ps(k, _mm512_set1_ps(-LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_P[0]);
+    for &c in &EXP_P[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_add_ps(
+        _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+        _mm512_set1_ps(1.0),
+    );
+    let e = _mm512_castsi512_ps(_mm512_add_epi32(
+        _mm512_castps_si512(y),
+        _mm512_slli_epi32::<23>(_mm512_cvtps_epi32(k)),
+    ));
+    let e = _mm512_mask_mov_ps(
+        e,
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(EXP_HI)),
+        _mm512_set1_ps(f32::INFINITY),
+    );
+    let e = _mm512_mask_mov_ps(
+        e,
+        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(EXP_LO)),
+        _mm512_setzero_ps(),
+    );
+    _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), x)
+}
+
+/// The MLP's activation, in place over `g`: Yuan 2.0's `g · silu(u)` (`silu_on_up`), or Llama's
+/// `silu(g) · u`; silu(v) = v / (1 + e^-v) with [`exp`], the same bits on every CPU.
+pub fn silu_mul(g: &mut [f32], u: &[f32], silu_on_up: bool) {
+    let n = g.len().min(u.len());
+    let done = if is_x86_feature_detected!("avx512f") {
+        unsafe { silu_mul_avx512(&mut g[..n], &u[..n], silu_on_up) }
+    } else {
+        0
+    };
+    for (gv, &uv) in g[done..n].iter_mut().zip(&u[done..n]) {
+        *gv = if silu_on_up {
+            *gv * (uv / (1.0 + exp(-uv)))
+        } else {
+            (*gv / (1.0 + exp(-*gv))) * uv
+        };
+    }
+}
+
+/// Whole vectors of 16; returns how many values it did.
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32], silu_on_up: bool) -> usize {
+    let full = g.len() / 16 * 16;
+    let one = _mm512_set1_ps(1.0);
+    for i in (0..full).step_by(16) {
+        let gv = _mm512_loadu_ps(g.as_ptr().add(i));
+        let uv = _mm512_loadu_ps(u.as_ptr().add(i));
+        let (a, other) = if silu_on_up { (uv, gv) } else { (gv, uv) };
+        let neg = _mm512_sub_ps(_mm512_setzero_ps(), a);
+        let s = _mm512_div_ps(a, _mm512_add_ps(one, exp16(neg)));
+        let out = if silu_on_up {
+            _mm512_mul_ps(other, s)
+        } else {
+            _mm512_mul_ps(s, other)
+        };
+        _mm512_storeu_ps(g.as_mut_ptr().add(i), out);
+    }
+    full
+}
+
+/// One query head's attention over the cached positions `lo..=hi` of its key/value head.
+pub struct Head<'a> {
+    /// The query (d values).
+    pub q: &'a [f32],
+    /// Keys: `cap` rows of `d`.
+    pub keys: &'a [f32],
+    /// Values: `cap` rows of `d`.
+    pub values: &'a [f32],
+    /// Positions per key row.
+    pub cap: usize,
+    /// First position attended to (the document start).
+    pub lo: usize,
+    /// Last position attended to (the query's own).
+    pub hi: usize,
+    /// 1/sqrt(d).
+    pub scale: f32,
+}
+
+/// softmax(q·K / sqrt(d)) · V for one head into `out` (d values); `scores` is scratch of at least `hi + 1`.
+/// As [`head_scalar`] defines it, on every CPU.
+#[inline]
+pub fn attend(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+    unsafe { (pick().2)(h, scores, out) }
+}
+
+/// The definition. A score is a dot product in a fixed order: 16 lane sums (dimension `l`, `l + 16`, ... in
+/// order, zero past `d`), then a halving tree over the lanes (`l + 8`, then `+ 4`, `+ 2`, `+ 1`), as the
+/// vector code adds them; then it is scaled, the softmax taken with `exp` and one sum in position order, and
+/// the values summed in position order, multiply and add rounded separately.
+pub fn head_scalar(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+    let d = h.q.len();
+    for (j, s) in scores.iter_mut().enumerate().take(h.hi + 1).skip(h.lo) {
+        *s = dot_tree(h.q, &h.keys[j * d..(j + 1) * d]);
+    }
+    let sc = &mut scores[h.lo..=h.hi];
+    softmax_weights(sc, h.scale);
+    out.fill(0.0);
+    for (j, &w) in (h.lo..=h.hi).zip(sc.iter()) {
+        axpy_scalar(out, w, &h.values[j * d..(j + 1) * d]);
+    }
+}
+
+/// The scores' dot product (see [`head_scalar`]).
+fn dot_tree(q: &[f32], k: &[f32]) -> f32 {
+    let mut lane = [0f32; 16];
+    for v in 0..q.len().div_ceil(16) {
+        for (l, acc) in lane.iter_mut().enumerate() {
+            let i = 16 * v + l;
+            let p = if i < q.len() { q[i] * k[i] } else { 0.0 };
+            *acc += p;
+        }
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            lane[l] += lane[l + w];
+        }
+    }
+    lane[0]
+}
+
+/// Scores to softmax weights in place: scaled, max subtracted, [`exp`], divided by the sum (in order).
+fn softmax_weights(sc: &mut [f32], scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for s in sc.iter_mut() {
+        *s *= scale;
+        max = max.max(*s);
+    }
+    let done = if is_x86_feature_detected!("avx512f") {
+        unsafe { exp_shifted_avx512(sc, max) }
+    } else {
+        0
+    };
+    for s in sc[done..].iter_mut() {
+        *s = exp(*s - max);
+    }
+    let mut sum = 0f32;
+    for s in sc.iter() {
+        sum += *s;
+    }
+    for s in sc.iter_mut() {
+        *s /= sum;
+    }
+}
+
+/// `exp(s - max)` over whole vectors of 16; returns how many values it did.
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_avx512(sc: &mut [f32], max: f32) -> usize {
+    let full = sc.len() / 16 * 16;
+    let m = _mm512_set1_ps(max);
+    for i in (0..full).step_by(16) {
+        let p = sc.as_mut_ptr().add(i);
+        _mm512_storeu_ps(p, exp16(_mm512_sub_ps(_mm512_loadu_ps(p), m)));
+    }
+    full
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+    let d = h.q.len();
+    let vecs = d.div_ceil(16);
+    let mask = |i: usize| -> __mmask16 {
+        let left = d - 16 * i;
+        if left >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << left) - 1
+        }
+    };
+    // Scores: each key row read once, in memory order; the lane sums and the tree as `dot_tree` has them.
+    let mut qv = [_mm512_setzero_ps(); 16];
+    for (i, v) in qv.iter_mut().enumerate().take(vecs.min(16)) {
+        *v = _mm512_maskz_loadu_ps(mask(i), h.q.as_ptr().add(16 * i));
+    }
+    for (j, score) in scores.iter_mut().enumerate().take(h.hi + 1).skip(h.lo) {
+        let row = h.keys.as_ptr().add(j * d);
+        let mut acc = _mm512_setzero_ps();
+        for i in 0..vecs {
+            let q = if let Some(&q) = qv.get(i) {
+                q
+            } else {
+                _mm512_maskz_loadu_ps(mask(i), h.q.as_ptr().add(16 * i))
+            };
+            let k = _mm512_maskz_loadu_ps(mask(i), row.add(16 * i));
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(q, k));
+        }
+        // Lanes l + 8, + 4, + 2, + 1.
+        let hi = _mm512_castpd_ps(_mm512_castpd256_pd512(_mm512_extractf64x4_pd::<1>(
+            _mm512_castps_pd(acc),
+        )));
+        let a8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_castps512_ps256(hi));
+        let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps::<1>(a8));
+        let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+        let a1 = _mm_add_ss(a2, _mm_shuffle_ps::<1>(a2, a2));
+        *score = _mm_cvtss_f32(a1);
+    }
+    softmax_weights(&mut scores[h.lo..=h.hi], h.scale);
+    // The weighted sum: one pass over the value rows, up to 128 output dimensions held in registers.
+    for t0 in (0..d).step_by(128) {
+        let width = (d - t0).min(128);
+        let nv = width.div_ceil(16);
+        let m = |i: usize| -> __mmask16 {
+            let left = width - 16 * i;
+            if left >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << left) - 1
+            }
+        };
+        let mut o = [_mm512_setzero_ps(); 8];
+        for (jj, &w) in scores[h.lo..=h.hi].iter().enumerate() {
+            let wv = _mm512_set1_ps(w);
+            let row = h.values.as_ptr().add((h.lo + jj) * d + t0);
+            for (i, oi) in o.iter_mut().enumerate().take(nv) {
+                let v = _mm512_maskz_loadu_ps(m(i), row.add(16 * i));
+                *oi = _mm512_add_ps(*oi, _mm512_mul_ps(wv, v));
+            }
+        }
+        for (i, oi) in o.iter().enumerate().take(nv) {
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t0 + 16 * i), m(i), *oi);
+        }
+    }
+}
+
+/// Σ a·b (the shorter length), as [`dot_scalar`] defines it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    unsafe { (pick().0)(a, b) }
+}
+
+/// y += w·x, element by element (the shorter length).
+#[inline]
+pub fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
+    unsafe { (pick().1)(y, w, x) }
+}
+
+/// The definition: 16 running sums over chunks of 16, added in order, then the tail.
+pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ta.iter().zip(tb) {
+        s += x * y;
+    }
+    s
+}
+
+fn axpy_scalar(y: &mut [f32], w: f32, x: &[f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += w * v;
+    }
+}
+
+/// The 16 sums in order, then the tail: the scalar definition's last steps.
+fn finish(acc: &[f32; 16], a: &[f32], b: &[f32], full: usize) -> f32 {
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in a[full..].iter().zip(&b[full..]) {
+        s += x * y;
+    }
+    s
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 16 * 16;
+    let mut acc = _mm512_setzero_ps();
+    for k in (0..full).step_by(16) {
+        let p = _mm512_mul_ps(
+            _mm512_loadu_ps(a.as_ptr().add(k)),
+            _mm512_loadu_ps(b.as_ptr().add(k)),
+        );
+        acc = _mm512_add_ps(acc, p);
+    }
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    finish(&lanes, &a[..n], &b[..n], full)
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn axpy_avx512(y: &mut [f32], w: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    let full = n / 16 * 16;
+    let wv = _mm512_set1_ps(w);
+    for k in (0..full).step_by(16) {
+        let p = _mm512_mul_ps(wv, _mm512_loadu_ps(x.as_ptr().add(k)));
+        let o = y.as_mut_ptr().add(k);
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), p));
+    }
+    axpy_scalar(&mut y[full..n], w, &x[full..n]);
+}
+
+#[target_feature(enable = "avx")]
+unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 16 * 16;
+    // Two vectors of 8 are the 16 sums.
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for k in (0..full).step_by(16) {
+        let (pa, pb) = (a.as_ptr().add(k), b.as_ptr().add(k));
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb)));
+        hi = _mm256_add_ps(
+            hi,
+            _mm256_mul_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8))),
+        );
+    }
+    let mut lanes = [0f32; 16];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+    finish(&lanes, &a[..n], &b[..n], full)
+}
+
+#[target_feature(enable = "avx")]
+unsafe fn axpy_avx(y: &mut [f32], w: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    let full = n / 8 * 8;
+    let wv = _mm256_set1_ps(w);
+    for k in (0..full).step_by(8) {
+        let o = y.as_mut_ptr().add(k);
+        let p = _mm256_mul_ps(wv, _mm256_loadu_ps(x.as_ptr().add(k)));
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), p));
+    }
+    axpy_scalar(&mut y[full..n], w, &x[full..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_and_the_vector_one_is_the_same() {
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -90.0 + i as f32 * 0.0009).collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            88.72,
+            88.8,
+            -86.4,
+            -86.6,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        let mut worst = 0f64;
+        for &x in &xs {
+            let e = exp(x);
+            if (EXP_LO..=EXP_HI).contains(&x) {
+                let want = (x as f64).exp();
+                worst = worst.max(((e as f64 - want) / want).abs());
+            }
+        }
+        assert!(worst < 3e-7, "relative error {worst:e}");
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
+        if is_x86_feature_detected!("avx512f") {
+            for c in xs.chunks(16) {
+                let mut v = [0f32; 16];
+                v[..c.len()].copy_from_slice(c);
+                let mut out = [0f32; 16];
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), exp16(_mm512_loadu_ps(v.as_ptr()))) };
+                for (a, &x) in out.iter().zip(&v) {
+                    assert_eq!(a.to_bits(), exp(x).to_bits(), "x = {x}");
+                }
+            }
+            let g: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) / 7.0).collect();
+            let u: Vec<f32> = (0..100).map(|i| (i as f32 - 30.0) / 5.0).collect();
+            for on_up in [true, false] {
+                let mut a = g.clone();
+                silu_mul(&mut a, &u, on_up);
+                let want: Vec<f32> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(&gv, &uv)| {
+                        if on_up {
+                            gv * (uv / (1.0 + exp(-uv)))
+                        } else {
+                            (gv / (1.0 + exp(-gv))) * uv
+                        }
+                    })
+                    .collect();
+                assert_eq!(a, want);
+            }
+        }
+    }
+
+    #[test]
+    fn the_vector_head_equals_the_definition_bit_for_bit() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIPPED: no AVX-512 here");
+            return;
+        }
+        for (d, cap, lo, hi) in [
+            (64, 40, 0, 37),
+            (32, 17, 3, 16),
+            (20, 70, 5, 5),
+            (64, 200, 0, 199),
+            (288, 9, 0, 8),
+        ] {
+            let f = |i: usize, k: usize| ((i * k % 211) as f32 - 105.0) / 53.0;
+            let q: Vec<f32> = (0..d).map(|i| f(i, 7)).collect();
+            let keys: Vec<f32> = (0..cap * d).map(|i| f(i, 13)).collect();
+            let values: Vec<f32> = (0..cap * d).map(|i| f(i, 29)).collect();
+            let h = Head {
+                q: &q,
+                keys: &keys,
+                values: &values,
+                cap,
+                lo,
+                hi,
+                scale: 0.125,
+            };
+            let (mut s1, mut s2) = (vec![0f32; cap], vec![0f32; cap]);
+            let (mut o1, mut o2) = (vec![0f32; d], vec![0f32; d]);
+            head_scalar(&h, &mut s1, &mut o1);
+            unsafe { head_avx512(&h, &mut s2, &mut o2) };
+            assert_eq!(o1, o2, "d={d} cap={cap} {lo}..={hi}");
+        }
+    }
+
+    #[test]
+    fn every_version_equals_the_definition_bit_for_bit() {
+        for n in [0, 1, 15, 16, 17, 64, 100, 257] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 3.0)
+                .collect();
+            let want = dot_scalar(&a, &b);
+            let mut want_y = b.clone();
+            axpy_scalar(&mut want_y, 0.37, &a);
+            let mut versions: Vec<(DotFn, AxpyFn)> = vec![(dot_scalar, axpy_scalar as AxpyFn)];
+            if is_x86_feature_detected!("avx") {
+                versions.push((dot_avx, axpy_avx));
+            }
+            if is_x86_feature_detected!("avx512f") {
+                versions.push((dot_avx512, axpy_avx512));
+            }
+            for (d, ax) in versions {
+                assert_eq!(unsafe { d(&a, &b) }.to_bits(), want.to_bits(), "dot n={n}");
+                let mut y = b.clone();
+                unsafe { ax(&mut y, 0.37, &a) };
+                assert_eq!(y, want_y, "axpy n={n}");
+            }
+        }
+    }
+}
