@@ -9,8 +9,8 @@
 //! - double quantization: the mean of the block absmax values is subtracted (one f32 `offset`), then the
 //!   centred values are quantized blockwise (blocks of 256) to 8 bits with the signed dynamic map
 //!   (`create_dynamic_map`), one f32 `nested_absmax` per 256 blocks. bitsandbytes' CPU kernel for that step
-//!   (`quantize_block` in csrc/cpu_ops.cpp) divides by the block's absmax, binary-searches the left
-//!   neighbour in the map and moves right only when that is strictly closer.
+//!   (0.50: `quantize_cpu_impl` in csrc/cpu_ops.cpp) multiplies by the reciprocal of the block's absmax and
+//!   looks the code up in a table of 65536 bins over [-1, 1] ([`ScaleTable`]).
 //!
 //! Dequantization: `scale = map[absmax_code] * nested_absmax + offset`, `value = level[code] * scale`, in f32.
 
@@ -67,7 +67,7 @@ fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
 }
 
 /// bitsandbytes' `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)`, sorted: the map stored
-/// with the tensor and used to dequantize. (Its CPU quantizer searches a copy whose entry 0 is -1.0.)
+/// with the tensor, used to quantize (through [`ScaleTable`]) and to dequantize.
 pub fn dynamic_map() -> [f32; 256] {
     let mut data: Vec<f32> = Vec::with_capacity(256);
     let max_exp = 7;
@@ -238,169 +238,85 @@ impl Nf4Tensor {
 /// Double quantization of the block absmax values: (codes, nested absmax, offset).
 fn quantize_scales(absmax: &[f32]) -> (Vec<u8>, Vec<f32>, f32) {
     let offset = torch_sum_f32(absmax) / absmax.len().max(1) as f32;
-    // csrc/cpu_ops.cpp: the map's lowest entry (-0.993) is replaced by -1.0 for the search, so that -1 itself
-    // has a left neighbour.
-    let mut map = dynamic_map();
-    map[0] = -1.0;
-    let search = Direct2::new(&map);
+    let table = ScaleTable::new(&dynamic_map());
     let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let mut codes = Vec::with_capacity(absmax.len());
     let mut nested = Vec::with_capacity(absmax.len().div_ceil(NESTED_BLOCK));
     for block in centred.chunks(NESTED_BLOCK) {
-        let am = block.iter().fold(f32::MIN, |m, v| m.max(v.abs()));
+        let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         nested.push(am);
-        for &v in block {
-            let normed = v / am;
-            let left = search.left(normed) as usize;
-            let mut idx = left;
-            if left < 255 && (normed - map[left + 1]).abs() < (normed - map[left]).abs() {
-                idx += 1;
-            }
-            codes.push(idx as u8);
+        if am == 0.0 {
+            codes.extend(std::iter::repeat_n(0u8, block.len()));
+            continue;
         }
+        let inv = 1.0 / am;
+        codes.extend(block.iter().map(|&v| table.code(v * inv)));
     }
     (codes, nested, offset)
 }
 
-/// The bucketed "Direct2" search of the BinSearch library (Cannizzo) that bitsandbytes' CPU quantizer uses
-/// (include/Algo-Direct2.h, Algo-Direct-Common.h). It is not an exact "last entry not above z": a value can
-/// come back one entry to the right, and bitsandbytes' codes carry that, so it is reproduced step by step.
-struct Direct2 {
-    /// The map with one copy of its first entry in front (the library's Gap-1 padding).
-    xi: Vec<f32>,
-    buckets: Vec<u32>,
-    scaler: f32,
-    x0: f32,
+/// The 8-bit step as bitsandbytes 0.50's CPU kernel computes it (csrc/cpu_ops.cpp, `build_quantize_lut` and
+/// `quantize_cpu_impl`; the reference file was made with 0.50.2): values scaled by the reciprocal of the
+/// block's absmax, mapped to one of 65536 evenly spaced bins over [-1, 1], and each bin holds the map entry
+/// nearest its left edge (by the f32 midpoints between entries). That is not always the entry nearest the
+/// value itself: a bin straddling a midpoint gives all its values one entry (measured with bitsandbytes:
+/// block 228 of the reference t0 lies 0.33% of the gap below a midpoint and gets the upper entry). Releases
+/// before 0.50 searched the map with BinSearch instead and can differ on such values.
+struct ScaleTable {
+    bins: Vec<u8>,
 }
 
-impl Direct2 {
-    /// Bucket of `z`: truncation of scaler·(z − x0), all in f32 (cvttss2si).
-    fn bucket(scaler: f32, x0: f32, z: f32) -> u32 {
-        let t = scaler * (z - x0);
-        if t <= 0.0 {
-            0
-        } else {
-            t as u32
+impl ScaleTable {
+    const BINS: usize = 65536;
+
+    fn new(map: &[f32; 256]) -> ScaleTable {
+        let mids: Vec<f32> = map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let mut bins = Vec::with_capacity(Self::BINS);
+        let mut k = 0;
+        for i in 0..Self::BINS {
+            let edge = -1.0f32 + (2.0 * i as f32) / (Self::BINS - 1) as f32;
+            while k < mids.len() && mids[k] < edge {
+                k += 1;
+            }
+            bins.push(k as u8);
         }
+        ScaleTable { bins }
     }
 
-    fn new(x: &[f32]) -> Direct2 {
-        const GAP: usize = 2;
-        let n = x.len();
-        let x0 = x[0];
-        let mut min_delta = x[n - 1] - x0;
-        for i in GAP..n {
-            let d = (x[i] - x0) - (x[i - GAP] - x0);
-            if d < min_delta {
-                min_delta = d;
-            }
-        }
-        // Grow the scaler until entries GAP apart always land in different buckets.
-        let mut h = 1.0 / min_delta;
-        let mut step = {
-            let mut p = f32::from_bits(h.to_bits() + 1);
-            while p - h == 0.0 {
-                p = f32::from_bits(p.to_bits() + 1);
-            }
-            p - h
-        };
-        let mut checked_from = n;
-        loop {
-            let mut last = checked_from - 1;
-            let mut modified = false;
-            let mut i = GAP;
-            while i <= last {
-                let mut old = Self::bucket(h, x0, x[i - GAP]);
-                let mut new = Self::bucket(h, x0, x[i]);
-                while new == old {
-                    checked_from = i;
-                    last = n - 1;
-                    modified = true;
-                    h += step;
-                    step *= 2.0;
-                    old = Self::bucket(h, x0, x[i - GAP]);
-                    new = Self::bucket(h, x0, x[i]);
-                }
-                i += 1;
-            }
-            if !modified {
-                break;
-            }
-        }
-        let mut xi = Vec::with_capacity(n + 1);
-        xi.push(x0);
-        xi.extend_from_slice(x);
-        let nb = Self::bucket(h, x0, x[n - 1]) as usize + 1;
-        let mut buckets = vec![0u32; nb];
-        // populateIndex: walk the padded entries from the top, filling every bucket with the index of the
-        // first entry to compare against.
-        let mut b = nb - 1;
-        let mut j = 0u32;
-        let mut i = xi.len() - 1;
-        loop {
-            let idx = Self::bucket(h, x0, xi[i]) as usize;
-            while b > idx {
-                buckets[b] = j;
-                b -= 1;
-            }
-            if b == idx {
-                j = (i - (GAP - 1)) as u32;
-                buckets[b] = j;
-                if b == 0 {
-                    break;
-                }
-                b -= 1;
-            }
-            if i == 0 {
-                break;
-            }
-            i -= 1;
-        }
-        Direct2 {
-            xi,
-            buckets,
-            scaler: h,
-            x0,
-        }
-    }
-
-    /// The library's `scalar(z)`: the bucket's candidate, stepped left once for each of the two entries it
-    /// starts from that lie above `z`.
-    fn left(&self, z: f32) -> u32 {
-        let b = (Self::bucket(self.scaler, self.x0, z) as usize).min(self.buckets.len() - 1);
-        let mut idx = self.buckets[b];
-        let p = idx as usize;
-        if z < self.xi[p] {
-            idx -= 1;
-        }
-        if z < self.xi[p + 1] {
-            idx -= 1;
-        }
-        idx
+    /// The code of a value already scaled to [-1, 1]: bin ((v + 1) · 0.5) · 65535 + 0.5, truncated.
+    fn code(&self, v: f32) -> u8 {
+        let v = v.clamp(-1.0, 1.0);
+        let bin = ((v + 1.0) * 0.5) * (Self::BINS - 1) as f32 + 0.5;
+        self.bins[bin as usize]
     }
 }
 
-/// The sum of a contiguous f32 vector exactly as torch's CPU kernel computes it (ATen SumKernel.cpp,
-/// `vectorized_inner_sum` with 8-lane vectors and 4 accumulators, each a 4-level cascade), so that the mean
-/// of the block scales — the double-quantization offset — matches bitsandbytes to the bit. A plain f64 sum
-/// rounded once is off by one ulp on half of the reference tensors.
+/// The sum of a contiguous f32 vector exactly as torch's CPU kernel computes it on one thread (ATen
+/// SumKernel.cpp, `vectorized_inner_sum`: 8-lane vectors, 4 accumulators each a 4-level cascade, leftover
+/// whole vectors into the first accumulator, then the scalar tail and the lanes in order), so that the mean
+/// of the block scales — the double-quantization offset — matches bitsandbytes to the bit. Checked against
+/// torch 2.15 for sizes from 37 to 262144 (including sizes that are not multiples of 8 or 32). torch splits
+/// a sum of more than 32768 values over its threads, which changes the last bit on some inputs: for tensors
+/// above 2M weights bitsandbytes' own offset depends on the machine's thread count (this is its one-thread
+/// value). A plain f64 sum rounded once is off by one ulp on half of the reference tensors.
 // Index loops on purpose: they mirror ATen's loops one for one, which is what makes the sum reproducible.
 #[allow(clippy::needless_range_loop)]
 pub fn torch_sum_f32(x: &[f32]) -> f32 {
     const LANES: usize = 8;
     const ROWS: usize = 4;
     const LEVELS: usize = 4;
-    let chunk = LANES * ROWS;
-    let steps = x.len() / chunk;
+    let vecs = x.len() / LANES;
+    let steps = vecs / ROWS;
     let ceil_log2 = |n: usize| if n <= 1 { 0 } else { usize::BITS - (n - 1).leading_zeros() } as usize;
     let level_power = (ceil_log2(steps) / LEVELS).max(4);
     let level_step = 1usize << level_power;
     let level_mask = level_step - 1;
+    let vector = |v: usize| -> &[f32] { &x[v * LANES..(v + 1) * LANES] };
     let mut acc = [[[0f32; LANES]; ROWS]; LEVELS];
     let load = |acc: &mut [[f32; LANES]; ROWS], i: usize| {
         for (k, row) in acc.iter_mut().enumerate() {
-            for (l, a) in row.iter_mut().enumerate() {
-                *a += x[i * chunk + k * LANES + l];
+            for (a, &v) in row.iter_mut().zip(vector(i * ROWS + k)) {
+                *a += v;
             }
         }
     };
@@ -433,13 +349,24 @@ pub fn torch_sum_f32(x: &[f32]) -> f32 {
             }
         }
     }
-    let rows = acc[0];
+    let mut rows = acc[0];
+    // Whole vectors that did not fill a group of 4 go into the first accumulator.
+    for v in steps * ROWS..vecs {
+        for (a, &b) in rows[0].iter_mut().zip(vector(v)) {
+            *a += b;
+        }
+    }
+    for k in 1..ROWS {
+        for l in 0..LANES {
+            rows[0][l] += rows[k][l];
+        }
+    }
     let mut total = 0f32;
-    for &v in &x[steps * chunk..] {
+    for &v in &x[vecs * LANES..] {
         total += v;
     }
     for l in 0..LANES {
-        total += ((rows[0][l] + rows[1][l]) + rows[2][l]) + rows[3][l];
+        total += rows[0][l];
     }
     total
 }
