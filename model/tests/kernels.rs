@@ -223,3 +223,38 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(Bf16Matrix::from_f32(&[1.0; 5], 2, 3).is_err());
     assert!("fastest".parse::<KernelChoice>().is_err());
 }
+
+/// Non-finite activations: every kernel family answers (no panic, no out-of-bounds read) with non-finite
+/// outputs, as f32 arithmetic would — one infinite or NaN activation reaches every row through its block.
+#[test]
+fn non_finite_activations_give_non_finite_outputs_without_panicking() {
+    let (rows, cols) = (9, 320);
+    let w = Nf4Matrix::quantize(&data(5, rows * cols), rows, cols).unwrap();
+    let pool = Pool::new(2, None);
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut x = data(6, cols);
+        x[130] = bad;
+        for (_, k) in variants() {
+            let mut y = vec![0f32; rows];
+            k.gemv_nf4(&pool, &w, &x, &mut y).unwrap();
+            assert!(
+                y.iter().all(|v| !v.is_finite()),
+                "{} GEMV with {bad}: {y:?}",
+                k.describe()
+            );
+            let xs = [x.clone(), data(7, cols)].concat();
+            let mut ys = vec![0f32; 2 * rows];
+            k.gemm_nf4(&pool, &w, &xs, 2, &mut ys).unwrap();
+            assert!(
+                ys[..rows].iter().all(|v| !v.is_finite()),
+                "{} GEMM token 0",
+                k.describe()
+            );
+            assert!(
+                ys[rows..].iter().all(|v| v.is_finite()),
+                "{} GEMM token 1 stays finite",
+                k.describe()
+            );
+        }
+    }
+}
