@@ -47,6 +47,35 @@ fn attach_shm(env: &JobEnv) -> Result<Box<dyn Transport>> {
     Ok(Box::new(t))
 }
 
+/// Whether the job runs on MPI, and then whether hierarchically (shared memory inside a node, MPI between
+/// the nodes' leaders), from RINGLM_TRANSPORT and what the launcher says about nodes.
+fn transport_from_env(env: &JobEnv) -> Result<(bool, bool)> {
+    // A job that spans nodes (the launcher says so, or RINGLM_RANKS_PER_NODE declares fake ones) takes
+    // the hierarchical allreduce when MPI is built in.
+    let spans_nodes = std::env::var("RINGLM_RANKS_PER_NODE").is_ok()
+        || env_usize("OMPI_COMM_WORLD_LOCAL_SIZE").is_some_and(|l| l < env.size)
+        || env_usize("SLURM_NNODES").is_some_and(|n| n > 1);
+    let (use_mpi, hier) = match std::env::var("RINGLM_TRANSPORT").as_deref() {
+        Ok("shm") => (false, false),
+        Err(_) => (cfg!(feature = "mpi") && spans_nodes, true),
+        Ok("mpi") => (true, false),
+        Ok("hier") => (true, true),
+        Ok(other) => {
+            return Err(Error::Env(format!(
+                "RINGLM_TRANSPORT={other:?}: expected shm, mpi or hier"
+            )))
+        }
+    };
+    if use_mpi && !cfg!(feature = "mpi") {
+        return Err(Error::Env(
+            "RINGLM_TRANSPORT=mpi/hier but this build has no MPI transport: rebuild with \
+             `cargo build --release --features worker/mpi` (needs Open MPI and clang)"
+                .into(),
+        ));
+    }
+    Ok((use_mpi, hier))
+}
+
 /// A rank's handle on the job: rank, size and the collectives.
 pub struct Communicator {
     env: JobEnv,
@@ -65,34 +94,21 @@ impl Communicator {
 
     /// Joins the job `env` describes; a job of one needs no shared memory.
     pub fn new(env: JobEnv) -> Result<Communicator> {
-        let num = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
+        Communicator::join(env, false)
+    }
+
+    /// A communicator over shared memory only, whatever RINGLM_TRANSPORT says: the ranks of a pipeline
+    /// stage, which share a node.
+    pub fn shared_memory(env: JobEnv) -> Result<Communicator> {
+        Communicator::join(env, true)
+    }
+
+    fn join(env: JobEnv, shm_only: bool) -> Result<Communicator> {
+        let (use_mpi, hier) = if shm_only {
+            (false, false)
+        } else {
+            transport_from_env(&env)?
         };
-        // A job that spans nodes (the launcher says so, or RINGLM_RANKS_PER_NODE declares fake ones) takes
-        // the hierarchical allreduce when MPI is built in.
-        let spans_nodes = std::env::var("RINGLM_RANKS_PER_NODE").is_ok()
-            || num("OMPI_COMM_WORLD_LOCAL_SIZE").is_some_and(|l| l < env.size)
-            || num("SLURM_NNODES").is_some_and(|n| n > 1);
-        let (use_mpi, hier) = match std::env::var("RINGLM_TRANSPORT").as_deref() {
-            Ok("shm") => (false, false),
-            Err(_) => (cfg!(feature = "mpi") && spans_nodes, true),
-            Ok("mpi") => (true, false),
-            Ok("hier") => (true, true),
-            Ok(other) => {
-                return Err(Error::Env(format!(
-                    "RINGLM_TRANSPORT={other:?}: expected shm, mpi or hier"
-                )))
-            }
-        };
-        if use_mpi && !cfg!(feature = "mpi") {
-            return Err(Error::Env(
-                "RINGLM_TRANSPORT=mpi/hier but this build has no MPI transport: rebuild with \
-                 `cargo build --release --features worker/mpi` (needs Open MPI and clang)"
-                    .into(),
-            ));
-        }
         #[cfg(not(feature = "mpi"))]
         let _ = hier;
         #[cfg(feature = "mpi")]
@@ -126,24 +142,6 @@ impl Communicator {
             #[cfg(feature = "mpi")]
             mpi,
             algorithm,
-            one_shot_max: num("RINGLM_ONE_SHOT_MAX").unwrap_or(DEFAULT_ONE_SHOT_MAX),
-        })
-    }
-
-    /// A communicator over shared memory only, whatever RINGLM_TRANSPORT says: the ranks of a pipeline
-    /// stage, which share a node.
-    pub fn shared_memory(env: JobEnv) -> Result<Communicator> {
-        let transport = if env.size > 1 {
-            Some(attach_shm(&env)?)
-        } else {
-            None
-        };
-        Ok(Communicator {
-            env,
-            transport,
-            #[cfg(feature = "mpi")]
-            mpi: None,
-            algorithm: Algorithm::Auto,
             one_shot_max: env_usize("RINGLM_ONE_SHOT_MAX").unwrap_or(DEFAULT_ONE_SHOT_MAX),
         })
     }
@@ -299,12 +297,17 @@ impl Communicator {
         let parts = self.allgather(crate::algo::f32_bytes(mine))?;
         let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() / 4).sum());
         for p in parts {
-            out.extend(
-                p.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap())),
-            );
+            out.extend(crate::algo::f32_values(&p));
         }
         Ok(out)
+    }
+
+    /// Replaces `buf` on every rank by root's `buf` (f32 values; see [`Communicator::broadcast`]).
+    pub fn broadcast_f32(&mut self, root: usize, buf: &mut Vec<f32>) -> Result<()> {
+        let mut bytes = crate::algo::f32_bytes(buf).to_vec();
+        self.broadcast(root, &mut bytes)?;
+        *buf = crate::algo::f32_values(&bytes).collect();
+        Ok(())
     }
 
     /// Sums `data` over all ranks, in place; the result is bitwise identical on every rank.

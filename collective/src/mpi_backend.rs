@@ -181,8 +181,8 @@ impl MpiComm {
         if let Some(t) = h.node.as_mut() {
             let mut bytes = crate::algo::f32_bytes(data).to_vec();
             basic::broadcast(t, 0, &mut bytes)?;
-            for (x, b) in data.iter_mut().zip(bytes.chunks_exact(4)) {
-                *x = f32::from_le_bytes(b.try_into().unwrap());
+            for (x, b) in data.iter_mut().zip(crate::algo::f32_values(&bytes)) {
+                *x = b;
             }
         }
         Ok(())

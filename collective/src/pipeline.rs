@@ -10,7 +10,7 @@
 //! With one sequence only one stage works at a time, so stages add latency (one hand-off per stage per
 //! step) and no throughput; what they buy is memory: each stage holds only its layers.
 
-use crate::algo::{basic, f32_bytes};
+use crate::algo::{basic, f32_bytes, f32_values};
 use crate::comm::Communicator;
 use crate::env::JobEnv;
 use crate::error::{Error, Result};
@@ -176,8 +176,8 @@ impl Pipeline {
                         x.len()
                     )));
                 }
-                for (v, b) in x.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                for (v, b) in x.iter_mut().zip(f32_values(&bytes)) {
+                    *v = b;
                 }
                 Ok(())
             }

@@ -144,8 +144,7 @@ pub fn run(a: Args) -> Result<()> {
         let mut bytes = chunk_nll.to_le_bytes().to_vec();
         job.comm.share_from_last(&mut bytes)?;
         nll += f64::from_le_bytes(bytes[..8].try_into()?);
-        let lse = first..n_ctx - 1;
-        scored += lse.len();
+        scored += (first..n_ctx - 1).len();
         if rank0 {
             let secs = started.elapsed().as_secs_f64();
             eprint!(

@@ -62,14 +62,16 @@ impl Comm {
         }
     }
 
-    /// With pipeline stages, replaces `bytes` on every rank by the last stage's first rank's (the stage
-    /// that has the logits); without, leaves them as they are.
+    /// With pipeline stages, the world rank of the last stage's first rank (the stage that has the logits).
+    fn logits_root(&self) -> Option<usize> {
+        self.1.as_ref().map(|p| p.last_root())
+    }
+
+    /// With pipeline stages, replaces `bytes` on every rank by the last stage's first rank's; without,
+    /// leaves them as they are.
     pub fn share_from_last(&mut self, bytes: &mut Vec<u8>) -> collective::Result<()> {
-        match &self.1 {
-            Some(p) => {
-                let root = p.last_root();
-                self.0.broadcast(root, bytes)
-            }
+        match self.logits_root() {
+            Some(root) => self.0.broadcast(root, bytes),
             None => Ok(()),
         }
     }
@@ -95,13 +97,10 @@ impl Collective for Comm {
         }
     }
     fn broadcast_from_last(&mut self, x: &mut Vec<f32>) -> model::Result<()> {
-        let mut bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.share_from_last(&mut bytes).map_err(model_err)?;
-        *x = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Ok(())
+        match self.logits_root() {
+            Some(root) => self.0.broadcast_f32(root, x).map_err(model_err),
+            None => Ok(()),
+        }
     }
 }
 
@@ -122,7 +121,7 @@ impl Job {
         let env = collective::JobEnv::from_env()?;
         if let Some(b) = crate::selfbind::apply(&env)? {
             if a.report_placement {
-                crate::runtime::rank_line(&format!(
+                rank_line(&format!(
                     "[rank {}] {} left it unbound: bound to CPUs {:?}, memory to NUMA nodes {:?} (RINGLM_SELF_BIND=0 to skip)",
                     env.rank, env.launcher, b.cpus, b.nodes
                 ));
@@ -154,7 +153,7 @@ impl Job {
         let mut job = Job { comm, pool, model };
         if shards || a.report_placement {
             let bytes = job.model.weight_bytes() as f64;
-            crate::runtime::rank_line(&format!(
+            rank_line(&format!(
                 "[rank {}] loaded {:.2} GB of weights in {:.2} s ({:.2} GB/s); resident {:.2} GB",
                 shard.rank,
                 bytes / 1e9,

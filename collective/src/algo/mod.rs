@@ -51,6 +51,13 @@ pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
+/// The f32 values of received bytes of any alignment (a partial last value is dropped).
+pub(crate) fn f32_values(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// dst = a + b, element by element.
 #[inline]
 pub(crate) fn sum_into(dst: &mut [f32], a: &[f32], b: &[f32]) {

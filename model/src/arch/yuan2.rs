@@ -579,8 +579,6 @@ struct Cut {
     ffn: std::ops::Range<usize>,
     /// Vocabulary rows of lm_head.
     vocab: std::ops::Range<usize>,
-    /// The hidden size (all columns of lm_head).
-    hidden: usize,
 }
 
 impl Cut {
@@ -599,7 +597,6 @@ impl Cut {
             chans: shard.even(c.hidden / 2),
             ffn: shard.even(c.ffn),
             vocab: shard.uneven(c.vocab),
-            hidden: c.hidden,
         }
     }
 }
@@ -817,10 +814,11 @@ fn read_head_gguf(
 }
 
 /// What a stage keeps of the embedding and the lm_head: the first the embedding, the last its vocabulary
-/// slice of the head (`name` for errors).
+/// slice of the head, all `h` columns (`name` for errors).
 fn stage_head(
     shard: Shard,
     cut: &Cut,
+    h: usize,
     format: Format,
     embed_f32: Vec<f32>,
     head: FullWeight,
@@ -828,7 +826,7 @@ fn stage_head(
 ) -> Result<(Option<Embedding>, Option<Weight>)> {
     let lm_head = if shard.last_stage() {
         Some(
-            head.slice(cut.vocab.clone(), &[0..cut.hidden])
+            head.slice(cut.vocab.clone(), &[0..h])
                 .map_err(|e| e.tensor(name))?,
         )
     } else {
@@ -904,7 +902,7 @@ impl Model {
         }
         let (embed, lm_head) = if shard.first_stage() || shard.last_stage() {
             let (embed_f32, head) = read_head(&ck, c, head_format)?;
-            stage_head(shard, &cut, format, embed_f32, head, "lm_head.weight")?
+            stage_head(shard, &cut, h, format, embed_f32, head, "lm_head.weight")?
         } else {
             ck.ignore("model.embed_tokens.weight");
             ck.ignore("lm_head.weight");
@@ -955,7 +953,7 @@ impl Model {
         let (embed, lm_head, final_norm) = if shard.first_stage() || shard.last_stage() {
             let (embed_f32, head, final_norm) = read_head_gguf(&g, &config, head_format)?;
             let (embed, lm_head) =
-                stage_head(shard, &cut, format, embed_f32, head, "output.weight")?;
+                stage_head(shard, &cut, h, format, embed_f32, head, "output.weight")?;
             (embed, lm_head, final_norm)
         } else {
             (None, None, vec![1.0; h])
@@ -1574,17 +1572,14 @@ impl Model {
         local: &[f32],
         rows: usize,
     ) -> Result<Vec<f32>> {
-        if self.shard.stages > 1 {
-            // The last stage assembles the rows, then every rank gets them.
-            let mut full = if self.shard.last_stage() {
-                self.assemble_logits(comm, local, rows)?
-            } else {
-                Vec::new()
-            };
-            comm.broadcast_from_last(&mut full)?;
-            return Ok(full);
-        }
-        self.assemble_logits(comm, local, rows)
+        // The last stage assembles the rows, then (with pipeline stages) every rank gets them.
+        let mut full = if self.shard.last_stage() {
+            self.assemble_logits(comm, local, rows)?
+        } else {
+            Vec::new()
+        };
+        comm.broadcast_from_last(&mut full)?;
+        Ok(full)
     }
 
     /// Full rows from the stage's vocabulary slices.
@@ -1615,22 +1610,20 @@ impl Model {
     /// Greedy next token over the whole vocabulary, from this rank's slice of one logits row: a distributed
     /// argmax (each rank's best value and index, gathered); ties go to the lowest index, as single-process.
     pub fn greedy(&self, comm: &mut dyn Collective, local_row: &[f32]) -> Result<u32> {
-        if self.shard.stages > 1 {
-            let mut id = if self.shard.last_stage() {
-                vec![self.stage_greedy(comm, local_row)? as f32]
-            } else {
-                Vec::new()
-            };
-            comm.broadcast_from_last(&mut id)?;
-            return match id[..] {
-                [v] => Ok(v as u32),
-                _ => Err(Error::Format(format!(
-                    "the last pipeline stage sent {} values for one token id",
-                    id.len()
-                ))),
-            };
+        // Token ids travel as f32 like the argmax's indices: exact below 2^24.
+        let mut id = if self.shard.last_stage() {
+            vec![self.stage_greedy(comm, local_row)? as f32]
+        } else {
+            Vec::new()
+        };
+        comm.broadcast_from_last(&mut id)?;
+        match id[..] {
+            [v] => Ok(v as u32),
+            _ => Err(Error::Format(format!(
+                "the last pipeline stage sent {} values for one token id",
+                id.len()
+            ))),
         }
-        self.stage_greedy(comm, local_row)
     }
 
     /// The argmax over the stage's vocabulary slices.
@@ -1966,7 +1959,7 @@ fn attention(
     let group = n / nkv;
     let scale = 1.0 / (d as f32).sqrt();
     let len = out.len();
-    let op = SharedOut(out.as_mut_ptr());
+    let op = crate::kernels::Shared(out.as_mut_ptr());
     pool.run(&|p, parts| {
         // Each part writes only its own heads' d-wide slices of every row.
         let out = unsafe { std::slice::from_raw_parts_mut(op.get(), len) };
@@ -1980,7 +1973,6 @@ fn attention(
                     q: &q[i * n + head * d..i * n + head * d + d],
                     keys: &keys[kv.clone()],
                     values: &values[kv],
-                    cap,
                     lo: doc_start[i],
                     hi: pos + i,
                     scale,
@@ -1989,16 +1981,4 @@ fn attention(
             }
         }
     });
-}
-
-/// The attention output, written by several pool threads at disjoint places.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    // A method, so that closures capture the Sync wrapper rather than the raw pointer.
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }

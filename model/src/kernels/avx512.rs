@@ -123,16 +123,17 @@ pub unsafe fn gemv_nf4_tiles(
             // The scale codes are a second, thin stream (16 bytes per 512 of codes): the same distance in
             // chunks, or their load stalls every fourth chunk.
             _mm_prefetch::<_MM_HINT_T0>(
-                scale_codes.add((c + PREFETCH_L2 / 512) * CHUNK_SCALES) as *const i8
+                scale_codes.wrapping_add((c + PREFETCH_L2 / 512) * CHUNK_SCALES) as *const i8,
             );
             let supers = if 2 * c + 1 < nb { 8 } else { 4 };
             let base = codes.add(c * 512);
             let xp = x.q.as_ptr().add(c * 128) as *const i64;
             let mut a = [_mm512_setzero_si512(); 4];
             for s in 0..supers {
-                // Into L2 far ahead, into L1 just ahead (prefetches never fault past the end).
-                _mm_prefetch::<_MM_HINT_T1>(base.add(s * 64 + PREFETCH_L2) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(base.add(s * 64 + PREFETCH_L1) as *const i8);
+                // Into L2 far ahead, into L1 just ahead. Prefetches never fault past the end, but forming
+                // an out-of-bounds pointer with `add` would be undefined behaviour: `wrapping_add`.
+                _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(s * 64 + PREFETCH_L2) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
                 let v = _mm512_loadu_si512(base.add(s * 64) as *const __m512i);
                 let w0 = _mm512_permutexvar_epi16(v, lut);
                 let w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(v), lut);

@@ -333,26 +333,21 @@ impl Nf4Matrix {
                 for c in 0..chunks {
                     let chunk_base = tile_base + c * CHUNK_BYTES;
                     let sc = &mut tile_scales[(t * chunks + c) * CHUNK_SCALES..];
-                    if 2 * c + 1 < nb {
-                        for h in 0..2 {
-                            let bytes = src.block(r, 2 * c + h);
-                            sc[2 * i + h] = src.code(r, 2 * c + h);
-                            for s in 0..8 {
-                                let at = chunk_base + s * 64 + (2 * i + h) * 4;
-                                for e in 0..4 {
-                                    out[at + e] = swap_nibbles(bytes[4 * s + e]);
-                                }
-                            }
-                        }
-                    } else {
-                        let bytes = src.block(r, 2 * c);
-                        for h in 0..2 {
-                            sc[2 * i + h] = src.code(r, 2 * c);
-                            for s in 0..4 {
-                                let at = chunk_base + s * 64 + (2 * i + h) * 4;
-                                for e in 0..4 {
-                                    out[at + e] = swap_nibbles(bytes[16 * h + 4 * s + e]);
-                                }
+                    // A full chunk gives lane half h all of block 2c + h (8 super-chunks); a half chunk
+                    // gives it half h of the single block 2c (4 super-chunks).
+                    let full = 2 * c + 1 < nb;
+                    for h in 0..2 {
+                        let (b, first, supers) = if full {
+                            (2 * c + h, 0, 8)
+                        } else {
+                            (2 * c, 16 * h, 4)
+                        };
+                        let bytes = &src.block(r, b)[first..];
+                        sc[2 * i + h] = src.code(r, b);
+                        for s in 0..supers {
+                            let at = chunk_base + s * 64 + (2 * i + h) * 4;
+                            for e in 0..4 {
+                                out[at + e] = swap_nibbles(bytes[4 * s + e]);
                             }
                         }
                     }
@@ -441,9 +436,8 @@ impl Nf4Matrix {
             for b in 0..nb {
                 codes[r * nb + b] = self.scale_code(r, b);
                 let dst = &mut packed[(r * nb + b) * BLOCK / 2..(r * nb + b + 1) * BLOCK / 2];
-                for (p, d) in dst.iter_mut().enumerate() {
-                    *d = (self.code(r, b * BLOCK + 2 * p) << 4)
-                        | self.code(r, b * BLOCK + 2 * p + 1);
+                for (d, pair) in dst.iter_mut().zip(self.block_codes(r, b).chunks_exact(2)) {
+                    *d = (pair[0] << 4) | pair[1];
                 }
             }
         }
@@ -597,20 +591,11 @@ impl Nf4Matrix {
 
     /// The 64 codes of block `b` of row `r`, in order.
     pub fn block_codes(&self, r: usize, b: usize) -> [u8; BLOCK] {
-        let mut out = [0u8; BLOCK];
-        let (t, i) = (r / TILE_ROWS, r % TILE_ROWS);
-        let c = b / 2;
         let tiled = self.tiled.as_slice();
-        let base = t * self.cols * 4 + c * CHUNK_BYTES;
-        let full = 2 * c + 1 < self.colmap.len();
+        let mut out = [0u8; BLOCK];
+        // An even weight and the next one share a byte, low nibble first.
         for (p, pair) in out.chunks_exact_mut(2).enumerate() {
-            let pos = 2 * p;
-            let (h, s) = if full {
-                (b % 2, pos / 8)
-            } else {
-                (pos / 32, (pos % 32) / 8)
-            };
-            let byte = tiled[base + s * 64 + (2 * i + h) * 4 + (pos % 8) / 2];
+            let byte = tiled[self.locate(r, b * BLOCK + 2 * p).0];
             pair[0] = byte & 15;
             pair[1] = byte >> 4;
         }

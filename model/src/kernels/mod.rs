@@ -97,13 +97,40 @@ impl FromStr for KernelChoice {
 
 /// A raw pointer that parts of a job may share; each part writes a disjoint range.
 #[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
+pub(crate) struct Shared<T>(pub(crate) *mut T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 impl<T> Shared<T> {
     // A method, not the field: closures must capture the whole (Sync) wrapper, not the raw pointer inside.
-    fn get(&self) -> *mut T {
+    pub(crate) fn get(&self) -> *mut T {
         self.0
+    }
+}
+
+/// Prefill's inner loop: a 4-row × 4-token micro-kernel over every token of `xs` (rows of `kp` values)
+/// for weight rows `rs` (at most 4), each result stored at y[token][row]. A short last group of tokens
+/// repeats its last token so the micro-kernel needs no tail.
+fn four_by_four<T>(
+    xs: &[T],
+    kp: usize,
+    yp: &Shared<f32>,
+    rows: usize,
+    rs: std::ops::Range<usize>,
+    micro: impl Fn([*const T; 4], &mut [[f32; 4]; 4]),
+) {
+    let m = xs.len() / kp;
+    let mut t = 0;
+    while t < m {
+        let nt = (m - t).min(4);
+        let ptrs: [*const T; 4] = std::array::from_fn(|j| xs[(t + j.min(nt - 1)) * kp..].as_ptr());
+        let mut out = [[0f32; 4]; 4];
+        micro(ptrs, &mut out);
+        for (i, row) in out.iter().enumerate().take(rs.len()) {
+            for (j, v) in row.iter().enumerate().take(nt) {
+                unsafe { *yp.get().add((t + j) * rows + rs.start + i) = *v };
+            }
+        }
+        t += nt;
     }
 }
 
@@ -211,29 +238,29 @@ pub struct Kernels {
 impl Kernels {
     /// The reference kernels, or the fastest this CPU supports.
     pub fn new(choice: KernelChoice) -> Kernels {
-        let isa = if choice == KernelChoice::Reference {
+        Kernels::of(if choice == KernelChoice::Reference {
             Isa::Scalar
         } else {
             Isa::detect()
-        };
-        Kernels {
-            isa,
-            amx: isa == Isa::Avx512 && amx::available(),
-        }
+        })
     }
 
     /// A given instruction set (tests compare every one the CPU has against the reference).
     pub fn with_isa(isa: Isa) -> Result<Kernels> {
         if isa.supported() {
-            Ok(Kernels {
-                isa,
-                amx: isa == Isa::Avx512 && amx::available(),
-            })
+            Ok(Kernels::of(isa))
         } else {
             Err(Error::Format(format!(
                 "this CPU cannot run the {} kernels",
                 isa.name()
             )))
+        }
+    }
+
+    fn of(isa: Isa) -> Kernels {
+        Kernels {
+            isa,
+            amx: isa == Isa::Avx512 && amx::available(),
         }
     }
 
@@ -483,20 +510,9 @@ impl Kernels {
                     }
                     let nr = (range.end - r).min(4);
                     let t4 = &tile[4 * q * kp..(4 * q + 4) * kp];
-                    let mut t = 0;
-                    while t < m {
-                        let nt = (m - t).min(4);
-                        let ptrs: [*const u16; 4] =
-                            std::array::from_fn(|j| xb[(t + j.min(nt - 1)) * kp..].as_ptr());
-                        let mut out = [[0f32; 4]; 4];
-                        unsafe { avx512::tile_4x4_bf16(t4, kp, ptrs, &mut out) };
-                        for (i, rowv) in out.iter().enumerate().take(nr) {
-                            for (j, v) in rowv.iter().enumerate().take(nt) {
-                                unsafe { *yp.get().add((t + j) * rows + r + i) = *v };
-                            }
-                        }
-                        t += nt;
-                    }
+                    four_by_four(xb, kp, &yp, rows, r..r + nr, |ptrs, out| unsafe {
+                        avx512::tile_4x4_bf16(t4, kp, ptrs, out)
+                    });
                 }
             }
         });
@@ -507,11 +523,17 @@ impl Kernels {
         let (rows, cols) = (w.rows(), w.cols());
         // Rows of x padded to a multiple of 16 so the micro-kernel needs no tail.
         let kp = cols.div_ceil(16) * 16;
-        let mut xs = vec![0f32; m * kp];
-        for t in 0..m {
-            xs[t * kp..t * kp + cols].copy_from_slice(&x[t * cols..(t + 1) * cols]);
-        }
-        let xs = &xs;
+        let padded: Vec<f32>;
+        let xs: &[f32] = if kp == cols {
+            x
+        } else {
+            let mut v = vec![0f32; m * kp];
+            for t in 0..m {
+                v[t * kp..t * kp + cols].copy_from_slice(&x[t * cols..(t + 1) * cols]);
+            }
+            padded = v;
+            &padded
+        };
         pool.run(&|p, n| {
             let range = split(rows, n, p, 4);
             let mut tile = vec![0f32; 4 * kp];
@@ -526,20 +548,9 @@ impl Kernels {
                         row.fill(0.0);
                     }
                 }
-                let mut t = 0;
-                while t < m {
-                    let nt = (m - t).min(4);
-                    let ptrs: [*const f32; 4] =
-                        std::array::from_fn(|j| xs[(t + j.min(nt - 1)) * kp..].as_ptr());
-                    let mut out = [[0f32; 4]; 4];
-                    unsafe { avx2::tile_4x4(&tile, kp, ptrs, &mut out) };
-                    for (i, row) in out.iter().enumerate().take(nr) {
-                        for (j, v) in row.iter().enumerate().take(nt) {
-                            unsafe { *yp.get().add((t + j) * rows + r + i) = *v };
-                        }
-                    }
-                    t += nt;
-                }
+                four_by_four(xs, kp, &yp, rows, r..r + nr, |ptrs, out| unsafe {
+                    avx2::tile_4x4(&tile, kp, ptrs, out)
+                });
                 r += nr;
             }
         });

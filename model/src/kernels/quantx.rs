@@ -44,7 +44,7 @@ impl QuantX {
     /// codes and factors.
     pub fn new(x: &[f32]) -> QuantX {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-            let mut q = QuantX::portable_alloc(x.len());
+            let mut q = QuantX::zeroed(x.len());
             unsafe { avx512_quantize(x, &mut q) };
             q
         } else {
@@ -52,7 +52,8 @@ impl QuantX {
         }
     }
 
-    fn portable_alloc(n: usize) -> QuantX {
+    /// Room for `n` activations, all codes and factors 0.
+    fn zeroed(n: usize) -> QuantX {
         let chunks = (n / BLOCK).div_ceil(2);
         QuantX {
             q: vec![0i16; chunks * 128],
@@ -64,8 +65,7 @@ impl QuantX {
     pub fn portable(x: &[f32]) -> QuantX {
         let nb = x.len() / BLOCK;
         let chunks = nb.div_ceil(2);
-        let mut q = vec![0i16; chunks * 128];
-        let mut scale = vec![0f32; chunks * 2];
+        let QuantX { mut q, mut scale } = QuantX::zeroed(x.len());
         let mut codes = [[0i16; BLOCK]; 2];
         for c in 0..chunks {
             let full = 2 * c + 1 < nb;

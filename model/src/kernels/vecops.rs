@@ -10,18 +10,17 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 type DotFn = unsafe fn(&[f32], &[f32]) -> f32;
-type AxpyFn = unsafe fn(&mut [f32], f32, &[f32]);
 type HeadFn = unsafe fn(&Head, &mut [f32], &mut [f32]);
 
-fn pick() -> (DotFn, AxpyFn, HeadFn) {
-    static P: OnceLock<(DotFn, AxpyFn, HeadFn)> = OnceLock::new();
+fn pick() -> (DotFn, HeadFn) {
+    static P: OnceLock<(DotFn, HeadFn)> = OnceLock::new();
     *P.get_or_init(|| {
         if is_x86_feature_detected!("avx512f") {
-            (dot_avx512, axpy_avx512, head_avx512)
+            (dot_avx512, head_avx512)
         } else if is_x86_feature_detected!("avx") {
-            (dot_avx, axpy_avx, head_scalar)
+            (dot_avx, head_scalar)
         } else {
-            (dot_scalar, axpy_scalar, head_scalar)
+            (dot_scalar, head_scalar)
         }
     })
 }
@@ -143,12 +142,10 @@ unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32], silu_on_up: bool) -> usize {
 pub struct Head<'a> {
     /// The query (d values).
     pub q: &'a [f32],
-    /// Keys: `cap` rows of `d`.
+    /// Keys: a row of `d` per cached position.
     pub keys: &'a [f32],
-    /// Values: `cap` rows of `d`.
+    /// Values: a row of `d` per cached position.
     pub values: &'a [f32],
-    /// Positions per key row.
-    pub cap: usize,
     /// First position attended to (the document start).
     pub lo: usize,
     /// Last position attended to (the query's own).
@@ -161,7 +158,17 @@ pub struct Head<'a> {
 /// As [`head_scalar`] defines it, on every CPU.
 #[inline]
 pub fn attend(h: &Head, scores: &mut [f32], out: &mut [f32]) {
-    unsafe { (pick().2)(h, scores, out) }
+    // The vector version reads rows lo..=hi unchecked.
+    let rows = (h.hi + 1) * h.q.len();
+    assert!(
+        h.lo <= h.hi && rows <= h.keys.len() && rows <= h.values.len() && h.hi < scores.len(),
+        "attention over positions {}..={} of a cache of {} keys",
+        h.lo,
+        h.hi,
+        h.keys.len() / h.q.len().max(1)
+    );
+    assert_eq!(out.len(), h.q.len(), "attention output of the wrong width");
+    unsafe { (pick().1)(h, scores, out) }
 }
 
 /// The definition. A score is a dot product in a fixed order: 16 lane sums (dimension `l`, `l + 16`, ... in
@@ -237,18 +244,21 @@ unsafe fn exp_shifted_avx512(sc: &mut [f32], max: f32) -> usize {
     full
 }
 
+/// The first `min(n, 16)` lanes of a vector.
+#[inline(always)]
+fn first_lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 #[target_feature(enable = "avx512f")]
 unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
     let d = h.q.len();
     let vecs = d.div_ceil(16);
-    let mask = |i: usize| -> __mmask16 {
-        let left = d - 16 * i;
-        if left >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << left) - 1
-        }
-    };
+    let mask = |i: usize| first_lanes(d - 16 * i);
     // Scores: each key row read once, in memory order; the lane sums and the tree as `dot_tree` has them.
     let mut qv = [_mm512_setzero_ps(); 16];
     for (i, v) in qv.iter_mut().enumerate().take(vecs.min(16)) {
@@ -281,14 +291,7 @@ unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
     for t0 in (0..d).step_by(128) {
         let width = (d - t0).min(128);
         let nv = width.div_ceil(16);
-        let m = |i: usize| -> __mmask16 {
-            let left = width - 16 * i;
-            if left >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << left) - 1
-            }
-        };
+        let m = |i: usize| first_lanes(width - 16 * i);
         let mut o = [_mm512_setzero_ps(); 8];
         for (jj, &w) in scores[h.lo..=h.hi].iter().enumerate() {
             let wv = _mm512_set1_ps(w);
@@ -310,12 +313,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     unsafe { (pick().0)(a, b) }
 }
 
-/// y += w·x, element by element (the shorter length).
-#[inline]
-pub fn axpy(y: &mut [f32], w: f32, x: &[f32]) {
-    unsafe { (pick().1)(y, w, x) }
-}
-
 /// The definition: 16 running sums over chunks of 16, added in order, then the tail.
 pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -333,6 +330,7 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// y += w·x, element by element, multiply and add rounded separately (the definition's weighted sum).
 fn axpy_scalar(y: &mut [f32], w: f32, x: &[f32]) {
     for (o, v) in y.iter_mut().zip(x) {
         *o += w * v;
@@ -365,19 +363,6 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     finish(&lanes, &a[..n], &b[..n], full)
 }
 
-#[target_feature(enable = "avx512f")]
-unsafe fn axpy_avx512(y: &mut [f32], w: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let full = n / 16 * 16;
-    let wv = _mm512_set1_ps(w);
-    for k in (0..full).step_by(16) {
-        let p = _mm512_mul_ps(wv, _mm512_loadu_ps(x.as_ptr().add(k)));
-        let o = y.as_mut_ptr().add(k);
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), p));
-    }
-    axpy_scalar(&mut y[full..n], w, &x[full..n]);
-}
-
 #[target_feature(enable = "avx")]
 unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
@@ -396,19 +381,6 @@ unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
     _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
     _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
     finish(&lanes, &a[..n], &b[..n], full)
-}
-
-#[target_feature(enable = "avx")]
-unsafe fn axpy_avx(y: &mut [f32], w: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let full = n / 8 * 8;
-    let wv = _mm256_set1_ps(w);
-    for k in (0..full).step_by(8) {
-        let o = y.as_mut_ptr().add(k);
-        let p = _mm256_mul_ps(wv, _mm256_loadu_ps(x.as_ptr().add(k)));
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), p));
-    }
-    axpy_scalar(&mut y[full..n], w, &x[full..n]);
 }
 
 #[cfg(test)]
@@ -496,7 +468,6 @@ mod tests {
                 q: &q,
                 keys: &keys,
                 values: &values,
-                cap,
                 lo,
                 hi,
                 scale: 0.125,
@@ -519,20 +490,15 @@ mod tests {
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) / 3.0)
                 .collect();
             let want = dot_scalar(&a, &b);
-            let mut want_y = b.clone();
-            axpy_scalar(&mut want_y, 0.37, &a);
-            let mut versions: Vec<(DotFn, AxpyFn)> = vec![(dot_scalar, axpy_scalar as AxpyFn)];
+            let mut versions: Vec<DotFn> = vec![dot_scalar];
             if is_x86_feature_detected!("avx") {
-                versions.push((dot_avx, axpy_avx));
+                versions.push(dot_avx);
             }
             if is_x86_feature_detected!("avx512f") {
-                versions.push((dot_avx512, axpy_avx512));
+                versions.push(dot_avx512);
             }
-            for (d, ax) in versions {
+            for d in versions {
                 assert_eq!(unsafe { d(&a, &b) }.to_bits(), want.to_bits(), "dot n={n}");
-                let mut y = b.clone();
-                unsafe { ax(&mut y, 0.37, &a) };
-                assert_eq!(y, want_y, "axpy n={n}");
             }
         }
     }
