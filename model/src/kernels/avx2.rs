@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::matrix::{Bf16Matrix, Nf4Matrix, CHUNK_SCALES, TILE_ROWS};
+use super::matrix::{chunk_at, chunk_scales_at, Bf16Matrix, Nf4Matrix, TILE_ROWS};
 use super::quantx::{level_codes, QuantX};
 
 /// NF4 GEMV over whole tiles `tiles` on the tiled layout, integer products as in the AVX-512 kernel:
@@ -34,19 +34,18 @@ pub unsafe fn gemv_nf4_tiles(
     let nb = w.blocks();
     let p = w.scale_parts();
     for t in tiles {
-        let codes = w.tile_codes(t).as_ptr();
-        let sc = w.tile_scale_codes(t);
+        let tile = w.tile(t);
         // Lanes 0..8 (rows 0..4) and 8..16 (rows 4..8).
         let mut acc = [_mm256_setzero_ps(); 2];
         for c in 0..w.chunks() {
             let supers = if 2 * c + 1 < nb { 8 } else { 4 };
             let xp = x.q.as_ptr().add(c * 128) as *const i64;
+            let codes = tile.as_ptr().add(chunk_at(c));
+            let sc = &tile[chunk_scales_at(c)..];
             let mut sum = [_mm256_setzero_si256(); 2];
             for s in 0..supers {
                 for (half, part) in sum.iter_mut().enumerate() {
-                    let v = _mm256_loadu_si256(
-                        codes.add(c * 512 + s * 64 + half * 32) as *const __m256i
-                    );
+                    let v = _mm256_loadu_si256(codes.add(s * 64 + half * 32) as *const __m256i);
                     let shifted = [
                         v,
                         _mm256_srli_epi16::<4>(v),
@@ -67,7 +66,7 @@ pub unsafe fn gemv_nf4_tiles(
             let mut s16 = [0f32; 16];
             for (l, out) in s16.iter_mut().enumerate() {
                 let (i, h) = (l / 2, l % 2);
-                let code = sc[c * CHUNK_SCALES + l] as usize;
+                let code = sc[l] as usize;
                 let g = (p.rowbase[t * TILE_ROWS + i] + p.colpair[2 * c + h]) as usize / 256;
                 *out = p.map[code].mul_add(p.nested[g], p.offset) * x.scale[2 * c + h];
             }

@@ -163,8 +163,8 @@ fn swap_nibbles(b: u8) -> u8 {
 /// consecutive weights of its block (positions `8s ..`, plus `32h` in a half chunk) as the 4 bitsandbytes
 /// bytes with their nibbles swapped, so the k-th weight sits at bits `4k..4k+4` of the lane. One vector load
 /// thus carries 8 weights of each of 8 rows × 2 blocks, and one vector of 16 block scales applies to it;
-/// tiles follow each other in memory, so a GEMV reads one sequential stream. Scale codes are kept per tile
-/// and chunk in lane order (16 bytes).
+/// tiles follow each other in memory, so a GEMV reads one sequential stream. A chunk's 16 scale codes (lane
+/// order) sit in that stream too: those of 16 chunks together, in the 4 cache lines before the chunks.
 ///
 /// The matrix may be a tensor-parallel slice of a larger tensor (some rows, some whole-block column ranges):
 /// it then keeps the tensor's offset and nested scales, and maps its blocks to the tensor's block numbers, so
@@ -173,10 +173,9 @@ fn swap_nibbles(b: u8) -> u8 {
 pub struct Nf4Matrix {
     rows: usize,
     cols: usize,
-    /// Codes in the tiled layout: `tiles × cols × 4` bytes.
+    /// Tiles one after the other, [`Nf4Matrix::tile_stride`] bytes each: groups of 4 chunks, each group a
+    /// cache line of their scale codes (16 per chunk, lane order) followed by their codes.
     tiled: AlignedBytes,
-    /// Scale codes per tile and chunk, lane order: `tiles × chunks × 16`.
-    tile_scales: Vec<u8>,
     /// The whole tensor's nested scales.
     nested: Vec<f32>,
     offset: f32,
@@ -234,6 +233,33 @@ impl RowSource for TensorSlice<'_> {
     fn code(&self, r: usize, b: usize) -> u8 {
         self.t.absmax_code[(self.row0 + r) * self.stride + self.colmap[b] as usize]
     }
+}
+
+/// Chunks whose scale codes are stored together (4 cache lines); 4, 8, 16 and 32 measured alike, 16 best
+/// on the widest rows.
+const GROUP_CHUNKS: usize = 16;
+/// Bytes of a group's scale codes.
+const GROUP_HEAD: usize = GROUP_CHUNKS * CHUNK_SCALES;
+/// Bytes of a whole group: its scale codes and the codes of its chunks.
+const GROUP_BYTES: usize = GROUP_HEAD + GROUP_CHUNKS * CHUNK_BYTES;
+
+/// Where chunk `c`'s codes start in a tile. The scale codes sit in the code stream, just before the chunks
+/// they weigh: kept in an array of their own they were a second stream whose loads, on the critical path of
+/// every chunk, cost the one-thread GEMV about a twentieth of its bandwidth (BENCHMARKS.md).
+#[inline]
+pub fn chunk_at(c: usize) -> usize {
+    (c / GROUP_CHUNKS) * GROUP_BYTES + GROUP_HEAD + (c % GROUP_CHUNKS) * CHUNK_BYTES
+}
+
+/// Where chunk `c`'s 16 scale codes start in a tile.
+#[inline]
+pub fn chunk_scales_at(c: usize) -> usize {
+    (c / GROUP_CHUNKS) * GROUP_BYTES + (c % GROUP_CHUNKS) * CHUNK_SCALES
+}
+
+/// Bytes of a tile of `cols` columns in `chunks` chunks (only the last chunk may be a half one).
+fn tile_len(chunks: usize, cols: usize) -> usize {
+    chunks.div_ceil(GROUP_CHUNKS) * GROUP_HEAD + cols * 4
 }
 
 /// Chunks per tile row for `nb` blocks.
@@ -298,7 +324,7 @@ impl Nf4Matrix {
             stride,
             colmap: &colmap,
         };
-        Ok(Nf4Matrix::tile(
+        Ok(Nf4Matrix::build_tiles(
             rows.len(),
             &src,
             t.nested_absmax.clone(),
@@ -310,7 +336,7 @@ impl Nf4Matrix {
     }
 
     /// Builds the tiled layout from a row source (every index was checked by the caller).
-    fn tile(
+    fn build_tiles(
         rows: usize,
         src: &dyn RowSource,
         nested: Vec<f32>,
@@ -323,16 +349,16 @@ impl Nf4Matrix {
         let cols = nb * BLOCK;
         let chunks = chunks_of(nb);
         let tiles = rows.div_ceil(TILE_ROWS);
-        let mut tiled = AlignedBytes::zeroed(tiles * cols * 4);
-        let mut tile_scales = vec![0u8; tiles * chunks * CHUNK_SCALES];
+        let tile_len = tile_len(chunks, cols);
+        let mut tiled = AlignedBytes::zeroed(tiles * tile_len);
         let out = tiled.as_mut_slice();
         for t in 0..tiles {
-            let tile_base = t * cols * 4;
+            let tile_base = t * tile_len;
             for i in 0..TILE_ROWS.min(rows - t * TILE_ROWS) {
                 let r = t * TILE_ROWS + i;
                 for c in 0..chunks {
-                    let chunk_base = tile_base + c * CHUNK_BYTES;
-                    let sc = &mut tile_scales[(t * chunks + c) * CHUNK_SCALES..];
+                    let chunk_base = tile_base + chunk_at(c);
+                    let sc = tile_base + chunk_scales_at(c);
                     // A full chunk gives lane half h all of block 2c + h (8 super-chunks); a half chunk
                     // gives it half h of the single block 2c (4 super-chunks).
                     let full = 2 * c + 1 < nb;
@@ -343,7 +369,7 @@ impl Nf4Matrix {
                             (2 * c, 16 * h, 4)
                         };
                         let bytes = &src.block(r, b)[first..];
-                        sc[2 * i + h] = src.code(r, b);
+                        out[sc + 2 * i + h] = src.code(r, b);
                         for s in 0..supers {
                             let at = chunk_base + s * 64 + (2 * i + h) * 4;
                             for e in 0..4 {
@@ -367,7 +393,6 @@ impl Nf4Matrix {
             rows,
             cols,
             tiled,
-            tile_scales,
             nested,
             offset,
             map: shared_map(),
@@ -420,7 +445,7 @@ impl Nf4Matrix {
             codes: &scale_codes,
             nb,
         };
-        Ok(Nf4Matrix::tile(
+        Ok(Nf4Matrix::build_tiles(
             rows, &src, nested, offset, row0, stride, colmap,
         ))
     }
@@ -522,18 +547,17 @@ impl Nf4Matrix {
         self.rows.div_ceil(TILE_ROWS)
     }
 
-    /// The tiled codes of tile `t` (`cols × 4` bytes).
+    /// Bytes of one tile in memory (codes and scale codes).
     #[inline]
-    pub fn tile_codes(&self, t: usize) -> &[u8] {
-        let n = self.cols * 4;
-        &self.tiled.as_slice()[t * n..(t + 1) * n]
+    pub fn tile_stride(&self) -> usize {
+        tile_len(self.chunks(), self.cols)
     }
 
-    /// The scale codes of tile `t`, 16 per chunk in lane order.
+    /// Tile `t`: chunk `c`'s codes at [`chunk_at`]`(c)`, its scale codes at [`chunk_scales_at`]`(c)`.
     #[inline]
-    pub fn tile_scale_codes(&self, t: usize) -> &[u8] {
-        let n = self.chunks() * CHUNK_SCALES;
-        &self.tile_scales[t * n..(t + 1) * n]
+    pub fn tile(&self, t: usize) -> &[u8] {
+        let n = self.tile_stride();
+        &self.tiled.as_slice()[t * n..(t + 1) * n]
     }
 
     /// Position of weight `k` of row `r` in the tiled codes, and the shift of its nibble.
@@ -547,7 +571,7 @@ impl Nf4Matrix {
         } else {
             (pos / 32, (pos % 32) / 8)
         };
-        let at = t * self.cols * 4 + c * CHUNK_BYTES + s * 64 + (2 * i + h) * 4 + (pos % 8) / 2;
+        let at = t * self.tile_stride() + chunk_at(c) + s * 64 + (2 * i + h) * 4 + (pos % 8) / 2;
         (at, 4 * (pos as u32 % 2))
     }
 
@@ -568,7 +592,7 @@ impl Nf4Matrix {
         } else {
             0
         };
-        self.tile_scales[(t * self.chunks() + c) * CHUNK_SCALES + 2 * i + h]
+        self.tile(t)[chunk_scales_at(c) + 2 * i + h]
     }
 
     /// Decoded f32 scale of block `b` of row `r`.
@@ -639,7 +663,7 @@ impl Nf4Matrix {
 }
 
 /// What a kernel needs to decode an [`Nf4Matrix`]'s block scales: lane `2i + h` of chunk `c` of tile `t` has
-/// the code at `tile_scale_codes(t)[16c + 2i + h]` and the nested scale
+/// the code at `tile(t)[chunk_scales_at(c) + 2i + h]` and the nested scale
 /// `nested[(rowbase[8t + i] + colpair[2c + h]) / 256]`.
 pub struct ScaleParts<'a> {
     /// The tensor's nested scales.
