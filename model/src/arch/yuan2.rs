@@ -1958,16 +1958,16 @@ fn attention(
     let heads = n / d;
     let group = n / nkv;
     let scale = 1.0 / (d as f32).sqrt();
-    let len = out.len();
+    assert!(out.len() >= m * n, "attention output too short");
     let op = crate::kernels::Shared(out.as_mut_ptr());
     pool.run(&|p, parts| {
-        // Each part writes only its own heads' d-wide slices of every row.
-        let out = unsafe { std::slice::from_raw_parts_mut(op.get(), len) };
         let mut scores = vec![0f32; pos + m];
         for head in crate::pool::split(heads, parts, p, 1) {
             let kvh = head / group;
             for i in 0..m {
-                let o = &mut out[i * n + head * d..i * n + head * d + d];
+                // A part owns its heads' d-wide slice of every row: disjoint from every other part's.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(op.get().add(i * n + head * d), d) };
                 let kv = kvh * d * cap..(kvh + 1) * d * cap;
                 let h = Head {
                     q: &q[i * n + head * d..i * n + head * d + d],

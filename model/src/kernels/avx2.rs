@@ -6,7 +6,8 @@ use std::arch::x86_64::*;
 use super::matrix::{chunk_at, chunk_scales_at, Bf16Matrix, Nf4Matrix, TILE_ROWS};
 use super::quantx::{level_codes, QuantX};
 
-/// NF4 GEMV over whole tiles `tiles` on the tiled layout, integer products as in the AVX-512 kernel:
+/// NF4 GEMV over whole tiles `tiles` on the tiled layout into `y` (the outputs of their real rows, as for the
+/// AVX-512 kernel), integer products as in the AVX-512 kernel:
 /// 16-bit level codes come from two `vpshufb` lookups (their low and high bytes), `vpmaddwd` multiplies them
 /// with the activation codes. The integer block sums are exact and the scales are applied with the same
 /// fused multiply-adds in the same order, so the results equal the AVX-512 kernel's bit for bit.
@@ -33,6 +34,7 @@ pub unsafe fn gemv_nf4_tiles(
     let m8 = _mm256_set1_epi16(0x00FF);
     let nb = w.blocks();
     let p = w.scale_parts();
+    let base = tiles.start * TILE_ROWS;
     for t in tiles {
         let tile = w.tile(t);
         // Lanes 0..8 (rows 0..4) and 8..16 (rows 4..8).
@@ -79,9 +81,9 @@ pub unsafe fn gemv_nf4_tiles(
         _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
         _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
         for i in 0..TILE_ROWS {
-            let r = t * TILE_ROWS + i;
-            if r < w.rows() {
-                y[r] = out[2 * i] + out[2 * i + 1];
+            // y ends at the last real row of the range: padding rows have no place.
+            if let Some(o) = y.get_mut(t * TILE_ROWS + i - base) {
+                *o = out[2 * i] + out[2 * i + 1];
             }
         }
     }
@@ -108,7 +110,7 @@ pub unsafe fn gemv_bf16_rows(
 ) {
     let cols = w.cols();
     let full = cols / 8 * 8;
-    for r in rows {
+    for r in rows.clone() {
         let row = w.row(r).as_ptr();
         let mut acc = _mm256_setzero_ps();
         let mut k = 0;
@@ -124,7 +126,7 @@ pub unsafe fn gemv_bf16_rows(
         for (k, &xk) in x.iter().enumerate().take(cols).skip(full) {
             s += f32::from_bits((*row.add(k) as u32) << 16) * xk;
         }
-        y[r] = s;
+        y[r - rows.start] = s;
     }
 }
 

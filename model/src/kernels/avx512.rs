@@ -131,7 +131,7 @@ unsafe fn super_chunk(
     }
 }
 
-/// NF4 GEMV over whole tiles `tiles` (outputs of padding rows are not written).
+/// NF4 GEMV over whole tiles `tiles` into `y`, the outputs of their real rows (y[0] is row `8 · tiles.start`).
 ///
 /// # Safety
 /// avx512f, avx512bw, avx512vnni; `x` was quantized from a vector of `w.cols()` values.
@@ -147,6 +147,7 @@ pub unsafe fn gemv_nf4_tiles(
     let chunks = w.chunks();
     // Lane 2i + h and its neighbour: the two halves of row i.
     let swap = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    let base = tiles.start * TILE_ROWS;
     for t in tiles {
         let tile = w.tile(t).as_ptr();
         let mut sc = TileScales::new(w, t);
@@ -170,9 +171,9 @@ pub unsafe fn gemv_nf4_tiles(
         let mut out = [0f32; 16];
         _mm512_storeu_ps(out.as_mut_ptr(), rows);
         for i in 0..TILE_ROWS {
-            let r = t * TILE_ROWS + i;
-            if r < w.rows() {
-                y[r] = out[2 * i];
+            // y ends at the last real row of the range: padding rows have no place.
+            if let Some(o) = y.get_mut(t * TILE_ROWS + i - base) {
+                *o = out[2 * i];
             }
         }
     }
@@ -308,7 +309,7 @@ pub unsafe fn gemv_bf16_rows(
             }
         }
         for i in 0..n {
-            y[r + i] = _mm512_reduce_add_ps(acc[i]);
+            y[r + i - rows.start] = _mm512_reduce_add_ps(acc[i]);
         }
         r += n;
     }

@@ -145,8 +145,10 @@ fn par_rows(
     let len = y.len();
     let yp = Shared(y.as_mut_ptr());
     pool.run(&|p, n| {
-        let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), len) };
-        f(y, split(len, n, p, align));
+        let rows = split(len, n, p, align);
+        // The parts' ranges are disjoint, so are these slices.
+        let y = unsafe { std::slice::from_raw_parts_mut(yp.get().add(rows.start), rows.len()) };
+        f(y, rows);
     });
 }
 
@@ -430,11 +432,11 @@ impl Kernels {
         match self.isa {
             Isa::Scalar => pool.run(&|p, n| {
                 let range = split(rows, n, p, 4);
-                let mut out = vec![0f32; rows];
+                let mut out = vec![0f32; range.len()];
                 for t in 0..m {
                     w.reference(&x[t * cols..(t + 1) * cols], &mut out, range.clone());
-                    for r in range.clone() {
-                        unsafe { *yp.get().add(t * rows + r) = out[r] };
+                    for (r, &v) in range.clone().zip(&out) {
+                        unsafe { *yp.get().add(t * rows + r) = v };
                     }
                 }
             }),

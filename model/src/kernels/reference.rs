@@ -4,9 +4,10 @@
 use super::matrix::{Bf16Matrix, F32Matrix, Nf4Matrix};
 use crate::quant::nf4::{BLOCK, LEVELS};
 
-/// y[r] = W[r]·x for r in `rows` (y is indexed by row): each block's 64 products summed in f32, then scaled.
+/// W[r]·x for r in `rows` into `y`, which holds those rows' outputs (y[0] is row `rows.start`, as for every
+/// row-range kernel): each block's 64 products summed in f32, then scaled.
 pub fn gemv_nf4_rows(w: &Nf4Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
-    for r in rows {
+    for r in rows.clone() {
         let mut acc = 0f32;
         for b in 0..w.blocks() {
             let xb = &x[b * BLOCK..(b + 1) * BLOCK];
@@ -18,14 +19,14 @@ pub fn gemv_nf4_rows(w: &Nf4Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Ra
                 .sum();
             acc += part * w.scale(r, b);
         }
-        y[r] = acc;
+        y[r - rows.start] = acc;
     }
 }
 
 /// y[r] = W[r]·x for a bf16 matrix.
 pub fn gemv_bf16_rows(w: &Bf16Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
-    for r in rows {
-        y[r] = w
+    for r in rows.clone() {
+        y[r - rows.start] = w
             .row(r)
             .iter()
             .zip(x)
@@ -42,7 +43,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 /// y[r] = W[r]·x for an f32 matrix.
 pub fn gemv_f32_rows(w: &F32Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
-    for r in rows {
-        y[r] = dot_f32(w.row(r), x);
+    for r in rows.clone() {
+        y[r - rows.start] = dot_f32(w.row(r), x);
     }
 }
