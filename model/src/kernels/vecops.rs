@@ -256,6 +256,8 @@ fn first_lanes(n: usize) -> __mmask16 {
 
 #[target_feature(enable = "avx512f")]
 unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+    /// Key rows prefetched ahead of the one being scored.
+    const KV_AHEAD: usize = 8;
     let d = h.q.len();
     let vecs = d.div_ceil(16);
     let mask = |i: usize| first_lanes(d - 16 * i);
@@ -266,6 +268,13 @@ unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
     }
     for (j, score) in scores.iter_mut().enumerate().take(h.hi + 1).skip(h.lo) {
         let row = h.keys.as_ptr().add(j * d);
+        // A head's keys and values are a few KiB that decode's weight streaming has evicted, one head
+        // after another: the hardware prefetcher barely starts on each before it ends. Ask for the keys a
+        // few rows ahead, and for this row's values, which the weighted sum reads right after.
+        for line in (0..d).step_by(16) {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(KV_AHEAD * d + line) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(h.values.as_ptr().wrapping_add(j * d + line) as *const i8);
+        }
         let mut acc = _mm512_setzero_ps();
         for i in 0..vecs {
             let q = if let Some(&q) = qv.get(i) {
