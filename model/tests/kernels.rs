@@ -77,6 +77,7 @@ fn nf4_gemv_and_gemm_match_f64_for_odd_shapes() {
         (17, 1024),
         (64, 128),
         (7, 2048),
+        (5, 2112),
     ] {
         let w = Nf4Matrix::quantize(&data(rows as u64, rows * cols), rows, cols).unwrap();
         let wf = w.dequantize();

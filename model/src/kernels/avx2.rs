@@ -42,7 +42,7 @@ pub unsafe fn gemv_nf4_tiles(
         for c in 0..w.chunks() {
             let supers = if 2 * c + 1 < nb { 8 } else { 4 };
             let xp = x.q.as_ptr().add(c * 128) as *const i64;
-            let codes = tile.as_ptr().add(chunk_at(c));
+            let codes = tile.as_ptr().add(chunk_at(c, w.chunks()));
             let sc = &tile[chunk_scales_at(c)..];
             let mut sum = [_mm256_setzero_si256(); 2];
             for s in 0..supers {

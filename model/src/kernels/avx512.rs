@@ -154,7 +154,7 @@ pub unsafe fn gemv_nf4_tiles(
         let mut acc = _mm512_setzero_ps();
         for c in 0..chunks {
             let supers = if 2 * c + 1 < nb { 8 } else { 4 };
-            let base = tile.add(chunk_at(c));
+            let base = tile.add(chunk_at(c, chunks));
             let xp = x.q.as_ptr().add(c * 128) as *const i64;
             let mut a = [_mm512_setzero_si512(); 4];
             for s in 0..supers {
@@ -202,7 +202,7 @@ pub unsafe fn decode_tile_bf16(w: &Nf4Matrix, t: usize, out: &mut [u16], kp: usi
             for half in 0..2 {
                 // Lanes 8·half .. 8·half + 8: rows 4·half .. 4·half + 4.
                 let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                    tile.add(chunk_at(c) + s * 64 + half * 32) as *const __m256i,
+                    tile.add(chunk_at(c, w.chunks()) + s * 64 + half * 32) as *const __m256i,
                 ));
                 let lo = _mm512_and_si512(v, nib);
                 let hi = _mm512_srli_epi16::<4>(v);

@@ -173,8 +173,8 @@ fn swap_nibbles(b: u8) -> u8 {
 pub struct Nf4Matrix {
     rows: usize,
     cols: usize,
-    /// Tiles one after the other, [`Nf4Matrix::tile_stride`] bytes each: groups of 4 chunks, each group a
-    /// cache line of their scale codes (16 per chunk, lane order) followed by their codes.
+    /// Tiles one after the other, [`Nf4Matrix::tile_stride`] bytes each: groups of 16 chunks, each group
+    /// its chunks' scale codes (16 per chunk, lane order, padded to a cache line) followed by their codes.
     tiled: AlignedBytes,
     /// The whole tensor's nested scales.
     nested: Vec<f32>,
@@ -235,20 +235,28 @@ impl RowSource for TensorSlice<'_> {
     }
 }
 
-/// Chunks whose scale codes are stored together (4 cache lines); 4, 8, 16 and 32 measured alike, 16 best
-/// on the widest rows.
+/// Chunks whose scale codes are stored together (4 cache lines in a full group); 4, 8, 16 and 32 measured
+/// alike, 16 best on the widest rows.
 const GROUP_CHUNKS: usize = 16;
-/// Bytes of a group's scale codes.
-const GROUP_HEAD: usize = GROUP_CHUNKS * CHUNK_SCALES;
 /// Bytes of a whole group: its scale codes and the codes of its chunks.
-const GROUP_BYTES: usize = GROUP_HEAD + GROUP_CHUNKS * CHUNK_BYTES;
+const GROUP_BYTES: usize = GROUP_CHUNKS * (CHUNK_SCALES + CHUNK_BYTES);
 
-/// Where chunk `c`'s codes start in a tile. The scale codes sit in the code stream, just before the chunks
-/// they weigh: kept in an array of their own they were a second stream whose loads, on the critical path of
-/// every chunk, cost the one-thread GEMV about a twentieth of its bandwidth (BENCHMARKS.md).
+/// Bytes of the scale codes of a group of `n` chunks, padded to a cache line (a short last group takes
+/// only the lines it needs: on 1024-column rows a full group's lines would add 3% to what a GEMV reads).
+fn group_head(n: usize) -> usize {
+    (n * CHUNK_SCALES).next_multiple_of(64)
+}
+
+/// Where chunk `c` of the `chunks` in a tile row starts its codes, within the tile. The scale codes sit in
+/// the code stream, just before the chunks they weigh: kept in an array of their own they were a second
+/// stream whose loads, on the critical path of every chunk, cost the one-thread GEMV about a twentieth of
+/// its bandwidth (BENCHMARKS.md).
 #[inline]
-pub fn chunk_at(c: usize) -> usize {
-    (c / GROUP_CHUNKS) * GROUP_BYTES + GROUP_HEAD + (c % GROUP_CHUNKS) * CHUNK_BYTES
+pub fn chunk_at(c: usize, chunks: usize) -> usize {
+    let g = c / GROUP_CHUNKS * GROUP_CHUNKS;
+    g / GROUP_CHUNKS * GROUP_BYTES
+        + group_head((chunks - g).min(GROUP_CHUNKS))
+        + (c - g) * CHUNK_BYTES
 }
 
 /// Where chunk `c`'s 16 scale codes start in a tile.
@@ -259,7 +267,8 @@ pub fn chunk_scales_at(c: usize) -> usize {
 
 /// Bytes of a tile of `cols` columns in `chunks` chunks (only the last chunk may be a half one).
 fn tile_len(chunks: usize, cols: usize) -> usize {
-    chunks.div_ceil(GROUP_CHUNKS) * GROUP_HEAD + cols * 4
+    let full = chunks / GROUP_CHUNKS;
+    full * group_head(GROUP_CHUNKS) + group_head(chunks - full * GROUP_CHUNKS) + cols * 4
 }
 
 /// Chunks per tile row for `nb` blocks.
@@ -357,7 +366,7 @@ impl Nf4Matrix {
             for i in 0..TILE_ROWS.min(rows - t * TILE_ROWS) {
                 let r = t * TILE_ROWS + i;
                 for c in 0..chunks {
-                    let chunk_base = tile_base + chunk_at(c);
+                    let chunk_base = tile_base + chunk_at(c, chunks);
                     let sc = tile_base + chunk_scales_at(c);
                     // A full chunk gives lane half h all of block 2c + h (8 super-chunks); a half chunk
                     // gives it half h of the single block 2c (4 super-chunks).
@@ -571,7 +580,11 @@ impl Nf4Matrix {
         } else {
             (pos / 32, (pos % 32) / 8)
         };
-        let at = t * self.tile_stride() + chunk_at(c) + s * 64 + (2 * i + h) * 4 + (pos % 8) / 2;
+        let at = t * self.tile_stride()
+            + chunk_at(c, self.chunks())
+            + s * 64
+            + (2 * i + h) * 4
+            + (pos % 8) / 2;
         (at, 4 * (pos as u32 % 2))
     }
 
@@ -836,7 +849,17 @@ mod tests {
     #[test]
     fn tiling_keeps_every_code_and_scale_and_round_trips() {
         // Odd block counts (half chunks), row counts that pad the last tile, and a single block.
-        for &(rows, cols) in &[(1, 64), (7, 192), (9, 320), (16, 128), (21, 576)] {
+        // 2112 and 4160 columns: a tile row of 17 (33) chunks, one (two) full groups of scale codes and a short
+        // one whose last chunk is a half.
+        for &(rows, cols) in &[
+            (1, 64),
+            (7, 192),
+            (9, 320),
+            (16, 128),
+            (21, 576),
+            (9, 2112),
+            (3, 4160),
+        ] {
             let t = tensor(rows, cols, rows as u32);
             let m = Nf4Matrix::new(&t).unwrap();
             for r in 0..rows {
