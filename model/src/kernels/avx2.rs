@@ -34,15 +34,16 @@ pub unsafe fn gemv_nf4_tiles(
     let m8 = _mm256_set1_epi16(0x00FF);
     let nb = w.blocks();
     let p = w.scale_parts();
-    let base = tiles.start * TILE_ROWS;
+    let chunks = w.chunks();
+    let row0 = tiles.start * TILE_ROWS;
     for t in tiles {
         let tile = w.tile(t);
         // Lanes 0..8 (rows 0..4) and 8..16 (rows 4..8).
         let mut acc = [_mm256_setzero_ps(); 2];
-        for c in 0..w.chunks() {
+        for c in 0..chunks {
             let supers = if 2 * c + 1 < nb { 8 } else { 4 };
             let xp = x.q.as_ptr().add(c * 128) as *const i64;
-            let codes = tile.as_ptr().add(chunk_at(c, w.chunks()));
+            let codes = tile.as_ptr().add(chunk_at(c, chunks));
             let sc = &tile[chunk_scales_at(c)..];
             let mut sum = [_mm256_setzero_si256(); 2];
             for s in 0..supers {
@@ -82,7 +83,7 @@ pub unsafe fn gemv_nf4_tiles(
         _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
         for i in 0..TILE_ROWS {
             // y ends at the last real row of the range: padding rows have no place.
-            if let Some(o) = y.get_mut(t * TILE_ROWS + i - base) {
+            if let Some(o) = y.get_mut(t * TILE_ROWS + i - row0) {
                 *o = out[2 * i] + out[2 * i + 1];
             }
         }
@@ -97,7 +98,8 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// BF16 GEMV over `rows`: bf16 widened to f32 by a 16-bit shift, two rows per pass.
+/// BF16 GEMV over `rows` into `y` (y[0] is row `rows.start`): bf16 widened to f32 by a 16-bit shift, two
+/// rows per pass.
 ///
 /// # Safety
 /// avx2 and fma.

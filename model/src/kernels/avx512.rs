@@ -147,7 +147,7 @@ pub unsafe fn gemv_nf4_tiles(
     let chunks = w.chunks();
     // Lane 2i + h and its neighbour: the two halves of row i.
     let swap = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    let base = tiles.start * TILE_ROWS;
+    let row0 = tiles.start * TILE_ROWS;
     for t in tiles {
         let tile = w.tile(t).as_ptr();
         let mut sc = TileScales::new(w, t);
@@ -172,7 +172,7 @@ pub unsafe fn gemv_nf4_tiles(
         _mm512_storeu_ps(out.as_mut_ptr(), rows);
         for i in 0..TILE_ROWS {
             // y ends at the last real row of the range: padding rows have no place.
-            if let Some(o) = y.get_mut(t * TILE_ROWS + i - base) {
+            if let Some(o) = y.get_mut(t * TILE_ROWS + i - row0) {
                 *o = out[2 * i];
             }
         }
@@ -194,15 +194,17 @@ pub unsafe fn decode_tile_bf16(w: &Nf4Matrix, t: usize, out: &mut [u16], kp: usi
     let mut sc = TileScales::new(w, t);
     // After the unpacks, a 16-word half holds lanes (2j, 2j + 2) or (2j + 1, 2j + 3), 8 values each.
     let dst = out.as_mut_ptr();
-    for c in 0..w.chunks() {
+    let chunks = w.chunks();
+    for c in 0..chunks {
         let full = 2 * c + 1 < nb;
         let s16 = sc.chunk(c);
         let supers = if full { 8 } else { 4 };
+        let codes = tile.add(chunk_at(c, chunks));
         for s in 0..supers {
             for half in 0..2 {
                 // Lanes 8·half .. 8·half + 8: rows 4·half .. 4·half + 4.
                 let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                    tile.add(chunk_at(c, w.chunks()) + s * 64 + half * 32) as *const __m256i,
+                    codes.add(s * 64 + half * 32) as *const __m256i
                 ));
                 let lo = _mm512_and_si512(v, nib);
                 let hi = _mm512_srli_epi16::<4>(v);
@@ -267,7 +269,7 @@ unsafe fn cvt_bf16(x: &[f32], out: &mut [u16]) {
     }
 }
 
-/// BF16 GEMV over `rows` with `vdpbf16ps`, four rows per pass.
+/// BF16 GEMV over `rows` into `y` (y[0] is row `rows.start`) with `vdpbf16ps`, four rows per pass.
 ///
 /// # Safety
 /// avx512f, avx512bw, avx512bf16; `xp` is `prep_x_bf16(x)`.

@@ -253,10 +253,8 @@ fn group_head(n: usize) -> usize {
 /// its bandwidth (BENCHMARKS.md).
 #[inline]
 pub fn chunk_at(c: usize, chunks: usize) -> usize {
-    let g = c / GROUP_CHUNKS * GROUP_CHUNKS;
-    g / GROUP_CHUNKS * GROUP_BYTES
-        + group_head((chunks - g).min(GROUP_CHUNKS))
-        + (c - g) * CHUNK_BYTES
+    let (g, i) = (c / GROUP_CHUNKS, c % GROUP_CHUNKS);
+    g * GROUP_BYTES + group_head((chunks - g * GROUP_CHUNKS).min(GROUP_CHUNKS)) + i * CHUNK_BYTES
 }
 
 /// Where chunk `c`'s 16 scale codes start in a tile.

@@ -134,8 +134,8 @@ fn four_by_four<T>(
     }
 }
 
-/// Runs `f(y, rows)` on every pool thread with its own `align`-aligned share of the output rows; all threads
-/// see the whole `y` but write only their rows.
+/// Runs `f(y, rows)` on every pool thread with its own `align`-aligned share of the output rows; each gets
+/// only its rows' part of `y` (y[0] is row `rows.start`).
 fn par_rows(
     pool: &Pool,
     y: &mut [f32],

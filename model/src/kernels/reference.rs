@@ -23,7 +23,7 @@ pub fn gemv_nf4_rows(w: &Nf4Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Ra
     }
 }
 
-/// y[r] = W[r]·x for a bf16 matrix.
+/// W[r]·x for r in `rows` into `y` (y[0] is row `rows.start`), a bf16 matrix.
 pub fn gemv_bf16_rows(w: &Bf16Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
     for r in rows.clone() {
         y[r - rows.start] = w
@@ -41,7 +41,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     super::vecops::dot(a, b)
 }
 
-/// y[r] = W[r]·x for an f32 matrix.
+/// W[r]·x for r in `rows` into `y` (y[0] is row `rows.start`), an f32 matrix.
 pub fn gemv_f32_rows(w: &F32Matrix, x: &[f32], y: &mut [f32], rows: std::ops::Range<usize>) {
     for r in rows.clone() {
         y[r - rows.start] = dot_f32(w.row(r), x);
