@@ -78,6 +78,7 @@ fn nf4_gemv_and_gemm_match_f64_for_odd_shapes() {
         (64, 128),
         (7, 2048),
         (5, 2112),
+        (9, 2112),
     ] {
         let w = Nf4Matrix::quantize(&data(rows as u64, rows * cols), rows, cols).unwrap();
         let wf = w.dequantize();
@@ -172,7 +173,9 @@ fn integer_gemvs_agree_bit_for_bit() {
         return;
     }
     let pool = Pool::new(2, None);
-    for &(rows, cols) in &[(13, 320), (40, 2048), (9, 64)] {
+    // 9x2112 and 3x38400: nested scales (256 blocks each) that change in the middle of a row, at chunks
+    // where one lane half crosses before the other.
+    for &(rows, cols) in &[(13, 320), (40, 2048), (9, 64), (9, 2112), (3, 38400)] {
         let w = Nf4Matrix::quantize(&data(rows as u64 * 3, rows * cols), rows, cols).unwrap();
         let x = data(99, cols);
         let run = |isa| {

@@ -10,7 +10,10 @@
 
 use std::arch::x86_64::*;
 
-use super::matrix::{chunk_at, chunk_scales_at, Bf16Matrix, Nf4Matrix, TILE_ROWS};
+use super::matrix::{
+    chunk_at, chunk_scales_at, group_head, Bf16Matrix, Nf4Matrix, CHUNK_BYTES, CHUNK_SCALES,
+    GROUP_CHUNKS, TILE_ROWS,
+};
 use super::quantx::{level_codes, QuantX};
 use crate::quant::nf4::{BLOCK, LEVELS};
 
@@ -28,10 +31,10 @@ fn bf16(x: f32) -> u16 {
 const PREFETCH_L2: usize = 32 << 10;
 const PREFETCH_L1: usize = 1 << 10;
 
-/// Decodes the 16 lane scales of chunk `c` of a tile: `map[code] · nested + offset`; `nested` is gathered
-/// again only when some lane's nested-scale index changed (rarely: a nested scale covers 256 blocks).
+/// Decodes the 16 lane scales of chunk `c` of a tile (its codes at [`chunk_scales_at`]):
+/// `map[code] · nested + offset`; `nested` is gathered again only when some lane's nested-scale index
+/// changed (rarely: a nested scale covers 256 blocks).
 struct TileScales<'a> {
-    tile: &'a [u8],
     map: &'a [f32; 256],
     nested: &'a [f32],
     colpair: &'a [u32],
@@ -52,7 +55,6 @@ impl<'a> TileScales<'a> {
             _mm512_castsi256_si512(rb),
         );
         TileScales {
-            tile: w.tile(t),
             map: p.map,
             nested: p.nested,
             colpair: p.colpair,
@@ -65,10 +67,8 @@ impl<'a> TileScales<'a> {
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn chunk(&mut self, c: usize) -> __m512 {
-        let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-            self.tile.as_ptr().add(chunk_scales_at(c)) as *const __m128i,
-        ));
+    unsafe fn chunk(&mut self, codes: *const u8, c: usize) -> __m512 {
+        let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes as *const __m128i));
         let m = _mm512_i32gather_ps::<4>(codes, self.map.as_ptr());
         let cols = _mm512_set1_epi64(std::ptr::read_unaligned(
             self.colpair.as_ptr().add(2 * c) as *const i64
@@ -152,20 +152,38 @@ pub unsafe fn gemv_nf4_tiles(
         let tile = w.tile(t).as_ptr();
         let mut sc = TileScales::new(w, t);
         let mut acc = _mm512_setzero_ps();
-        for c in 0..chunks {
-            let supers = if 2 * c + 1 < nb { 8 } else { 4 };
-            let base = tile.add(chunk_at(c, chunks));
-            let xp = x.q.as_ptr().add(c * 128) as *const i64;
-            let mut a = [_mm512_setzero_si512(); 4];
-            for s in 0..supers {
-                super_chunk(base, s, xp, lut, &mut a);
+        // Pointers walk the tile group by group (a group's scale codes, then its chunks), so a chunk's
+        // addresses cost an add rather than `chunk_at`'s divisions: the core's integer work per chunk
+        // competes with the vector work for the same ports.
+        let mut group = tile;
+        let mut c = 0;
+        while c < chunks {
+            let n = (chunks - c).min(GROUP_CHUNKS);
+            let mut base = group.add(group_head(n));
+            for i in 0..n {
+                let xp = x.q.as_ptr().add(c * 128) as *const i64;
+                let mut a = [_mm512_setzero_si512(); 4];
+                if 2 * c + 1 < nb {
+                    for s in 0..8 {
+                        super_chunk(base, s, xp, lut, &mut a);
+                    }
+                } else {
+                    for s in 0..4 {
+                        super_chunk(base, s, xp, lut, &mut a);
+                    }
+                }
+                let sum =
+                    _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+                let xscale = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
+                    x.scale.as_ptr().add(2 * c) as *const f64,
+                )));
+                let s = _mm512_mul_ps(sc.chunk(group.add(i * CHUNK_SCALES), c), xscale);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc);
+                // Past the tile after a short last chunk: never read, `wrapping_add`.
+                base = base.wrapping_add(CHUNK_BYTES);
+                c += 1;
             }
-            let sum = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
-            let xscale = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
-                x.scale.as_ptr().add(2 * c) as *const f64,
-            )));
-            let s = _mm512_mul_ps(sc.chunk(c), xscale);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc);
+            group = base;
         }
         let rows = _mm512_add_ps(acc, _mm512_permutexvar_ps(swap, acc));
         let mut out = [0f32; 16];
@@ -197,7 +215,7 @@ pub unsafe fn decode_tile_bf16(w: &Nf4Matrix, t: usize, out: &mut [u16], kp: usi
     let chunks = w.chunks();
     for c in 0..chunks {
         let full = 2 * c + 1 < nb;
-        let s16 = sc.chunk(c);
+        let s16 = sc.chunk(tile.add(chunk_scales_at(c)), c);
         let supers = if full { 8 } else { 4 };
         let codes = tile.add(chunk_at(c, chunks));
         for s in 0..supers {

@@ -138,7 +138,7 @@ impl std::fmt::Debug for AlignedBytes {
 /// Rows per tile of the NF4 kernel layout.
 pub const TILE_ROWS: usize = 8;
 /// Bytes of one full chunk of a tile (8 rows × 2 blocks × 32 bytes).
-const CHUNK_BYTES: usize = TILE_ROWS * BLOCK;
+pub const CHUNK_BYTES: usize = TILE_ROWS * BLOCK;
 /// Scale codes per chunk of a tile (8 rows × 2 lane halves).
 pub const CHUNK_SCALES: usize = 2 * TILE_ROWS;
 
@@ -237,13 +237,13 @@ impl RowSource for TensorSlice<'_> {
 
 /// Chunks whose scale codes are stored together (4 cache lines in a full group); 4, 8, 16 and 32 measured
 /// alike, 16 best on the widest rows.
-const GROUP_CHUNKS: usize = 16;
+pub const GROUP_CHUNKS: usize = 16;
 /// Bytes of a whole group: its scale codes and the codes of its chunks.
 const GROUP_BYTES: usize = GROUP_CHUNKS * (CHUNK_SCALES + CHUNK_BYTES);
 
 /// Bytes of the scale codes of a group of `n` chunks, padded to a cache line (a short last group takes
 /// only the lines it needs: on 1024-column rows a full group's lines would add 3% to what a GEMV reads).
-fn group_head(n: usize) -> usize {
+pub fn group_head(n: usize) -> usize {
     (n * CHUNK_SCALES).next_multiple_of(64)
 }
 
