@@ -11,8 +11,8 @@
 use std::arch::x86_64::*;
 
 use super::matrix::{
-    chunk_at, chunk_scales_at, group_head, Bf16Matrix, Nf4Matrix, CHUNK_BYTES, CHUNK_SCALES,
-    GROUP_CHUNKS, TILE_ROWS,
+    chunk_at, chunk_scales_at, Bf16Matrix, Nf4Matrix, CHUNK_BYTES, CHUNK_SCALES, GROUP_CHUNKS,
+    TILE_ROWS,
 };
 use super::quantx::{level_codes, QuantX};
 use crate::quant::nf4::{BLOCK, LEVELS};
@@ -152,15 +152,14 @@ pub unsafe fn gemv_nf4_tiles(
         let tile = w.tile(t).as_ptr();
         let mut sc = TileScales::new(w, t);
         let mut acc = _mm512_setzero_ps();
-        // Pointers walk the tile group by group (a group's scale codes, then its chunks), so a chunk's
-        // addresses cost an add rather than `chunk_at`'s divisions: the core's integer work per chunk
-        // competes with the vector work for the same ports.
-        let mut group = tile;
-        let mut c = 0;
-        while c < chunks {
-            let n = (chunks - c).min(GROUP_CHUNKS);
-            let mut base = group.add(group_head(n));
-            for i in 0..n {
+        // A group's chunks (and their scale codes) lie a fixed stride apart, so a chunk's addresses cost an
+        // add, and `chunk_at`'s divisions run once per group: the core's integer work per chunk competes
+        // with the vector work for the same ports.
+        for c0 in (0..chunks).step_by(GROUP_CHUNKS) {
+            let codes = tile.add(chunk_at(c0, chunks));
+            let scales = tile.add(chunk_scales_at(c0));
+            for c in c0..chunks.min(c0 + GROUP_CHUNKS) {
+                let base = codes.add((c - c0) * CHUNK_BYTES);
                 let xp = x.q.as_ptr().add(c * 128) as *const i64;
                 let mut a = [_mm512_setzero_si512(); 4];
                 if 2 * c + 1 < nb {
@@ -177,13 +176,9 @@ pub unsafe fn gemv_nf4_tiles(
                 let xscale = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
                     x.scale.as_ptr().add(2 * c) as *const f64,
                 )));
-                let s = _mm512_mul_ps(sc.chunk(group.add(i * CHUNK_SCALES), c), xscale);
+                let s = _mm512_mul_ps(sc.chunk(scales.add((c - c0) * CHUNK_SCALES), c), xscale);
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc);
-                // Past the tile after a short last chunk: never read, `wrapping_add`.
-                base = base.wrapping_add(CHUNK_BYTES);
-                c += 1;
             }
-            group = base;
         }
         let rows = _mm512_add_ps(acc, _mm512_permutexvar_ps(swap, acc));
         let mut out = [0f32; 16];

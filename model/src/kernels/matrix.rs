@@ -236,14 +236,15 @@ impl RowSource for TensorSlice<'_> {
 }
 
 /// Chunks whose scale codes are stored together (4 cache lines in a full group); 4, 8, 16 and 32 measured
-/// alike, 16 best on the widest rows.
+/// alike, 16 best on the widest rows. Within a group, chunks lie [`CHUNK_BYTES`] apart and their scale codes
+/// [`CHUNK_SCALES`] apart.
 pub const GROUP_CHUNKS: usize = 16;
 /// Bytes of a whole group: its scale codes and the codes of its chunks.
 const GROUP_BYTES: usize = GROUP_CHUNKS * (CHUNK_SCALES + CHUNK_BYTES);
 
 /// Bytes of the scale codes of a group of `n` chunks, padded to a cache line (a short last group takes
 /// only the lines it needs: on 1024-column rows a full group's lines would add 3% to what a GEMV reads).
-pub fn group_head(n: usize) -> usize {
+fn group_head(n: usize) -> usize {
     (n * CHUNK_SCALES).next_multiple_of(64)
 }
 
