@@ -99,6 +99,15 @@ impl Weight {
         }
     }
 
+    /// How the weight is stored.
+    pub fn format(&self) -> Format {
+        match self {
+            Weight::F32(_) => Format::F32,
+            Weight::Nf4(_) => Format::Nf4,
+            Weight::Bf16(_) => Format::Bf16,
+        }
+    }
+
     /// Bytes one pass over the weight streams.
     pub fn bytes(&self) -> usize {
         match self {

@@ -71,13 +71,43 @@ fn logits_cli_matches_golden_at_np_1_2_4() {
     }
 }
 
+/// `--kv-cache f16` through the CLI at np 2: within 5e-3 of the official logits (the bound and why in
+/// model/tests/yuan2_golden.rs), greedy ids identical, and not equal to the f32 cache's run.
+#[test]
+fn an_f16_kv_cache_stays_close_to_golden() {
+    let Some((dir, cases)) = golden() else { return };
+    for (ci, case) in cases.iter().enumerate() {
+        let k = case["greedy_ids"].as_array().unwrap().len();
+        let prompt = ids(&case["prompt_ids"]);
+        let out = logits(2, &dir, &prompt, k, &["--kv-cache", "f16"]).unwrap();
+        let d = max_logit_diff(&out, case);
+        assert!(d <= 5e-3, "case {ci}: max diff {d}");
+        assert_eq!(out["greedy_ids"], case["greedy_ids"], "case {ci}");
+        if ci == 0 {
+            let f32_run = logits(2, &dir, &prompt, k, &[]).unwrap();
+            assert!(
+                max_logit_diff(&out, &f32_run) > 0.0,
+                "the f16 cache changed nothing"
+            );
+        }
+    }
+}
+
 /// NF4 weights with the reference kernels: np 2 and 4 equal np 1 within 1e-4, greedy ids identical.
 #[test]
 fn nf4_tensor_parallel_equals_single_process() {
     let Some((dir, cases)) = golden() else { return };
     let case = &cases[4];
     let prompt = ids(&case["prompt_ids"]);
-    let args = ["--weights", "nf4", "--kernels", "reference"];
+    // An f32 cache: f16 would round the ranks' slightly different sums to different sides of an f16 step.
+    let args = [
+        "--weights",
+        "nf4",
+        "--kernels",
+        "reference",
+        "--kv-cache",
+        "f32",
+    ];
     let one = logits(1, &dir, &prompt, 8, &args).unwrap();
     for np in [2, 4] {
         let many = logits(np, &dir, &prompt, 8, &args).unwrap();
@@ -287,7 +317,15 @@ fn pipeline_stages_equal_a_single_process() {
     let prompt = ids(&case["prompt_ids"]);
     let k = case["greedy_ids"].as_array().unwrap().len();
     for weights in ["f32", "nf4"] {
-        let args = ["--weights", weights, "--kernels", "reference"];
+        // f32 cache: see nf4_tensor_parallel_equals_single_process.
+        let args = [
+            "--weights",
+            weights,
+            "--kernels",
+            "reference",
+            "--kv-cache",
+            "f32",
+        ];
         let one = logits(1, &dir, &prompt, k, &args).unwrap();
         for np in [2, 4] {
             let staged = [&args[..], &["--pp", "2"]].concat();
@@ -310,14 +348,14 @@ fn pipeline_stages_equal_a_single_process() {
         LIMIT,
     );
     assert_eq!(out.code(), 0, "{out:?}");
-    let args = ["--kernels", "reference"];
+    let args = ["--kernels", "reference", "--kv-cache", "f32"];
     let want = logits(2, &shards, &prompt, k, &args).unwrap();
     let got = logits(
         4,
         &shards,
         &prompt,
         k,
-        &["--kernels", "reference", "--pp", "2"],
+        &[&args[..], &["--pp", "2"]].concat(),
     )
     .unwrap();
     let d = max_logit_diff(&got, &want);

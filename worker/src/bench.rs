@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use model::arch::yuan2::{Config, Model, Profile};
+use model::arch::yuan2::{Config, KvType, Model, Profile};
 use model::kernels::{AlignedBytes, KernelChoice, Kernels};
 use model::pool::Pool;
 use model::weight::Format;
@@ -43,6 +43,9 @@ pub struct Args {
     /// Kernels.
     #[arg(long, value_parser = crate::benchk::parse_choice)]
     kernels: Option<KernelChoice>,
+    /// Key/value cache: f16 (as llama.cpp keeps it; half the bytes attention reads) or f32.
+    #[arg(long, default_value = "f16", value_parser = crate::runtime::parse_kv)]
+    kv_cache: KvType,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -153,6 +156,7 @@ pub fn run(a: Args) -> Result<()> {
     )
     .with_context(|| format!("rank {}: building {}", shard.rank, a.preset))?;
     let build_s = build.elapsed().as_secs_f64();
+    model.kv_cache = a.kv_cache;
 
     // The memory's streaming rate, measured now, by every rank at once with its own threads, over twice the
     // last-level cache and from the same kind of memory (huge-page mappings) as the weights.
@@ -211,12 +215,14 @@ pub fn run(a: Args) -> Result<()> {
     let prefill_s = t.elapsed().as_secs_f64();
     let prefill_prof = model.profile;
     model.profile = Profile::default();
+    let cpu_before = cpu_ticks();
     let t = Instant::now();
     for _ in 0..a.gen {
         let logits = model.forward(&pool, &mut comm, &mut state, &[next], false)?;
         next = model.greedy(&mut comm, &logits)?;
     }
     let decode_s = t.elapsed().as_secs_f64();
+    let steal = steal_fraction(cpu_before, cpu_ticks());
     let profiles = comm.0.allgather(&profile_bytes(&model.profile))?;
     let pre_profiles = comm.0.allgather(&profile_bytes(&prefill_prof))?;
     comm.0.barrier()?;
@@ -230,7 +236,8 @@ pub fn run(a: Args) -> Result<()> {
     let mut out = json!({
         "preset": a.preset, "layers": config.layers, "np": tp * shard.stages, "tp": tp, "pp": shard.stages,
         "threads": pool.threads(),
-        "quant": a.quant, "lm_head": a.lm_head, "kernels": kernels.isa().name(),
+        "quant": a.quant, "lm_head": a.lm_head, "kv_cache": a.kv_cache.to_string(),
+        "kernels": kernels.isa().name(),
         "prompt": a.prompt, "gen": a.gen, "build_s": build_s,
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
@@ -239,6 +246,7 @@ pub fn run(a: Args) -> Result<()> {
         "stream_bytes_per_s": stream_total,
         "roofline_tokens_per_s": roofline,
         "efficiency": decode_tps / roofline,
+        "steal_fraction": steal,
         "profile": fractions(&prof),
         "prefill_profile": fractions(&prefill_prof),
         "reference_profile": {"linear": 0.5, "conv": 0.2, "comm": 0.2, "other": 0.1},
@@ -311,6 +319,14 @@ pub fn run(a: Args) -> Result<()> {
         roofline,
         decode_tps / roofline
     );
+    if let Some(st) = steal.filter(|&f| f > 0.0) {
+        // On a virtual machine the hypervisor may run other guests on our CPUs; a rank that is not running
+        // stalls its peers at the next sync, so decode loses about this share whatever ringlm does.
+        println!(
+            "  steal     {:>9.1}% of the machine's CPU time went to other guests during decode",
+            st * 100.0
+        );
+    }
     println!("  time share (decode)   ringlm   reference 4-socket deployment");
     for (name, r) in REFERENCE {
         let v = g(&out["profile"][name]);
@@ -332,4 +348,45 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The machine's CPU time so far from /proc/stat's first line, in ticks: (stolen, all). None off Linux.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_cpu_ticks(stat.lines().next()?)
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal guest guest_nice`: steal is the 8th number;
+/// guest time is already counted in user, so it is left out of the total.
+fn parse_cpu_ticks(line: &str) -> Option<(u64, u64)> {
+    let mut f = line.split_whitespace();
+    if f.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = f.take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    (v.len() == 8).then(|| (v[7], v.iter().sum()))
+}
+
+/// The share of CPU time stolen by the hypervisor between two readings.
+fn steal_fraction(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, after?);
+    (t1 > t0).then(|| s1.saturating_sub(s0) as f64 / (t1 - t0) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_from_proc_stat() {
+        let a = parse_cpu_ticks("cpu  100 0 50 800 10 0 5 35 7 0").unwrap();
+        assert_eq!(a, (35, 1000));
+        let b = parse_cpu_ticks("cpu  190 0 60 1520 10 0 5 215 9 0").unwrap();
+        assert_eq!(b, (215, 2000));
+        assert_eq!(steal_fraction(Some(a), Some(b)), Some(0.18));
+        // A per-CPU line, a short line and no time passing give nothing.
+        assert_eq!(parse_cpu_ticks("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_cpu_ticks("cpu  1 2 3"), None);
+        assert_eq!(steal_fraction(Some(a), Some(a)), None);
+    }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use collective::{Communicator, Pipeline};
-use model::arch::yuan2::Model;
+use model::arch::yuan2::{KvType, Model};
 use model::arch::{Collective, Shard};
 use model::kernels::{KernelChoice, Kernels};
 use model::pool::Pool;
@@ -24,6 +24,10 @@ pub struct ModelArgs {
     /// Format of the lm_head (default: f32 with f32 weights, else bf16).
     #[arg(long, value_parser = parse_format)]
     pub lm_head: Option<Format>,
+    /// Key/value cache: f32, or f16 at half the memory per position and half the bytes attention reads
+    /// (default: f32 when the layers are f32, else f16).
+    #[arg(long, value_parser = parse_kv)]
+    pub kv_cache: Option<KvType>,
     /// Kernels: the scalar reference or the fastest for this CPU (also RINGLM_KERNELS).
     #[arg(long, value_parser = crate::benchk::parse_choice)]
     pub kernels: Option<KernelChoice>,
@@ -42,6 +46,10 @@ pub struct ModelArgs {
 }
 
 fn parse_format(s: &str) -> std::result::Result<Format, String> {
+    s.parse().map_err(|e: model::Error| e.to_string())
+}
+
+pub fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
     s.parse().map_err(|e: model::Error| e.to_string())
 }
 
@@ -141,7 +149,7 @@ impl Job {
         let start = std::time::Instant::now();
         let shards = a.model.join("manifest.json").exists();
         let gguf = a.model.extension().is_some_and(|e| e == "gguf");
-        let model = if shards {
+        let mut model = if shards {
             Model::load_shards(&a.model, shard, kernels)
         } else if gguf {
             Model::load_gguf(&a.model, shard, a.weights, head, kernels)
@@ -150,6 +158,11 @@ impl Job {
         }
         .with_context(|| format!("rank {}: loading {}", shard.rank, a.model.display()))?;
         let secs = start.elapsed().as_secs_f64();
+        // The loaded layers decide, so that converted NF4 shards (no --weights) get the fast cache too.
+        model.kv_cache = a.kv_cache.unwrap_or(match model.layer_format() {
+            Some(Format::F32) => KvType::F32,
+            _ => KvType::F16,
+        });
         let mut job = Job { comm, pool, model };
         if shards || a.report_placement {
             let bytes = job.model.weight_bytes() as f64;

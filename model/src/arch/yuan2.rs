@@ -22,7 +22,7 @@ use super::{argmax, rms_norm, Collective, Shard};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::hf::Checkpoint;
-use crate::kernels::vecops::{attend, silu_mul, Head};
+use crate::kernels::vecops::{attend, silu_mul, Head, KvElem};
 use crate::kernels::Kernels;
 use crate::pool::Pool;
 use crate::shards::{FileEntry, Manifest, ShardReader, ShardWriter};
@@ -509,6 +509,8 @@ pub struct Model {
     inv_freq: Vec<f32>,
     /// Time spent per kind of op since the last reset.
     pub profile: Profile,
+    /// How states made by [`Model::new_state`] keep keys and values.
+    pub kv_cache: KvType,
 }
 
 /// The weights a loader has gathered for [`Model::assemble`].
@@ -538,6 +540,7 @@ impl Model {
             kernels,
             inv_freq,
             profile: Profile::default(),
+            kv_cache: KvType::F32,
         }
     }
 }
@@ -550,13 +553,98 @@ pub struct State {
     /// Position of the last eod token seen, for the document mask.
     last_eod: Option<usize>,
     /// Per layer (key/value heads, capacity, d): a head's positions contiguous, a new token's key one write.
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>, // per layer, as keys
+    kv: KvCache,
     /// The LFA's memory per layer: the last normed input h[t-1] and conv1's output for it. Caching conv1's
     /// output instead of the two last inputs (as the official code does) gives the same numbers and saves
     /// recomputing conv1 for t-1 at every step.
     lfa_h: Vec<Vec<f32>>, // per layer (H,)
     lfa_o1: Vec<Vec<f32>>, // per layer (c,)
+}
+
+/// How the key/value cache stores its numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KvType {
+    /// As computed: what the reference logits are compared with.
+    #[default]
+    F32,
+    /// Rounded to f16 (10-bit mantissa, relative error ≤ 2^-11): half the memory per position and half
+    /// the bytes attention reads per token, as llama.cpp keeps its cache by default.
+    F16,
+}
+
+impl std::str::FromStr for KvType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<KvType> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            _ => Err(Error::Format(format!(
+                "unknown KV cache type {s:?} (expected f32 or f16)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        })
+    }
+}
+
+/// Keys and values of every layer.
+enum KvCache {
+    F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
+    F16(Vec<Vec<half::f16>>, Vec<Vec<half::f16>>),
+}
+
+impl KvCache {
+    fn new(t: KvType, layers: usize, len: usize) -> KvCache {
+        match t {
+            // Zeroed allocations map untouched pages: a long context costs memory only as it fills.
+            KvType::F32 => {
+                let zeros = || (0..layers).map(|_| vec![0f32; len]).collect();
+                KvCache::F32(zeros(), zeros())
+            }
+            KvType::F16 => {
+                use half::vec::HalfBitsVecExt;
+                let zeros = || {
+                    (0..layers)
+                        .map(|_| vec![0u16; len].reinterpret_into())
+                        .collect()
+                };
+                KvCache::F16(zeros(), zeros())
+            }
+        }
+    }
+
+    /// Stores one head's key and value row at element `at` of layer `li`.
+    fn put(&mut self, li: usize, at: usize, key: &[f32], value: &[f32]) -> Result<()> {
+        match self {
+            KvCache::F32(k, v) => {
+                k[li][at..at + key.len()].copy_from_slice(key);
+                v[li][at..at + value.len()].copy_from_slice(value);
+            }
+            KvCache::F16(k, v) => {
+                for (dst, src) in [(&mut k[li], key), (&mut v[li], value)] {
+                    for (o, &x) in dst[at..at + src.len()].iter_mut().zip(src) {
+                        *o = half::f16::from_f32(x);
+                        // A finite number past f16's range would turn into infinity and the softmax
+                        // into NaN: a wrong answer, so say so instead.
+                        if o.is_infinite() && x.is_finite() {
+                            return Err(Error::Shape(format!(
+                                "layer {li}: a key or value of {x} does not fit the f16 KV cache \
+                                 (largest 65504); use an f32 cache"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether a row-parallel matrix of `width` input columns, split over any np the model allows, keeps
@@ -1172,6 +1260,11 @@ impl Model {
         ))
     }
 
+    /// How the layers' largest matrices (the MLP's) are stored; None for a stage without layers.
+    pub fn layer_format(&self) -> Option<Format> {
+        self.layers.first().map(|l| l.up.format())
+    }
+
     /// Bytes of weights per decode step in the layers alone (no lm_head): scales with the layer count.
     pub fn layer_weight_bytes(&self) -> usize {
         self.weight_bytes() - self.lm_head.as_ref().map_or(0, Weight::bytes)
@@ -1210,6 +1303,7 @@ impl Model {
             kernels: self.kernels,
             inv_freq: self.inv_freq.clone(),
             profile: Profile::default(),
+            kv_cache: self.kv_cache,
         }
     }
 
@@ -1253,16 +1347,7 @@ impl Model {
             pos: 0,
             capacity,
             last_eod: None,
-            keys: self
-                .layers
-                .iter()
-                .map(|_| vec![0f32; capacity * n])
-                .collect(),
-            values: self
-                .layers
-                .iter()
-                .map(|_| vec![0f32; capacity * n])
-                .collect(),
+            kv: KvCache::new(self.kv_cache, self.layers.len(), capacity * n),
             lfa_h: self.layers.iter().map(|_| vec![0f32; c.hidden]).collect(),
             lfa_o1: self.layers.iter().map(|_| vec![0f32; ch]).collect(),
         }
@@ -1455,20 +1540,21 @@ impl Model {
                 for g in 0..nkv / d {
                     let at = (g * cap + state.pos + i) * d;
                     let src = i * nkv + g * d..i * nkv + (g + 1) * d;
-                    state.keys[li][at..at + d].copy_from_slice(&kk[src.clone()]);
-                    state.values[li][at..at + d].copy_from_slice(&v[src]);
+                    state.kv.put(li, at, &kk[src.clone()], &v[src])?;
                 }
             }
             let mut att = vec![0f32; m * n];
-            attention(
-                pool,
-                &q,
-                (&state.keys[li], &state.values[li], state.capacity),
-                state.pos,
-                &doc_start,
-                (n, nkv, d),
-                &mut att,
-            );
+            let dims = (n, nkv, d);
+            match &state.kv {
+                KvCache::F32(keys, values) => {
+                    let kv = (&keys[li][..], &values[li][..], cap);
+                    attention(pool, &q, kv, state.pos, &doc_start, dims, &mut att)
+                }
+                KvCache::F16(keys, values) => {
+                    let kv = (&keys[li][..], &values[li][..], cap);
+                    attention(pool, &q, kv, state.pos, &doc_start, dims, &mut att)
+                }
+            }
             mark(&mut prof.attention, &mut t);
 
             // x += o_proj(att)
@@ -1944,10 +2030,10 @@ impl Rng {
 
 /// Causal attention of the new tokens' queries over the cache, one query head per task, the heads spread
 /// over the pool's threads (each head's softmax and weighted sum is independent of the others).
-fn attention(
+fn attention<K: KvElem>(
     pool: &Pool,
     q: &[f32],
-    (keys, values, cap): (&[f32], &[f32], usize),
+    (keys, values, cap): (&[K], &[K], usize),
     pos: usize,
     doc_start: &[usize],
     dims: (usize, usize, usize),
@@ -1981,4 +2067,28 @@ fn attention(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_f16_cache_refuses_what_it_cannot_hold() {
+        let mut kv = KvCache::new(KvType::F16, 2, 8);
+        kv.put(1, 4, &[1.0, -65504.0], &[0.5, 3.0]).unwrap();
+        let KvCache::F16(k, v) = &kv else {
+            unreachable!()
+        };
+        assert_eq!(k[1][5].to_f32(), -65504.0);
+        assert_eq!(v[1][4].to_f32(), 0.5);
+        let err = kv.put(0, 0, &[1.0, 2.0], &[7e4, 0.0]).unwrap_err();
+        assert!(err.to_string().contains("layer 0"), "{err}");
+        assert!(err.to_string().contains("f16 KV cache"), "{err}");
+        // Infinity and NaN computed upstream are not the cache's doing: stored as they are.
+        kv.put(0, 0, &[f32::INFINITY, f32::NAN], &[0.0, 0.0])
+            .unwrap();
+        assert_eq!("f16".parse::<KvType>().unwrap(), KvType::F16);
+        assert!("bf16".parse::<KvType>().is_err());
+    }
 }

@@ -10,19 +10,66 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 type DotFn = unsafe fn(&[f32], &[f32]) -> f32;
-type HeadFn = unsafe fn(&Head, &mut [f32], &mut [f32]);
 
-fn pick() -> (DotFn, HeadFn) {
-    static P: OnceLock<(DotFn, HeadFn)> = OnceLock::new();
+fn pick() -> DotFn {
+    static P: OnceLock<DotFn> = OnceLock::new();
     *P.get_or_init(|| {
         if is_x86_feature_detected!("avx512f") {
-            (dot_avx512, head_avx512)
+            dot_avx512
         } else if is_x86_feature_detected!("avx") {
-            (dot_avx, head_scalar)
+            dot_avx
         } else {
-            (dot_scalar, head_scalar)
+            dot_scalar
         }
     })
+}
+
+/// Whether [`head_avx512`] can run here (its f16 loads need the byte/word and 256-bit forms).
+fn vector_head() -> bool {
+    static P: OnceLock<bool> = OnceLock::new();
+    *P.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// An element of the key/value cache: f32, or f16 at half the bytes attention reads per token. Either
+/// way the arithmetic is f32 (an f16 widens exactly), so the vector and scalar heads stay bit-equal.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// The value as f32.
+    fn get(self) -> f32;
+    /// 16 elements from `p` as f32, lanes outside `mask` zero and not read.
+    ///
+    /// # Safety
+    /// The masked lanes must be readable; the CPU must have AVX-512 F, BW and VL.
+    unsafe fn load16(p: *const Self, mask: __mmask16) -> __m512;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const f32, mask: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(mask, p)
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const half::f16, mask: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
+    }
 }
 
 /// e^x in f32 (Cephes' `expf`: x = k·ln2 + r with ln2 in two parts, a degree-6 polynomial for e^r, k added
@@ -139,13 +186,13 @@ unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32], silu_on_up: bool) -> usize {
 }
 
 /// One query head's attention over the cached positions `lo..=hi` of its key/value head.
-pub struct Head<'a> {
+pub struct Head<'a, K: KvElem = f32> {
     /// The query (d values).
     pub q: &'a [f32],
     /// Keys: a row of `d` per cached position.
-    pub keys: &'a [f32],
+    pub keys: &'a [K],
     /// Values: a row of `d` per cached position.
-    pub values: &'a [f32],
+    pub values: &'a [K],
     /// First position attended to (the document start).
     pub lo: usize,
     /// Last position attended to (the query's own).
@@ -157,7 +204,7 @@ pub struct Head<'a> {
 /// softmax(q·K / sqrt(d)) · V for one head into `out` (d values); `scores` is scratch of at least `hi + 1`.
 /// As [`head_scalar`] defines it, on every CPU.
 #[inline]
-pub fn attend(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+pub fn attend<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
     // The vector version reads rows lo..=hi unchecked.
     let rows = (h.hi + 1) * h.q.len();
     assert!(
@@ -168,14 +215,18 @@ pub fn attend(h: &Head, scores: &mut [f32], out: &mut [f32]) {
         h.keys.len() / h.q.len().max(1)
     );
     assert_eq!(out.len(), h.q.len(), "attention output of the wrong width");
-    unsafe { (pick().1)(h, scores, out) }
+    if vector_head() {
+        unsafe { head_avx512(h, scores, out) }
+    } else {
+        head_scalar(h, scores, out)
+    }
 }
 
 /// The definition. A score is a dot product in a fixed order: 16 lane sums (dimension `l`, `l + 16`, ... in
 /// order, zero past `d`), then a halving tree over the lanes (`l + 8`, then `+ 4`, `+ 2`, `+ 1`), as the
 /// vector code adds them; then it is scaled, the softmax taken with `exp` and one sum in position order, and
 /// the values summed in position order, multiply and add rounded separately.
-pub fn head_scalar(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+pub fn head_scalar<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
     let d = h.q.len();
     for (j, s) in scores.iter_mut().enumerate().take(h.hi + 1).skip(h.lo) {
         *s = dot_tree(h.q, &h.keys[j * d..(j + 1) * d]);
@@ -189,12 +240,12 @@ pub fn head_scalar(h: &Head, scores: &mut [f32], out: &mut [f32]) {
 }
 
 /// The scores' dot product (see [`head_scalar`]).
-fn dot_tree(q: &[f32], k: &[f32]) -> f32 {
+fn dot_tree<K: KvElem>(q: &[f32], k: &[K]) -> f32 {
     let mut lane = [0f32; 16];
     for v in 0..q.len().div_ceil(16) {
         for (l, acc) in lane.iter_mut().enumerate() {
             let i = 16 * v + l;
-            let p = if i < q.len() { q[i] * k[i] } else { 0.0 };
+            let p = if i < q.len() { q[i] * k[i].get() } else { 0.0 };
             *acc += p;
         }
     }
@@ -210,25 +261,61 @@ fn dot_tree(q: &[f32], k: &[f32]) -> f32 {
 
 /// Scores to softmax weights in place: scaled, max subtracted, [`exp`], divided by the sum (in order).
 fn softmax_weights(sc: &mut [f32], scale: f32) {
+    if is_x86_feature_detected!("avx512f") {
+        unsafe { softmax_weights_avx512(sc, scale) }
+    } else {
+        softmax_scalar(sc, scale)
+    }
+}
+
+/// The definition of [`softmax_weights`].
+fn softmax_scalar(sc: &mut [f32], scale: f32) {
     let mut max = f32::NEG_INFINITY;
     for s in sc.iter_mut() {
         *s *= scale;
         max = max.max(*s);
     }
-    let done = if is_x86_feature_detected!("avx512f") {
-        unsafe { exp_shifted_avx512(sc, max) }
-    } else {
-        0
-    };
-    for s in sc[done..].iter_mut() {
+    for s in sc.iter_mut() {
         *s = exp(*s - max);
     }
-    let mut sum = 0f32;
-    for s in sc.iter() {
-        sum += *s;
-    }
+    let sum = sum_in_order(sc);
     for s in sc.iter_mut() {
         *s /= sum;
+    }
+}
+
+fn sum_in_order(v: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for s in v {
+        sum += *s;
+    }
+    sum
+}
+
+/// [`softmax_weights`] 16 lanes wide, the same bits: scaling, the maximum (order-free; a NaN score makes
+/// every weight NaN either way), `exp` and the division are per element; only the sum keeps its order.
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_weights_avx512(sc: &mut [f32], scale: f32) {
+    let n = sc.len();
+    let p = sc.as_mut_ptr();
+    let sv = _mm512_set1_ps(scale);
+    let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..n).step_by(16) {
+        let m = first_lanes(n - i);
+        let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), sv);
+        _mm512_mask_storeu_ps(p.add(i), m, v);
+        mv = _mm512_mask_max_ps(mv, m, mv, v);
+    }
+    let max = _mm512_reduce_max_ps(mv);
+    let full = exp_shifted_avx512(sc, max);
+    for s in sc[full..].iter_mut() {
+        *s = exp(*s - max);
+    }
+    let sum = _mm512_set1_ps(sum_in_order(sc));
+    for i in (0..n).step_by(16) {
+        let m = first_lanes(n - i);
+        let v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, p.add(i)), sum);
+        _mm512_mask_storeu_ps(p.add(i), m, v);
     }
 }
 
@@ -254,10 +341,76 @@ fn first_lanes(n: usize) -> __mmask16 {
     }
 }
 
-#[target_feature(enable = "avx512f")]
-unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
-    /// Key rows prefetched ahead of the one being scored.
-    const KV_AHEAD: usize = 8;
+/// Key rows prefetched ahead of the one being scored.
+const KV_AHEAD: usize = 8;
+
+/// The lane tree of [`dot_tree`]: lanes l + 8, then + 4, + 2, + 1.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn lane_tree(acc: __m512) -> f32 {
+    let hi = _mm512_castpd_ps(_mm512_castpd256_pd512(_mm512_extractf64x4_pd::<1>(
+        _mm512_castps_pd(acc),
+    )));
+    let a8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_castps512_ps256(hi));
+    let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps::<1>(a8));
+    let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+    let a1 = _mm_add_ss(a2, _mm_shuffle_ps::<1>(a2, a2));
+    _mm_cvtss_f32(a1)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn head_avx512<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
+    // The usual head widths get a loop with the width known: no masks, the query in registers, nothing
+    // but loads and arithmetic per cached position.
+    match h.q.len() {
+        64 => head_fixed::<K, 4>(h, scores, out),
+        128 => head_fixed::<K, 8>(h, scores, out),
+        _ => head_any(h, scores, out),
+    }
+}
+
+/// [`head_avx512`] for heads of `16 × NV` dimensions.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn head_fixed<K: KvElem, const NV: usize>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
+    let d = 16 * NV;
+    let row_lines = d * std::mem::size_of::<K>() / 64;
+    let (kp, vp) = (h.keys.as_ptr(), h.values.as_ptr());
+    let mut qv = [_mm512_setzero_ps(); NV];
+    for (i, v) in qv.iter_mut().enumerate() {
+        *v = _mm512_loadu_ps(h.q.as_ptr().add(16 * i));
+    }
+    for j in h.lo..=h.hi {
+        let row = kp.add(j * d);
+        // As in head_any: keys a few rows ahead, and this row's values for the weighted sum.
+        let ahead = row.wrapping_add(KV_AHEAD * d) as *const i8;
+        let vrow = vp.add(j * d) as *const i8;
+        for l in 0..row_lines {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+            _mm_prefetch::<_MM_HINT_T0>(vrow.wrapping_add(64 * l));
+        }
+        let mut acc = _mm512_setzero_ps();
+        for (i, q) in qv.iter().enumerate() {
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(*q, K::load16(row.add(16 * i), 0xFFFF)));
+        }
+        *scores.get_unchecked_mut(j) = lane_tree(acc);
+    }
+    softmax_weights(&mut scores[h.lo..=h.hi], h.scale);
+    let mut o = [_mm512_setzero_ps(); NV];
+    for j in h.lo..=h.hi {
+        let w = _mm512_set1_ps(*scores.get_unchecked(j));
+        let row = vp.add(j * d);
+        for (i, oi) in o.iter_mut().enumerate() {
+            *oi = _mm512_add_ps(*oi, _mm512_mul_ps(w, K::load16(row.add(16 * i), 0xFFFF)));
+        }
+    }
+    for (i, oi) in o.iter().enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *oi);
+    }
+}
+
+/// [`head_avx512`] for any head width.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn head_any<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
     let d = h.q.len();
     let vecs = d.div_ceil(16);
     let mask = |i: usize| first_lanes(d - 16 * i);
@@ -271,7 +424,7 @@ unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
         // A head's keys and values are a few KiB that decode's weight streaming has evicted, one head
         // after another: the hardware prefetcher barely starts on each before it ends. Ask for the keys a
         // few rows ahead, and for this row's values, which the weighted sum reads right after.
-        for line in (0..d).step_by(16) {
+        for line in (0..d).step_by(64 / std::mem::size_of::<K>()) {
             _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(KV_AHEAD * d + line) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(h.values.as_ptr().wrapping_add(j * d + line) as *const i8);
         }
@@ -282,18 +435,10 @@ unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
             } else {
                 _mm512_maskz_loadu_ps(mask(i), h.q.as_ptr().add(16 * i))
             };
-            let k = _mm512_maskz_loadu_ps(mask(i), row.add(16 * i));
+            let k = K::load16(row.add(16 * i), mask(i));
             acc = _mm512_add_ps(acc, _mm512_mul_ps(q, k));
         }
-        // Lanes l + 8, + 4, + 2, + 1.
-        let hi = _mm512_castpd_ps(_mm512_castpd256_pd512(_mm512_extractf64x4_pd::<1>(
-            _mm512_castps_pd(acc),
-        )));
-        let a8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_castps512_ps256(hi));
-        let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps::<1>(a8));
-        let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
-        let a1 = _mm_add_ss(a2, _mm_shuffle_ps::<1>(a2, a2));
-        *score = _mm_cvtss_f32(a1);
+        *score = lane_tree(acc);
     }
     softmax_weights(&mut scores[h.lo..=h.hi], h.scale);
     // The weighted sum: one pass over the value rows, up to 128 output dimensions held in registers.
@@ -306,7 +451,7 @@ unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
             let wv = _mm512_set1_ps(w);
             let row = h.values.as_ptr().add((h.lo + jj) * d + t0);
             for (i, oi) in o.iter_mut().enumerate().take(nv) {
-                let v = _mm512_maskz_loadu_ps(m(i), row.add(16 * i));
+                let v = K::load16(row.add(16 * i), m(i));
                 *oi = _mm512_add_ps(*oi, _mm512_mul_ps(wv, v));
             }
         }
@@ -319,7 +464,7 @@ unsafe fn head_avx512(h: &Head, scores: &mut [f32], out: &mut [f32]) {
 /// Σ a·b (the shorter length), as [`dot_scalar`] defines it.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    unsafe { (pick().0)(a, b) }
+    unsafe { pick()(a, b) }
 }
 
 /// The definition: 16 running sums over chunks of 16, added in order, then the tail.
@@ -340,9 +485,9 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// y += w·x, element by element, multiply and add rounded separately (the definition's weighted sum).
-fn axpy_scalar(y: &mut [f32], w: f32, x: &[f32]) {
+fn axpy_scalar<K: KvElem>(y: &mut [f32], w: f32, x: &[K]) {
     for (o, v) in y.iter_mut().zip(x) {
-        *o += w * v;
+        *o += w * v.get();
     }
 }
 
@@ -457,9 +602,28 @@ mod tests {
     }
 
     #[test]
-    fn the_vector_head_equals_the_definition_bit_for_bit() {
+    fn the_vector_softmax_equals_the_definition_bit_for_bit() {
         if !is_x86_feature_detected!("avx512f") {
             eprintln!("SKIPPED: no AVX-512 here");
+            return;
+        }
+        for n in [1, 2, 15, 16, 17, 40, 100, 513] {
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 613) as f32 - 300.0) / 9.0)
+                .collect();
+            let (mut a, mut b) = (v.clone(), v);
+            softmax_scalar(&mut a, 0.125);
+            unsafe { softmax_weights_avx512(&mut b, 0.125) };
+            assert_eq!(a, b, "n={n}");
+            let sum: f32 = a.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "n={n}: weights sum to {sum}");
+        }
+    }
+
+    #[test]
+    fn the_vector_head_equals_the_definition_bit_for_bit() {
+        if !vector_head() {
+            eprintln!("SKIPPED: no AVX-512 (F, BW, VL) here");
             return;
         }
         for (d, cap, lo, hi) in [
@@ -468,24 +632,52 @@ mod tests {
             (20, 70, 5, 5),
             (64, 200, 0, 199),
             (288, 9, 0, 8),
+            (128, 33, 2, 32),
+            (128, 5, 0, 0),
         ] {
             let f = |i: usize, k: usize| ((i * k % 211) as f32 - 105.0) / 53.0;
             let q: Vec<f32> = (0..d).map(|i| f(i, 7)).collect();
             let keys: Vec<f32> = (0..cap * d).map(|i| f(i, 13)).collect();
             let values: Vec<f32> = (0..cap * d).map(|i| f(i, 29)).collect();
-            let h = Head {
-                q: &q,
-                keys: &keys,
-                values: &values,
-                lo,
-                hi,
-                scale: 0.125,
-            };
-            let (mut s1, mut s2) = (vec![0f32; cap], vec![0f32; cap]);
-            let (mut o1, mut o2) = (vec![0f32; d], vec![0f32; d]);
-            head_scalar(&h, &mut s1, &mut o1);
-            unsafe { head_avx512(&h, &mut s2, &mut o2) };
+            // (definition, vector) outputs over one cache.
+            fn both<K: KvElem>(
+                q: &[f32],
+                keys: &[K],
+                values: &[K],
+                lo: usize,
+                hi: usize,
+            ) -> [Vec<f32>; 2] {
+                let h = Head {
+                    q,
+                    keys,
+                    values,
+                    lo,
+                    hi,
+                    scale: 0.125,
+                };
+                let cap = keys.len() / q.len();
+                let (mut s1, mut s2) = (vec![0f32; cap], vec![0f32; cap]);
+                let (mut o1, mut o2) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+                head_scalar(&h, &mut s1, &mut o1);
+                unsafe { head_avx512(&h, &mut s2, &mut o2) };
+                [o1, o2]
+            }
+            let [o1, o2] = both(&q, &keys, &values, lo, hi);
             assert_eq!(o1, o2, "d={d} cap={cap} {lo}..={hi}");
+
+            // The same cache in f16: the vector head widens exactly what the definition widens, so it
+            // equals both the scalar f16 head and the f32 head run on the widened values.
+            let half = |v: &[f32]| -> Vec<half::f16> {
+                v.iter().map(|&x| half::f16::from_f32(x)).collect()
+            };
+            let (k16, v16) = (half(&keys), half(&values));
+            let [o3, o4] = both(&q, &k16, &v16, lo, hi);
+            assert_eq!(o3, o4, "f16 d={d} cap={cap} {lo}..={hi}");
+            let wide = |v: &[half::f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+            let [ow, _] = both(&q, &wide(&k16), &wide(&v16), lo, hi);
+            assert_eq!(ow, o4, "f16 against widened f32, d={d}");
+            // And f16 is not f32: the values above are not all exact in f16, so the outputs differ.
+            assert_ne!(o2, o4, "d={d}: the f16 cache rounded nothing");
         }
     }
 
