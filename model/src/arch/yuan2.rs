@@ -22,7 +22,7 @@ use super::{argmax, rms_norm, Collective, Shard};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::hf::Checkpoint;
-use crate::kernels::vecops::{attend, silu_mul, Head, KvElem};
+use crate::kernels::vecops::{attend, silu_mul, to_f16, Head, KvElem};
 use crate::kernels::Kernels;
 use crate::pool::Pool;
 use crate::shards::{FileEntry, Manifest, ShardReader, ShardWriter};
@@ -629,16 +629,14 @@ impl KvCache {
             }
             KvCache::F16(k, v) => {
                 for (dst, src) in [(&mut k[li], key), (&mut v[li], value)] {
-                    for (o, &x) in dst[at..at + src.len()].iter_mut().zip(src) {
-                        *o = half::f16::from_f32(x);
-                        // A finite number past f16's range would turn into infinity and the softmax
-                        // into NaN: a wrong answer, so say so instead.
-                        if o.is_infinite() && x.is_finite() {
-                            return Err(Error::Shape(format!(
-                                "layer {li}: a key or value of {x} does not fit the f16 KV cache \
-                                 (largest 65504); use an f32 cache"
-                            )));
-                        }
+                    // A finite number past f16's range would turn into infinity and the softmax into
+                    // NaN: a wrong answer, so say so instead.
+                    if !to_f16(src, &mut dst[at..at + src.len()]) {
+                        let x = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        return Err(Error::Shape(format!(
+                            "layer {li}: a key or value of magnitude {x} does not fit the f16 KV \
+                             cache (largest 65504); use an f32 cache"
+                        )));
                     }
                 }
             }

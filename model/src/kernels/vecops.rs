@@ -185,6 +185,40 @@ unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32], silu_on_up: bool) -> usize {
     full
 }
 
+/// Rounds `src` to f16 into `dst` (to nearest, ties to even, as [`half::f16::from_f32`]); false if a finite
+/// value was too large for f16 and became infinite.
+pub fn to_f16(src: &[f32], dst: &mut [half::f16]) -> bool {
+    assert_eq!(src.len(), dst.len(), "f16 conversion of unequal lengths");
+    // half's own conversion checks the CPU on every value: a call per element, millions per prefill.
+    let (done, mut fits) = if is_x86_feature_detected!("avx512f") {
+        unsafe { to_f16_avx512(src, dst) }
+    } else {
+        (0, true)
+    };
+    for (o, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+        *o = half::f16::from_f32(x);
+        fits &= !(o.is_infinite() && x.is_finite());
+    }
+    fits
+}
+
+/// Whole vectors of 16; returns how many values it did and whether all finite ones fit.
+#[target_feature(enable = "avx512f")]
+unsafe fn to_f16_avx512(src: &[f32], dst: &mut [half::f16]) -> (usize, bool) {
+    let full = src.len() / 16 * 16;
+    let inf = _mm512_set1_ps(f32::INFINITY);
+    let mut overflow: __mmask16 = 0;
+    for i in (0..full).step_by(16) {
+        let x = _mm512_loadu_ps(src.as_ptr().add(i));
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+        let back = _mm512_abs_ps(_mm512_cvtph_ps(h));
+        overflow |= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(back, inf)
+            & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(x), inf);
+    }
+    (full, overflow == 0)
+}
+
 /// One query head's attention over the cached positions `lo..=hi` of its key/value head.
 pub struct Head<'a, K: KvElem = f32> {
     /// The query (d values).
@@ -597,6 +631,33 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(a, want);
+            }
+        }
+    }
+
+    #[test]
+    fn f16_conversion_equals_half_and_reports_overflow() {
+        for n in [0, 5, 16, 37, 100] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1013) as f32 - 500.0) * 1.37e-3 * (1 + i % 5) as f32)
+                .chain([65504.0, -65519.0, 1e-8, -0.0, f32::INFINITY])
+                .collect();
+            let mut got = vec![half::f16::ZERO; x.len()];
+            assert!(to_f16(&x, &mut got), "n={n}");
+            let want: Vec<u16> = x
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let got_bits: Vec<u16> = got.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got_bits, want, "n={n}");
+            // 65520 rounds up past the largest f16, in the vector part and in the tail.
+            for at in [0, x.len() - 1] {
+                let mut y = x.clone();
+                y[at] = 65520.0;
+                assert!(
+                    !to_f16(&y, &mut got),
+                    "n={n}: overflow at {at} not reported"
+                );
             }
         }
     }
