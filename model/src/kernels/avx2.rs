@@ -5,6 +5,7 @@ use std::arch::x86_64::*;
 
 use super::matrix::{chunk_at, chunk_scales_at, Bf16Matrix, Nf4Matrix, TILE_ROWS};
 use super::quantx::{level_codes, QuantX};
+use crate::quant::nf4::NESTED_BLOCK;
 
 /// NF4 GEMV over whole tiles `tiles` on the tiled layout into `y` (the outputs of their real rows, as for the
 /// AVX-512 kernel), integer products as in the AVX-512 kernel:
@@ -70,7 +71,8 @@ pub unsafe fn gemv_nf4_tiles(
             for (l, out) in s16.iter_mut().enumerate() {
                 let (i, h) = (l / 2, l % 2);
                 let code = sc[l] as usize;
-                let g = (p.rowbase[t * TILE_ROWS + i] + p.colpair[2 * c + h]) as usize / 256;
+                let g =
+                    (p.rowbase[t * TILE_ROWS + i] + p.colpair[2 * c + h]) as usize / NESTED_BLOCK;
                 *out = p.map[code].mul_add(p.nested[g], p.offset) * x.scale[2 * c + h];
             }
             for (half, a) in acc.iter_mut().enumerate() {
