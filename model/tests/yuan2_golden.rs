@@ -102,19 +102,24 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The reference checkpoint with f32 weights and lm_head on the chosen kernels.
+fn f32_model(dir: &std::path::Path, choice: KernelChoice) -> Model {
+    Model::load(
+        dir,
+        Shard::WHOLE,
+        Format::F32,
+        Format::F32,
+        Kernels::new(choice),
+    )
+    .unwrap()
+}
+
 #[test]
 fn f32_forward_matches_the_official_code() {
     let Some(dir) = dir() else { return };
     let pool = Pool::new(2, None);
     for choice in [KernelChoice::Reference, KernelChoice::Fast] {
-        let mut model = Model::load(
-            &dir,
-            Shard::WHOLE,
-            Format::F32,
-            Format::F32,
-            Kernels::new(choice),
-        )
-        .unwrap();
+        let mut model = f32_model(&dir, choice);
         for (ci, case) in cases(&dir).iter().enumerate() {
             let (prefill, ids, steps) = run(&mut model, &pool, &case.prompt, case.greedy.len());
             let dp = max_diff(&prefill, &case.prefill);
@@ -208,21 +213,13 @@ fn f16_kv_cache_stays_close_to_the_official_code() {
     let Some(dir) = dir() else { return };
     let pool = Pool::new(2, None);
     for choice in [KernelChoice::Reference, KernelChoice::Fast] {
-        let load = || {
-            Model::load(
-                &dir,
-                Shard::WHOLE,
-                Format::F32,
-                Format::F32,
-                Kernels::new(choice),
-            )
-            .unwrap()
-        };
-        let (mut exact, mut half) = (load(), load());
-        half.kv_cache = KvType::F16;
+        let mut model = f32_model(&dir, choice);
         for (ci, case) in cases(&dir).iter().enumerate() {
-            let (prefill, ids, steps) = run(&mut half, &pool, &case.prompt, case.greedy.len());
-            let f32_run = run(&mut exact, &pool, &case.prompt, case.greedy.len());
+            // Each run's state takes the model's cache type: one model serves both.
+            model.kv_cache = KvType::F16;
+            let (prefill, ids, steps) = run(&mut model, &pool, &case.prompt, case.greedy.len());
+            model.kv_cache = KvType::F32;
+            let f32_run = run(&mut model, &pool, &case.prompt, case.greedy.len());
             let dp = max_diff(&prefill, &case.prefill);
             let ds = max_diff(&steps, &case.steps);
             let moved = max_diff(&steps, &f32_run.2);

@@ -318,6 +318,7 @@ fn softmax_scalar(sc: &mut [f32], scale: f32) {
     }
 }
 
+/// One sum in position order, the order the definition fixes (the vector softmax keeps it too).
 fn sum_in_order(v: &[f32]) -> f32 {
     let mut sum = 0f32;
     for s in v {
