@@ -41,10 +41,10 @@ pub struct Args {
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "nf4"])]
     lm_head: String,
     /// Kernels.
-    #[arg(long, value_parser = crate::benchk::parse_choice)]
+    #[arg(long, value_parser = crate::runtime::parse_arg::<KernelChoice>)]
     kernels: Option<KernelChoice>,
     /// Key/value cache: f16 (as llama.cpp keeps it; half the bytes attention reads) or f32.
-    #[arg(long, default_value = "f16", value_parser = crate::runtime::parse_kv)]
+    #[arg(long, default_value = "f16", value_parser = crate::runtime::parse_arg::<KvType>)]
     kv_cache: KvType,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 1)]

@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Kernels to measure.
-    #[arg(long, value_parser = parse_choice)]
+    #[arg(long, value_parser = crate::runtime::parse_arg::<KernelChoice>)]
     kernels: Option<KernelChoice>,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 1.0)]
@@ -61,10 +61,6 @@ pub fn llc_bytes() -> Option<usize> {
         }
     }
     best.map(|(_, b)| b)
-}
-
-pub fn parse_choice(s: &str) -> std::result::Result<KernelChoice, String> {
-    s.parse().map_err(|e: model::Error| e.to_string())
 }
 
 /// Yuan2 layer shapes as out × in, and the vocabulary projection.

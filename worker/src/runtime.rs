@@ -19,17 +19,17 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// How weights are kept in memory: as loaded (f32), or quantized at load time.
-    #[arg(long, value_parser = parse_format, default_value = "f32")]
+    #[arg(long, value_parser = parse_arg::<Format>, default_value = "f32")]
     pub weights: Format,
     /// Format of the lm_head (default: f32 with f32 weights, else bf16).
-    #[arg(long, value_parser = parse_format)]
+    #[arg(long, value_parser = parse_arg::<Format>)]
     pub lm_head: Option<Format>,
     /// Key/value cache: f32, or f16 at half the memory per position and half the bytes attention reads
     /// (default: f32 when the layers are f32, else f16).
-    #[arg(long, value_parser = parse_kv)]
+    #[arg(long, value_parser = parse_arg::<KvType>)]
     pub kv_cache: Option<KvType>,
     /// Kernels: the scalar reference or the fastest for this CPU (also RINGLM_KERNELS).
-    #[arg(long, value_parser = crate::benchk::parse_choice)]
+    #[arg(long, value_parser = parse_arg::<KernelChoice>)]
     pub kernels: Option<KernelChoice>,
     /// Worker threads per rank (default: RINGLM_THREADS from ringrun, else every CPU allowed).
     #[arg(long)]
@@ -45,11 +45,11 @@ pub struct ModelArgs {
     pub pp: usize,
 }
 
-fn parse_format(s: &str) -> std::result::Result<Format, String> {
-    s.parse().map_err(|e: model::Error| e.to_string())
-}
-
-pub fn parse_kv(s: &str) -> std::result::Result<KvType, String> {
+/// A command-line value read by the model crate's own parser (weight format, cache type, kernels), its
+/// error message as clap prints it.
+pub fn parse_arg<T: std::str::FromStr<Err = model::Error>>(
+    s: &str,
+) -> std::result::Result<T, String> {
     s.parse().map_err(|e: model::Error| e.to_string())
 }
 
