@@ -207,6 +207,50 @@ fn results_do_not_depend_on_the_thread_count() {
     }
 }
 
+/// Decode's one-pass MLP input (gate, up, activation, quantizing) gives down_proj the bits the steps give
+/// one by one, at any thread count, for both activation orders (Yuan 2.0's and Llama's).
+#[test]
+fn the_fused_mlp_pass_equals_the_steps_one_by_one() {
+    let Ok(k) = Kernels::with_isa(Isa::Avx512) else {
+        eprintln!("SKIPPED: this CPU lacks AVX-512, which the fused pass needs");
+        return;
+    };
+    // Widths of 3 and 9 chunks of 128 (uneven over 2 and 4 threads); 320 inputs end in a half chunk.
+    for &(f, cols, out) in &[(384, 320, 40), (1152, 2048, 16)] {
+        let gate = Nf4Matrix::quantize(&data(f as u64, f * cols), f, cols).unwrap();
+        let up = Nf4Matrix::quantize(&data(f as u64 + 1, f * cols), f, cols).unwrap();
+        let down = Nf4Matrix::quantize(&data(7, out * f), out, f).unwrap();
+        let x = data(99, cols);
+        for silu_on_up in [true, false] {
+            for t in [1, 2, 3, 4] {
+                let pool = Pool::new(t, None);
+                let (mut g, mut u) = (vec![0f32; f], vec![0f32; f]);
+                k.gemv_nf4(&pool, &gate, &x, &mut g).unwrap();
+                k.gemv_nf4(&pool, &up, &x, &mut u).unwrap();
+                model::kernels::vecops::silu_mul(&mut g, &u, silu_on_up);
+                let mut want = vec![0f32; out];
+                k.gemv_nf4(&pool, &down, &g, &mut want).unwrap();
+                let act = k
+                    .mlp_act_nf4(&pool, &gate, &up, &x, silu_on_up)
+                    .unwrap()
+                    .expect("whole chunks: the fused pass applies");
+                let mut got = vec![0f32; out];
+                k.gemv_nf4_quantized(&pool, &down, &act, &mut got).unwrap();
+                assert_eq!(got, want, "ffn {f}, {t} threads, silu on up: {silu_on_up}");
+            }
+        }
+    }
+    let pool = Pool::new(2, None);
+    let odd = Nf4Matrix::quantize(&data(3, 200 * 64), 200, 64).unwrap();
+    let x = data(4, 64);
+    let none = k.mlp_act_nf4(&pool, &odd, &odd, &x, true).unwrap();
+    assert!(
+        none.is_none(),
+        "200 rows are not whole chunks: the steps run one by one"
+    );
+    assert!(k.mlp_act_nf4(&pool, &odd, &odd, &x[..32], true).is_err());
+}
+
 #[test]
 fn bad_shapes_are_errors_not_panics() {
     let pool = Pool::new(1, None);

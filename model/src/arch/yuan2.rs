@@ -1622,18 +1622,30 @@ impl Model {
                 );
             }
             mark(&mut prof.other, &mut t);
-            let f = layer.gate.rows();
-            let mut g = vec![0f32; m * f];
-            let mut u = vec![0f32; m * f];
-            layer.gate.matmul(&k, pool, &hn, m, &mut g)?;
-            layer.up.matmul(&k, pool, &hn, m, &mut u)?;
-            mark(&mut prof.linear, &mut t);
             // Yuan 2.0: gate(x) · silu(up(x)); Llama: silu(gate(x)) · up(x).
-            silu_mul(&mut g, &u, c.arch == Arch::Yuan2);
-            mark(&mut prof.other, &mut t);
+            let silu_on_up = c.arch == Arch::Yuan2;
             let mut dn = vec![0f32; m * h];
-            layer.down.matmul(&k, pool, &g, m, &mut dn)?;
-            mark(&mut prof.linear, &mut t);
+            let fused = match (&layer.gate, &layer.up, &layer.down) {
+                (Weight::Nf4(gate), Weight::Nf4(up), Weight::Nf4(down)) if m == 1 => k
+                    .mlp_act_nf4(pool, gate, up, &hn, silu_on_up)?
+                    .map(|act| (down, act)),
+                _ => None,
+            };
+            if let Some((down, act)) = fused {
+                k.gemv_nf4_quantized(pool, down, &act, &mut dn)?;
+                mark(&mut prof.linear, &mut t);
+            } else {
+                let f = layer.gate.rows();
+                let mut g = vec![0f32; m * f];
+                let mut u = vec![0f32; m * f];
+                layer.gate.matmul(&k, pool, &hn, m, &mut g)?;
+                layer.up.matmul(&k, pool, &hn, m, &mut u)?;
+                mark(&mut prof.linear, &mut t);
+                silu_mul(&mut g, &u, silu_on_up);
+                mark(&mut prof.other, &mut t);
+                layer.down.matmul(&k, pool, &g, m, &mut dn)?;
+                mark(&mut prof.linear, &mut t);
+            }
             comm.allreduce_sum(&mut dn)?; // down_proj is row-parallel over the MLP width
             mark(&mut prof.comm, &mut t);
             for (xv, dv) in x.iter_mut().zip(&dn) {

@@ -53,7 +53,7 @@ impl QuantX {
     }
 
     /// Room for `n` activations, all codes and factors 0.
-    fn zeroed(n: usize) -> QuantX {
+    pub(crate) fn zeroed(n: usize) -> QuantX {
         let chunks = (n / BLOCK).div_ceil(2);
         QuantX {
             q: vec![0i16; chunks * 128],
@@ -111,9 +111,35 @@ fn interleave_index(j: usize) -> [i16; 32] {
     idx
 }
 
+/// Quantizes `x`, whole chunks of 128 values, into `q` and `scale`: chunks are independent, so this is the
+/// part of a longer vector's [`QuantX`] that starts at the chunk `x` starts at. AVX-512 F and BW only (the
+/// fused decode pass that calls it runs on the AVX-512 kernels alone).
+pub(crate) fn fill_chunks(x: &[f32], q: &mut [i16], scale: &mut [f32]) {
+    let chunks = x.len() / 128;
+    assert!(
+        x.len().is_multiple_of(128) && q.len() == chunks * 128 && scale.len() == chunks * 2,
+        "a part of a quantized vector is whole chunks"
+    );
+    assert!(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"));
+    unsafe { avx512_chunks(x, q, scale) };
+}
+
 /// Codes and factors of every full chunk with AVX-512; a last half chunk goes through the scalar path.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn avx512_quantize(x: &[f32], out: &mut QuantX) {
+    let nb = x.len() / BLOCK;
+    avx512_chunks(&x[..nb / 2 * 128], &mut out.q, &mut out.scale);
+    if nb % 2 == 1 {
+        let tail = QuantX::portable(&x[(nb - 1) * BLOCK..]);
+        let c = nb / 2;
+        out.q[c * 128..].copy_from_slice(&tail.q);
+        out.scale[2 * c..].copy_from_slice(&tail.scale);
+    }
+}
+
+/// The full chunks of `x` (a multiple of 128 values) into the first chunks of `q` and `scale`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn avx512_chunks(x: &[f32], q: &mut [i16], scale: &mut [f32]) {
     use std::arch::x86_64::*;
     let nb = x.len() / BLOCK;
     let idx: [__m512i; 2] =
@@ -156,21 +182,16 @@ unsafe fn avx512_quantize(x: &[f32], out: &mut QuantX) {
     for c in 0..nb / 2 {
         let (a, sa) = block(2 * c);
         let (b, sb) = block(2 * c + 1);
-        out.scale[2 * c] = sa;
-        out.scale[2 * c + 1] = sb;
-        let dst = out.q.as_mut_ptr().add(c * 128);
+        scale[2 * c] = sa;
+        scale[2 * c + 1] = sb;
+        assert!(q.len() >= (c + 1) * 128, "room for chunk {c}");
+        let dst = q.as_mut_ptr().add(c * 128);
         for half in 0..2 {
             for (j, ix) in idx.iter().enumerate() {
                 let v = _mm512_permutex2var_epi16(a[half], *ix, b[half]);
                 _mm512_storeu_si512(dst.add(64 * half + 32 * j) as *mut __m512i, v);
             }
         }
-    }
-    if nb % 2 == 1 {
-        let tail = QuantX::portable(&x[(nb - 1) * BLOCK..]);
-        let c = nb / 2;
-        out.q[c * 128..].copy_from_slice(&tail.q);
-        out.scale[2 * c..].copy_from_slice(&tail.scale);
     }
 }
 
