@@ -249,6 +249,17 @@ fn the_fused_mlp_pass_equals_the_steps_one_by_one() {
         "200 rows are not whole chunks: the steps run one by one"
     );
     assert!(k.mlp_act_nf4(&pool, &odd, &odd, &x[..32], true).is_err());
+    // A thread's rows of a GEMV: whole tiles, or up to the last row; anything else is an error.
+    let qx = model::kernels::QuantX::new(&x);
+    let (mut all, mut part) = (vec![0f32; 200], vec![0f32; 16]);
+    k.gemv_nf4(&pool, &odd, &x, &mut all).unwrap();
+    k.gemv_nf4_rows(&odd, &qx, &mut part, 184..200).unwrap();
+    assert_eq!(part, all[184..200]);
+    assert!(k.gemv_nf4_rows(&odd, &qx, &mut part, 4..20).is_err());
+    assert!(k
+        .gemv_nf4_rows(&odd, &qx, &mut part[..8], 184..200)
+        .is_err());
+    assert!(k.gemv_nf4_rows(&odd, &qx, &mut part, 192..208).is_err());
 }
 
 #[test]

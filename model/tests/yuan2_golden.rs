@@ -114,6 +114,11 @@ fn f32_model(dir: &std::path::Path, choice: KernelChoice) -> Model {
     .unwrap()
 }
 
+/// The reference checkpoint with NF4 layers and a `head` lm_head on the chosen kernels.
+fn nf4_model(dir: &std::path::Path, head: Format, choice: KernelChoice) -> Model {
+    Model::load(dir, Shard::WHOLE, Format::Nf4, head, Kernels::new(choice)).unwrap()
+}
+
 #[test]
 fn f32_forward_matches_the_official_code() {
     let Some(dir) = dir() else { return };
@@ -156,22 +161,8 @@ fn nf4_reference_kernels_equal_f32_on_dequantized_weights() {
 fn nf4_fast_kernels_stay_close_to_the_reference() {
     let Some(dir) = dir() else { return };
     let pool = Pool::new(2, None);
-    let mut r = Model::load(
-        &dir,
-        Shard::WHOLE,
-        Format::Nf4,
-        Format::Bf16,
-        Kernels::new(KernelChoice::Reference),
-    )
-    .unwrap();
-    let mut f = Model::load(
-        &dir,
-        Shard::WHOLE,
-        Format::Nf4,
-        Format::Bf16,
-        Kernels::new(KernelChoice::Fast),
-    )
-    .unwrap();
+    let mut r = nf4_model(&dir, Format::Bf16, KernelChoice::Reference);
+    let mut f = nf4_model(&dir, Format::Bf16, KernelChoice::Fast);
     let (mut worst, mut agree, mut total) = (0f32, 0, 0);
     for case in cases(&dir) {
         let a = run(&mut r, &pool, &case.prompt, case.greedy.len());
@@ -228,6 +219,32 @@ fn f16_kv_cache_stays_close_to_the_official_code() {
             assert!(ds <= 5e-3, "case {ci}: step logits differ by {ds}");
             assert!(moved > 0.0, "case {ci}: the f16 cache changed nothing");
             assert_eq!(ids, case.greedy, "case {ci}: greedy ids");
+        }
+    }
+}
+
+/// Decode's fused pool passes (NF4 weights, fast kernels) give the bits of the steps run one by one, at 1–3
+/// threads and with both cache types.
+#[test]
+fn fused_decode_gives_the_bits_of_the_steps_one_by_one() {
+    let Some(dir) = dir() else { return };
+    let mut model = nf4_model(&dir, Format::Nf4, KernelChoice::Fast);
+    for threads in 1..=3 {
+        let pool = Pool::new(threads, None);
+        for kv in [KvType::F32, KvType::F16] {
+            model.kv_cache = kv;
+            for (ci, case) in cases(&dir).iter().enumerate() {
+                model.fused_decode = true;
+                let fused = run(&mut model, &pool, &case.prompt, case.greedy.len());
+                model.fused_decode = false;
+                let steps = run(&mut model, &pool, &case.prompt, case.greedy.len());
+                assert_eq!(fused.1, steps.1, "case {ci}, {threads} threads, {kv}: ids");
+                assert!(
+                    fused.2 == steps.2,
+                    "case {ci}, {threads} threads, {kv}: step logits differ by {}",
+                    max_diff(&fused.2, &steps.2)
+                );
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::hf::Checkpoint;
 use crate::kernels::vecops::{attend, silu_mul, to_f16, Head, KvElem};
-use crate::kernels::Kernels;
+use crate::kernels::{Isa, Kernels, Nf4Matrix, QuantX, Shared, TILE_ROWS};
 use crate::pool::Pool;
 use crate::shards::{FileEntry, Manifest, ShardReader, ShardWriter};
 use crate::weight::{Format, FullWeight, Weight};
@@ -511,6 +511,10 @@ pub struct Model {
     pub profile: Profile,
     /// How states made by [`Model::new_state`] keep keys and values.
     pub kv_cache: KvType,
+    /// Decode's fused pool passes (q, k and v with RoPE and the cache writes; the MLP's input side), where the
+    /// weights and kernels allow them. They give the same bits as the steps one by one; false runs those,
+    /// for tests and A/B measurements.
+    pub fused_decode: bool,
 }
 
 /// The weights a loader has gathered for [`Model::assemble`].
@@ -541,6 +545,7 @@ impl Model {
             inv_freq,
             profile: Profile::default(),
             kv_cache: KvType::F32,
+            fused_decode: true,
         }
     }
 }
@@ -670,16 +675,58 @@ impl KvCache {
 
     /// Stores one head's key and value row at element `at` of layer `li`.
     fn put(&mut self, li: usize, at: usize, key: &[f32], value: &[f32]) -> Result<()> {
+        // Through `&mut self`, so no other writer exists.
+        unsafe { self.rows(li).put(at, key, value) }
+    }
+
+    /// Layer `li`'s keys and values for threads that each write their own heads' rows.
+    fn rows(&mut self, li: usize) -> KvRows {
         match self {
-            KvCache::F32(k, v) => {
-                k[li][at..at + key.len()].copy_from_slice(key);
-                v[li][at..at + value.len()].copy_from_slice(value);
+            KvCache::F32(k, v) => KvRows::F32(
+                Shared(k[li].as_mut_ptr()),
+                Shared(v[li].as_mut_ptr()),
+                k[li].len(),
+                li,
+            ),
+            KvCache::F16(k, v) => KvRows::F16(
+                Shared(k[li].as_mut_ptr()),
+                Shared(v[li].as_mut_ptr()),
+                k[li].len(),
+                li,
+            ),
+        }
+    }
+}
+
+/// One layer's key and value planes as pointers (with their length and the layer's index, for errors).
+enum KvRows {
+    F32(Shared<f32>, Shared<f32>, usize, usize),
+    F16(Shared<half::f16>, Shared<half::f16>, usize, usize),
+}
+
+impl KvRows {
+    /// Stores a key and value row at element `at`.
+    ///
+    /// # Safety
+    /// The planes outlive the call, and no one else reads or writes these elements meanwhile.
+    unsafe fn put(&self, at: usize, key: &[f32], value: &[f32]) -> Result<()> {
+        let fits = |len: usize| {
+            at.checked_add(key.len().max(value.len()))
+                .is_some_and(|e| e <= len)
+        };
+        match self {
+            KvRows::F32(k, v, len, li) => {
+                assert!(fits(*len), "layer {li}: row at {at} past the KV cache");
+                std::slice::from_raw_parts_mut(k.get().add(at), key.len()).copy_from_slice(key);
+                std::slice::from_raw_parts_mut(v.get().add(at), value.len()).copy_from_slice(value);
             }
-            KvCache::F16(k, v) => {
-                for (dst, src) in [(&mut k[li], key), (&mut v[li], value)] {
+            KvRows::F16(k, v, len, li) => {
+                assert!(fits(*len), "layer {li}: row at {at} past the KV cache");
+                for (dst, src) in [(k, key), (v, value)] {
+                    let dst = std::slice::from_raw_parts_mut(dst.get().add(at), src.len());
                     // A finite number past f16's range would turn into infinity and the softmax into
                     // NaN: a wrong answer, so say so instead.
-                    if !to_f16(src, &mut dst[at..at + src.len()]) {
+                    if !to_f16(src, dst) {
                         let x = src.iter().fold(0f32, |m, v| m.max(v.abs()));
                         return Err(Error::Shape(format!(
                             "layer {li}: a key or value of magnitude {x} does not fit the f16 KV \
@@ -1350,6 +1397,7 @@ impl Model {
             inv_freq: self.inv_freq.clone(),
             profile: Profile::default(),
             kv_cache: self.kv_cache,
+            fused_decode: self.fused_decode,
         }
     }
 
@@ -1568,25 +1616,41 @@ impl Model {
             };
 
             let mut q = vec![0f32; m * n];
-            let mut kk = vec![0f32; m * nkv];
-            let mut v = vec![0f32; m * nkv];
-            layer.wq.matmul(&k, pool, qk_in, m, &mut q)?;
-            layer.wk.matmul(&k, pool, qk_in, m, &mut kk)?;
-            layer.wv.matmul(&k, pool, &hn, m, &mut v)?;
-            mark(&mut prof.linear, &mut t);
-
-            // RoPE, then append k and v to the cache.
-            for i in 0..m {
-                let rot = &rot[i * d..(i + 1) * d];
-                self.rope(&mut q[i * n..(i + 1) * n], rot, d);
-                self.rope(&mut kk[i * nkv..(i + 1) * nkv], rot, d);
-            }
             let cap = state.capacity;
-            for i in 0..m {
-                for g in 0..nkv / d {
-                    let at = (g * cap + state.pos + i) * d;
-                    let src = i * nkv + g * d..i * nkv + (g + 1) * d;
-                    state.kv.put(li, at, &kk[src.clone()], &v[src])?;
+            let fusable = match (&layer.wq, &layer.wk, &layer.wv) {
+                (Weight::Nf4(wq), Weight::Nf4(wk), Weight::Nf4(wv))
+                    if m == 1
+                        && self.fused_decode
+                        && k.isa() == Isa::Avx512
+                        && d.is_multiple_of(TILE_ROWS) =>
+                {
+                    Some([wq, wk, wv])
+                }
+                _ => None,
+            };
+            if let Some(w) = fusable {
+                self.qkv_rope_put(pool, w, [qk_in, &hn], &rot[..d], state, li, &mut q)?;
+                mark(&mut prof.linear, &mut t);
+            } else {
+                let mut kk = vec![0f32; m * nkv];
+                let mut v = vec![0f32; m * nkv];
+                layer.wq.matmul(&k, pool, qk_in, m, &mut q)?;
+                layer.wk.matmul(&k, pool, qk_in, m, &mut kk)?;
+                layer.wv.matmul(&k, pool, &hn, m, &mut v)?;
+                mark(&mut prof.linear, &mut t);
+
+                // RoPE, then append k and v to the cache.
+                for i in 0..m {
+                    let rot = &rot[i * d..(i + 1) * d];
+                    self.rope(&mut q[i * n..(i + 1) * n], rot, d);
+                    self.rope(&mut kk[i * nkv..(i + 1) * nkv], rot, d);
+                }
+                for i in 0..m {
+                    for g in 0..nkv / d {
+                        let at = (g * cap + state.pos + i) * d;
+                        let src = i * nkv + g * d..i * nkv + (g + 1) * d;
+                        state.kv.put(li, at, &kk[src.clone()], &v[src])?;
+                    }
                 }
             }
             let mut att = vec![0f32; m * n];
@@ -1626,9 +1690,12 @@ impl Model {
             let silu_on_up = c.arch == Arch::Yuan2;
             let mut dn = vec![0f32; m * h];
             let fused = match (&layer.gate, &layer.up, &layer.down) {
-                (Weight::Nf4(gate), Weight::Nf4(up), Weight::Nf4(down)) if m == 1 => k
-                    .mlp_act_nf4(pool, gate, up, &hn, silu_on_up)?
-                    .map(|act| (down, act)),
+                (Weight::Nf4(gate), Weight::Nf4(up), Weight::Nf4(down))
+                    if m == 1 && self.fused_decode =>
+                {
+                    k.mlp_act_nf4(pool, gate, up, &hn, silu_on_up)?
+                        .map(|act| (down, act))
+                }
                 _ => None,
             };
             if let Some((down, act)) = fused {
@@ -1686,6 +1753,64 @@ impl Model {
         prof.head += head_start.elapsed().as_nanos() as u64;
         self.profile = prof;
         Ok(logits)
+    }
+
+    /// One decode token's q, k and v in one pool pass (NF4 weights, AVX-512 kernels): each thread computes
+    /// whole key/value heads (with their query heads), rotates them and writes them to the cache. One by one,
+    /// the caller did RoPE and the cache writes alone after reading the other threads' rows, and attention's
+    /// threads then read their heads from the caller's cache; here a thread's heads stay in its own.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_put(
+        &self,
+        pool: &Pool,
+        [wq, wk, wv]: [&Nf4Matrix; 3],
+        [qk_in, v_in]: [&[f32]; 2],
+        rot: &[f32],
+        state: &mut State,
+        li: usize,
+        q: &mut [f32],
+    ) -> Result<()> {
+        let k = &self.kernels;
+        let d = self.config.head_dim();
+        let (n, nkv) = (wq.rows(), wk.rows());
+        if q.len() != n || wv.rows() != nkv || nkv % d != 0 || n % nkv != 0 {
+            return Err(Error::Shape(format!(
+                "layer {li}: q/k/v of {n}/{nkv}/{} rows for {} values and heads of {d}",
+                wv.rows(),
+                q.len()
+            )));
+        }
+        let (groups, group) = (nkv / d, n / nkv);
+        let (qx, vx) = (QuantX::new(qk_in), QuantX::new(v_in));
+        let (cap, pos) = (state.capacity, state.pos);
+        let kv = state.kv.rows(li);
+        let qp = Shared(q.as_mut_ptr());
+        let failed = std::sync::Mutex::new(None);
+        pool.run(&|p, parts| {
+            let heads = crate::pool::split(groups, parts, p, 1);
+            let qr = heads.start * group * d..heads.end * group * d;
+            let kr = heads.start * d..heads.end * d;
+            // The parts' heads are disjoint, so are their rows of q and of the cache.
+            let qs = unsafe { std::slice::from_raw_parts_mut(qp.get().add(qr.start), qr.len()) };
+            let (mut ks, mut vs) = (vec![0f32; kr.len()], vec![0f32; kr.len()]);
+            let res = k
+                .gemv_nf4_rows(wq, &qx, qs, qr)
+                .and_then(|()| k.gemv_nf4_rows(wk, &qx, &mut ks, kr.clone()))
+                .and_then(|()| k.gemv_nf4_rows(wv, &vx, &mut vs, kr))
+                .and_then(|()| {
+                    self.rope(qs, rot, d);
+                    self.rope(&mut ks, rot, d);
+                    let rows = ks.chunks_exact(d).zip(vs.chunks_exact(d));
+                    for (g, (key, value)) in heads.clone().zip(rows) {
+                        unsafe { kv.put((g * cap + pos) * d, key, value)? };
+                    }
+                    Ok(())
+                });
+            if let Err(e) = res {
+                *failed.lock().unwrap() = Some(e);
+            }
+        });
+        failed.into_inner().unwrap().map_or(Ok(()), Err)
     }
 
     /// Rotates every head of `v` (heads × d) by the position's angles `rot` ((cos, sin) per frequency):

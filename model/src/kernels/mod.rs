@@ -391,6 +391,37 @@ impl Kernels {
         Ok(Some(out))
     }
 
+    /// Rows `rows` of W·x on the calling thread alone, into `y` (one value per row), for a caller that
+    /// splits the work itself; `rows` starts on a tile and ends on one or at the last row. Needs the AVX-512
+    /// kernels (the caller checks [`Kernels::isa`]).
+    pub fn gemv_nf4_rows(
+        &self,
+        w: &Nf4Matrix,
+        qx: &QuantX,
+        y: &mut [f32],
+        rows: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let whole = |r: usize| r.is_multiple_of(TILE_ROWS) || r == w.rows();
+        if self.isa != Isa::Avx512
+            || !whole(rows.start)
+            || !whole(rows.end)
+            || rows.start > rows.end
+            || rows.end > w.rows()
+            || y.len() != rows.len()
+            || qx.scale.len() * 64 != w.cols().next_multiple_of(128)
+        {
+            return Err(Error::Shape(format!(
+                "NF4 GEMV of rows {rows:?} of a {}×{} matrix into {} values",
+                w.rows(),
+                w.cols(),
+                y.len()
+            )));
+        }
+        let tiles = rows.start / TILE_ROWS..rows.end.div_ceil(TILE_ROWS);
+        unsafe { avx512::gemv_nf4_tiles(w, qx, y, tiles) };
+        Ok(())
+    }
+
     /// y = W·x for one token whose x is already quantized ([`Kernels::mlp_act_nf4`]'s output).
     pub fn gemv_nf4_quantized(
         &self,
