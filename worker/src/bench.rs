@@ -225,7 +225,12 @@ pub fn run(a: Args) -> Result<()> {
         step_ms.push(step.elapsed().as_secs_f64() * 1e3);
     }
     let decode_s = t.elapsed().as_secs_f64();
-    let (p50, p90) = (percentile(&step_ms, 0.5), percentile(&step_ms, 0.9));
+    // A step's median time is what a user sees token after token; on a shared machine it also ignores the
+    // few steps that lost a whole time slice to another guest (30-40 ms seen here), which the mean does not.
+    let (p50, p90) = match crate::stats::quantiles(&step_ms, [0.5, 0.9]) {
+        Some([p50, p90]) => (Some(p50), Some(p90)),
+        None => (None, None),
+    };
     let steal = steal_fraction(cpu_before, cpu_ticks());
     let profiles = comm.0.allgather(&profile_bytes(&model.profile))?;
     let pre_profiles = comm.0.allgather(&profile_bytes(&prefill_prof))?;
@@ -375,16 +380,6 @@ fn parse_cpu_ticks(line: &str) -> Option<(u64, u64)> {
 }
 
 /// The share of CPU time stolen by the hypervisor between two readings.
-/// The `q`-quantile of `v` (nearest rank), None when empty. A decode step's median time is what a user sees
-/// token after token; on a shared machine it also ignores the few steps that lost a whole time slice to
-/// another guest (30-40 ms seen here), which the mean over all steps does not.
-fn percentile(v: &[f64], q: f64) -> Option<f64> {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len().max(1)) - 1;
-    s.get(i).copied()
-}
-
 fn steal_fraction(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
     let ((s0, t0), (s1, t1)) = (before?, after?);
     (t1 > t0).then(|| s1.saturating_sub(s0) as f64 / (t1 - t0) as f64)
@@ -393,16 +388,6 @@ fn steal_fraction(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        let v = [5.0, 1.0, 4.0, 2.0, 3.0, 40.0, 6.0, 7.0, 8.0, 9.0];
-        assert_eq!(percentile(&v, 0.5), Some(5.0));
-        assert_eq!(percentile(&v, 0.9), Some(9.0));
-        assert_eq!(percentile(&v, 1.0), Some(40.0));
-        assert_eq!(percentile(&[3.0], 0.5), Some(3.0));
-        assert_eq!(percentile(&[], 0.5), None);
-    }
 
     #[test]
     fn steal_from_proc_stat() {

@@ -52,12 +52,6 @@ pub struct BenchArgs {
     transport: Option<String>,
 }
 
-fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.99))
-}
-
 /// Median time of a single-process memcpy of `bytes`, the floor any exchange of those bytes has to beat.
 fn memcpy_time(bytes: usize, seconds: f64) -> f64 {
     let src = vec![1u8; bytes.max(1)];
@@ -70,7 +64,7 @@ fn memcpy_time(bytes: usize, seconds: f64) -> f64 {
         std::hint::black_box(&mut dst);
         times.push(t.elapsed().as_secs_f64());
     }
-    median_p99(times).0
+    crate::stats::quantiles(&times, [0.5]).expect("at least 5 copies timed")[0]
 }
 
 /// Runs `op` repeatedly on all ranks; rank 0 picks the iteration count so all ranks run the same number.
@@ -155,7 +149,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             if rank != 0 {
                 continue;
             }
-            let (median, p99) = median_p99(times);
+            let [median, p99] =
+                crate::stats::quantiles(&times, [0.5, 0.99]).context("no timings")?;
             let memcpy = if bytes > 0 {
                 bytes as f64 / memcpy_time(bytes, a.seconds / 2.0)
             } else {

@@ -11,6 +11,7 @@ mod placement;
 mod runtime;
 mod selfbind;
 mod serve;
+mod stats;
 mod synth;
 mod textcmd;
 
