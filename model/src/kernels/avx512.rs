@@ -11,8 +11,8 @@
 use std::arch::x86_64::*;
 
 use super::matrix::{
-    chunk_at, chunk_scales_at, Bf16Matrix, Nf4Matrix, CHUNK_BYTES, CHUNK_SCALES, GROUP_CHUNKS,
-    TILE_ROWS,
+    chunk_at, chunk_scales_at, folded_map, Bf16Matrix, Nf4Matrix, CHUNK_BYTES, CHUNK_SCALES,
+    GROUP_CHUNKS, TILE_ROWS,
 };
 use super::quantx::{level_codes, QuantX};
 use crate::quant::nf4::{BLOCK, LEVELS};
@@ -35,7 +35,7 @@ const PREFETCH_L1: usize = 1 << 10;
 /// `map[code] · nested + offset`; `nested` is gathered again only when some lane's nested-scale index
 /// changed (rarely: a nested scale covers 256 blocks).
 struct TileScales<'a> {
-    map: &'a [f32; 256],
+    folded: &'static [f32; 128],
     nested: &'a [f32],
     colpair: &'a [u32],
     offset: __m512,
@@ -54,8 +54,10 @@ impl<'a> TileScales<'a> {
             _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
             _mm512_castsi256_si512(rb),
         );
+        // The kernel looks codes up in the folded form of the one map every NF4 matrix shares.
+        debug_assert!(std::ptr::eq(p.map, super::matrix::shared_map()));
         TileScales {
-            map: p.map,
+            folded: folded_map(),
             nested: p.nested,
             colpair: p.colpair,
             offset: _mm512_set1_ps(p.offset),
@@ -69,7 +71,7 @@ impl<'a> TileScales<'a> {
     #[inline]
     unsafe fn chunk(&mut self, codes: *const u8, c: usize) -> __m512 {
         let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes as *const __m128i));
-        let m = _mm512_i32gather_ps::<4>(codes, self.map.as_ptr());
+        let m = map_lookup(codes, self.folded);
         let cols = _mm512_set1_epi64(std::ptr::read_unaligned(
             self.colpair.as_ptr().add(2 * c) as *const i64
         ));
@@ -80,6 +82,42 @@ impl<'a> TileScales<'a> {
         }
         _mm512_fmadd_ps(m, self.nested_v, self.offset)
     }
+}
+
+/// `map[code]` for 16 codes (0..=255 in 32-bit lanes), from the folded map ([`folded_map`]): four two-table
+/// permutes cover the 128 magnitudes, bits 5 and 6 of `|code - 127|` pick among them, code 255 is 1 and codes
+/// below 127 take the sign. Same bits as the table; ~16 vector operations against a gather's ~20 cycles.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn map_lookup(codes: __m512i, folded: &[f32; 128]) -> __m512 {
+    let d = _mm512_sub_epi32(codes, _mm512_set1_epi32(127));
+    let j = _mm512_abs_epi32(d);
+    let part = |k: usize| _mm512_loadu_ps(folded.as_ptr().add(16 * k));
+    // Index bits 0-4 pick within 32 magnitudes.
+    let r0 = _mm512_permutex2var_ps(part(0), j, part(1));
+    let r1 = _mm512_permutex2var_ps(part(2), j, part(3));
+    let r2 = _mm512_permutex2var_ps(part(4), j, part(5));
+    let r3 = _mm512_permutex2var_ps(part(6), j, part(7));
+    let b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+    let b6 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(64));
+    let m = _mm512_mask_blend_ps(
+        b6,
+        _mm512_mask_blend_ps(b5, r0, r1),
+        _mm512_mask_blend_ps(b5, r2, r3),
+    );
+    let m = _mm512_mask_mov_ps(
+        m,
+        _mm512_cmpeq_epi32_mask(j, _mm512_set1_epi32(128)),
+        _mm512_set1_ps(1.0),
+    );
+    let neg = _mm512_cmplt_epi32_mask(d, _mm512_setzero_si512());
+    let m = _mm512_castps_si512(m);
+    _mm512_castsi512_ps(_mm512_mask_xor_epi32(
+        m,
+        neg,
+        m,
+        _mm512_set1_epi32(i32::MIN),
+    ))
 }
 
 /// `acc + Σ pairs a·b` as one `vpdpwssd`: written as the intrinsic, LLVM splits some of them into
@@ -98,11 +136,31 @@ unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     acc
 }
 
+/// Which shifts bring a word's upper nibbles down for `vpermw`. Both give the same low 5 bits, so the same
+/// results to the bit; which runs faster depends on the core. On the Xeon of BENCHMARKS.md two byte shifts
+/// (`vpsrldq`) beside one word shift took 8.1 instead of 9.8 cycles per super-chunk in L1; on Zen 5 `vpsrldq`
+/// competes with `vpdpwssd` for a port and word shifts do not (`docs/bench/probes/ports.c`: 4 lookups, 4
+/// multiply-adds and 3 word shifts in about the time of the lookups and multiply-adds alone).
+/// `RINGLM_NF4_SHIFTS=word|byte` overrides the choice by vendor (for measurements).
+fn word_shifts() -> bool {
+    static WORD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORD.get_or_init(|| match std::env::var("RINGLM_NF4_SHIFTS").as_deref() {
+        Ok("word") => true,
+        Ok("byte") => false,
+        _ => {
+            // cpuid leaf 0 exists on every x86-64 CPU.
+            let id = __cpuid(0);
+            // "AuthenticAMD": ebx, edx, ecx.
+            (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+        }
+    })
+}
+
 /// Super-chunk `s` of the chunk at `base` (64 bytes: 8 weights of each of 16 lanes) times its activation
 /// codes at `xp`, added into `acc` (one accumulator per nibble of a word).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn super_chunk(
+unsafe fn super_chunk<const WORD_SHIFTS: bool>(
     base: *const u8,
     s: usize,
     xp: *const i64,
@@ -115,14 +173,18 @@ unsafe fn super_chunk(
     _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
     let v = _mm512_loadu_si512(base.add(s * 64) as *const __m512i);
     // Nibble k of each word, shifted down by 4k bits (the index is the low 5 bits and the table repeats, so
-    // what lies above the nibble does not matter). Two of the three shifts are byte shifts (`vpsrldq`), which
-    // this mix of instructions runs faster: 8.1 instead of 9.8 cycles per super-chunk in L1, measured.
+    // what lies above the nibble does not matter); see `word_shifts`.
     let t = _mm512_srli_epi16::<4>(v);
+    let (n2, n3) = if WORD_SHIFTS {
+        (_mm512_srli_epi16::<8>(v), _mm512_srli_epi16::<12>(v))
+    } else {
+        (_mm512_bsrli_epi128::<1>(v), _mm512_bsrli_epi128::<1>(t))
+    };
     let w = [
         _mm512_permutexvar_epi16(v, lut),
         _mm512_permutexvar_epi16(t, lut),
-        _mm512_permutexvar_epi16(_mm512_bsrli_epi128::<1>(v), lut),
-        _mm512_permutexvar_epi16(_mm512_bsrli_epi128::<1>(t), lut),
+        _mm512_permutexvar_epi16(n2, lut),
+        _mm512_permutexvar_epi16(n3, lut),
     ];
     let xs = xp.add(4 * s);
     for k in 0..4 {
@@ -137,6 +199,20 @@ unsafe fn super_chunk(
 /// avx512f, avx512bw, avx512vnni; `x` was quantized from a vector of `w.cols()` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn gemv_nf4_tiles(
+    w: &Nf4Matrix,
+    x: &QuantX,
+    y: &mut [f32],
+    tiles: std::ops::Range<usize>,
+) {
+    if word_shifts() {
+        gemv_nf4_tiles_with::<true>(w, x, y, tiles)
+    } else {
+        gemv_nf4_tiles_with::<false>(w, x, y, tiles)
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool>(
     w: &Nf4Matrix,
     x: &QuantX,
     y: &mut [f32],
@@ -164,11 +240,11 @@ pub unsafe fn gemv_nf4_tiles(
                 let mut a = [_mm512_setzero_si512(); 4];
                 if 2 * c + 1 < nb {
                     for s in 0..8 {
-                        super_chunk(base, s, xp, lut, &mut a);
+                        super_chunk::<WORD_SHIFTS>(base, s, xp, lut, &mut a);
                     }
                 } else {
                     for s in 0..4 {
-                        super_chunk(base, s, xp, lut, &mut a);
+                        super_chunk::<WORD_SHIFTS>(base, s, xp, lut, &mut a);
                     }
                 }
                 let sum =
@@ -397,4 +473,68 @@ pub unsafe fn stream_sum(data: &[u8]) -> u64 {
     let s = _mm512_add_epi64(_mm512_add_epi64(a[0], a[1]), _mm512_add_epi64(a[2], a[3]));
     let tail: u64 = data[n * 256..].iter().map(|&b| b as u64).sum();
     _mm512_reduce_add_epi64(s) as u64 + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_folded_map_gives_the_bits_of_the_table() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIPPED: this CPU has no AVX-512");
+            return;
+        }
+        let map = crate::quant::nf4::dynamic_map();
+        for first in (0..256).step_by(16) {
+            let codes: [i32; 16] = std::array::from_fn(|i| (first + i) as i32);
+            let mut got = [0f32; 16];
+            unsafe {
+                let v = map_lookup(_mm512_loadu_si512(codes.as_ptr() as *const _), folded_map());
+                _mm512_storeu_ps(got.as_mut_ptr(), v);
+            }
+            for (i, g) in got.iter().enumerate() {
+                let c = first + i;
+                assert_eq!(
+                    g.to_bits(),
+                    map[c].to_bits(),
+                    "code {c}: {g} against {}",
+                    map[c]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn word_and_byte_shifts_give_the_same_bits() {
+        if !(is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni"))
+        {
+            eprintln!("SKIPPED: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        // Widths with a half chunk at the end (320 = 2.5 chunks) and several scale groups (2304 = 18 chunks);
+        // 24 rows are 3 tiles.
+        for (rows, cols) in [(24, 320), (16, 2304)] {
+            let mut s = (rows * cols) as u32;
+            let mut next = || {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
+            };
+            let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+            let x: Vec<f32> = (0..cols).map(|_| next()).collect();
+            let m = Nf4Matrix::quantize(&w, rows, cols).unwrap();
+            let qx = QuantX::new(&x);
+            let (mut word, mut byte) = (vec![0f32; rows], vec![0f32; rows]);
+            unsafe {
+                gemv_nf4_tiles_with::<true>(&m, &qx, &mut word, 0..m.tiles());
+                gemv_nf4_tiles_with::<false>(&m, &qx, &mut byte, 0..m.tiles());
+            }
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&word), bits(&byte), "{rows}x{cols}");
+            // Not trivially equal: the outputs are there and differ from row to row.
+            assert!(word.iter().all(|v| v.is_finite()) && word[0] != word[1]);
+        }
+    }
 }
