@@ -59,6 +59,12 @@ int main(void) {
         vpermw(16) vpermw(17) vpermw(18) vpermw(19) vpdpwssd(0) vpdpwssd(1) vpdpwssd(2) vpdpwssd(3)
         vpsrlw(16) vpsrldq(17) vpsrldq(18) vpermw(16) vpermw(17) vpermw(18) vpermw(19) vpdpwssd(4)
         vpdpwssd(5) vpdpwssd(6) vpdpwssd(7) vpsrlw(16) vpsrldq(17) vpsrldq(18));
+    /* The same with three word shifts (by 4, 8 and 12 bits): what the GEMV uses on AMD, where vpsrldq
+     * competes with vpdpwssd for a port and vpsrlw does not. */
+    RUN("GEMV mix: 4 vpermw 4 vpdpwssd 3 word shifts", 22,
+        vpermw(16) vpermw(17) vpermw(18) vpermw(19) vpdpwssd(0) vpdpwssd(1) vpdpwssd(2) vpdpwssd(3)
+        vpsrlw(16) vpsrlw(17) vpsrlw(18) vpermw(16) vpermw(17) vpermw(18) vpermw(19) vpdpwssd(4)
+        vpdpwssd(5) vpdpwssd(6) vpdpwssd(7) vpsrlw(16) vpsrlw(17) vpsrlw(18));
     RUN("the same without the shifts", 16,
         vpermw(16) vpermw(17) vpermw(18) vpermw(19) vpdpwssd(0) vpdpwssd(1) vpdpwssd(2) vpdpwssd(3)
         vpermw(16) vpermw(17) vpermw(18) vpermw(19) vpdpwssd(4) vpdpwssd(5) vpdpwssd(6) vpdpwssd(7));
