@@ -63,6 +63,13 @@ enum Command {
     /// Perplexity of a text file, computed like llama.cpp's llama-perplexity (chunks of --ctx, second halves scored).
     Perplexity(perplexity::Args),
     /// Benchmark a preset's exact shapes (random weights): prefill and decode speed, roofline, time profile.
+    ///
+    /// The roofline is the memory's streaming rate divided by the bytes one decode step reads. All ranks read
+    /// the memory together once before decode and once after every step, and the median read is the rate.
+    /// The bandwidth a shared machine leaves one guest changes from second to second, so these reads see the
+    /// same conditions as the steps. `efficiency` is decode speed over that roofline.
+    /// `efficiency_paired_p50` sets each step against the two reads beside it and takes the median. The
+    /// steps' times do not include the reads.
     Bench(bench::Args),
     /// Measure the NF4 and BF16 kernels: GEMV bandwidth beside a streaming read, GEMM beside the FMA peak.
     BenchKernels(benchk::Args),
