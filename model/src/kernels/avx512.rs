@@ -27,7 +27,8 @@ fn bf16(x: f32) -> u16 {
 /// memory latency at the rate a core consumes codes, into L1 shortly before use. Each software prefetch holds
 /// one of the core's few L1 fill buffers until its line arrives, so the far one goes to L2 only. Measured on
 /// the Xeon here (BENCHMARKS.md): hardware prefetch alone reads at ~55% of a plain read, one L1 prefetch
-/// 4 KiB ahead at ~77%, this pair at ~85%.
+/// 4 KiB ahead at ~77%, this pair at ~85%. On Zen 5 the L1 prefetch costs more than it brings (see
+/// [`Flavor`]).
 const PREFETCH_L2: usize = 32 << 10;
 const PREFETCH_L1: usize = 1 << 10;
 
@@ -136,22 +137,41 @@ unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     acc
 }
 
-/// Which shifts bring a word's upper nibbles down for `vpermw`. Both give the same low 5 bits, so the same
-/// results to the bit; which runs faster depends on the core. On the Xeon of BENCHMARKS.md two byte shifts
-/// (`vpsrldq`) beside one word shift took 8.1 instead of 9.8 cycles per super-chunk in L1; on Zen 5 `vpsrldq`
-/// competes with `vpdpwssd` for a port and word shifts do not (`docs/bench/probes/ports.c`: 4 lookups, 4
-/// multiply-adds and 3 word shifts in about the time of the lookups and multiply-adds alone).
-/// `RINGLM_NF4_SHIFTS=word|byte` overrides the choice by vendor (for measurements).
-fn word_shifts() -> bool {
-    static WORD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WORD.get_or_init(|| match std::env::var("RINGLM_NF4_SHIFTS").as_deref() {
-        Ok("word") => true,
-        Ok("byte") => false,
-        _ => {
-            // cpuid leaf 0 exists on every x86-64 CPU.
-            let id = __cpuid(0);
-            // "AuthenticAMD": ebx, edx, ecx.
-            (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+/// Two choices in the GEMV that give the same results to the bit but whose speed depends on the core, made
+/// once per process by vendor (BENCHMARKS.md has the measurements):
+/// - `word_shifts`: which shifts bring a word's upper nibbles down for `vpermw` (both give the same low 5
+///   bits). On the Xeon two byte shifts (`vpsrldq`) beside one word shift took 8.1 instead of 9.8 cycles per
+///   super-chunk in L1. On Zen 5 `vpsrldq` competes with `vpdpwssd` for a port and word shifts do not
+///   (`docs/bench/probes/ports.c`).
+/// - `l1_prefetch`: the near prefetch into L1 beside the far one into L2. On the Xeon it took the GEMV from
+///   ~55% to ~85% of a plain read. On Zen 5 the core issues about two loads a cycle, prefetches included, and
+///   without it one core's GEMV from memory went from 0.80 to 0.90 of the read (5 rounds in turn).
+///
+/// `RINGLM_NF4_SHIFTS=word|byte` and `RINGLM_NF4_L1_PREFETCH=on|off` override the choices (for measurements).
+#[derive(Clone, Copy)]
+struct Flavor {
+    word_shifts: bool,
+    l1_prefetch: bool,
+}
+
+fn flavor() -> Flavor {
+    static FLAVOR: std::sync::OnceLock<Flavor> = std::sync::OnceLock::new();
+    *FLAVOR.get_or_init(|| {
+        // cpuid leaf 0 exists on every x86-64 CPU; "AuthenticAMD" is in ebx, edx, ecx.
+        let id = __cpuid(0);
+        let amd = (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+        let env = |name: &str| std::env::var(name).ok();
+        Flavor {
+            word_shifts: match env("RINGLM_NF4_SHIFTS").as_deref() {
+                Some("word") => true,
+                Some("byte") => false,
+                _ => amd,
+            },
+            l1_prefetch: match env("RINGLM_NF4_L1_PREFETCH").as_deref() {
+                Some("on") => true,
+                Some("off") => false,
+                _ => !amd,
+            },
         }
     })
 }
@@ -160,7 +180,7 @@ fn word_shifts() -> bool {
 /// codes at `xp`, added into `acc` (one accumulator per nibble of a word).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn super_chunk<const WORD_SHIFTS: bool>(
+unsafe fn super_chunk<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
     base: *const u8,
     s: usize,
     xp: *const i64,
@@ -170,10 +190,12 @@ unsafe fn super_chunk<const WORD_SHIFTS: bool>(
     // Into L2 far ahead, into L1 just ahead. Prefetches never fault past the end, but forming an
     // out-of-bounds pointer with `add` would be undefined behaviour: `wrapping_add`.
     _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(s * 64 + PREFETCH_L2) as *const i8);
-    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
+    if L1_PREFETCH {
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
+    }
     let v = _mm512_loadu_si512(base.add(s * 64) as *const __m512i);
     // Nibble k of each word, shifted down by 4k bits (the index is the low 5 bits and the table repeats, so
-    // what lies above the nibble does not matter); see `word_shifts`.
+    // what lies above the nibble does not matter); see [`Flavor`].
     let t = _mm512_srli_epi16::<4>(v);
     let (n2, n3) = if WORD_SHIFTS {
         (_mm512_srli_epi16::<8>(v), _mm512_srli_epi16::<12>(v))
@@ -204,15 +226,17 @@ pub unsafe fn gemv_nf4_tiles(
     y: &mut [f32],
     tiles: std::ops::Range<usize>,
 ) {
-    if word_shifts() {
-        gemv_nf4_tiles_with::<true>(w, x, y, tiles)
-    } else {
-        gemv_nf4_tiles_with::<false>(w, x, y, tiles)
+    let f = flavor();
+    match (f.word_shifts, f.l1_prefetch) {
+        (true, false) => gemv_nf4_tiles_with::<true, false>(w, x, y, tiles),
+        (true, true) => gemv_nf4_tiles_with::<true, true>(w, x, y, tiles),
+        (false, false) => gemv_nf4_tiles_with::<false, false>(w, x, y, tiles),
+        (false, true) => gemv_nf4_tiles_with::<false, true>(w, x, y, tiles),
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool>(
+unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
     w: &Nf4Matrix,
     x: &QuantX,
     y: &mut [f32],
@@ -240,11 +264,11 @@ unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool>(
                 let mut a = [_mm512_setzero_si512(); 4];
                 if 2 * c + 1 < nb {
                     for s in 0..8 {
-                        super_chunk::<WORD_SHIFTS>(base, s, xp, lut, &mut a);
+                        super_chunk::<WORD_SHIFTS, L1_PREFETCH>(base, s, xp, lut, &mut a);
                     }
                 } else {
                     for s in 0..4 {
-                        super_chunk::<WORD_SHIFTS>(base, s, xp, lut, &mut a);
+                        super_chunk::<WORD_SHIFTS, L1_PREFETCH>(base, s, xp, lut, &mut a);
                     }
                 }
                 let sum =
@@ -533,7 +557,7 @@ mod tests {
     }
 
     #[test]
-    fn word_and_byte_shifts_give_the_same_bits() {
+    fn both_flavors_give_the_same_bits() {
         if !(is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vnni"))
@@ -555,8 +579,8 @@ mod tests {
             let qx = QuantX::new(&x);
             let (mut word, mut byte) = (vec![0f32; rows], vec![0f32; rows]);
             unsafe {
-                gemv_nf4_tiles_with::<true>(&m, &qx, &mut word, 0..m.tiles());
-                gemv_nf4_tiles_with::<false>(&m, &qx, &mut byte, 0..m.tiles());
+                gemv_nf4_tiles_with::<true, false>(&m, &qx, &mut word, 0..m.tiles());
+                gemv_nf4_tiles_with::<false, true>(&m, &qx, &mut byte, 0..m.tiles());
             }
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&word), bits(&byte), "{rows}x{cols}");
