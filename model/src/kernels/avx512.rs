@@ -11,8 +11,8 @@
 use std::arch::x86_64::*;
 
 use super::matrix::{
-    chunk_at, chunk_scales_at, folded_map, Bf16Matrix, Nf4Matrix, CHUNK_BYTES, CHUNK_SCALES,
-    GROUP_CHUNKS, TILE_ROWS,
+    chunk_at, chunk_scales_at, Bf16Matrix, Nf4Matrix, CHUNK_BYTES, CHUNK_SCALES, GROUP_CHUNKS,
+    TILE_ROWS,
 };
 use super::quantx::{level_codes, QuantX};
 use crate::quant::nf4::{BLOCK, LEVELS};
@@ -36,7 +36,7 @@ const PREFETCH_L1: usize = 1 << 10;
 /// `map[code] · nested + offset`; `nested` is gathered again only when some lane's nested-scale index
 /// changed (rarely: a nested scale covers 256 blocks).
 struct TileScales<'a> {
-    folded: &'static [f32; 128],
+    folded: &'a [f32; 128],
     nested: &'a [f32],
     colpair: &'a [u32],
     offset: __m512,
@@ -55,10 +55,8 @@ impl<'a> TileScales<'a> {
             _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
             _mm512_castsi256_si512(rb),
         );
-        // The kernel looks codes up in the folded form of the one map every NF4 matrix shares.
-        debug_assert!(std::ptr::eq(p.map, super::matrix::shared_map()));
         TileScales {
-            folded: folded_map(),
+            folded: p.folded,
             nested: p.nested,
             colpair: p.colpair,
             offset: _mm512_set1_ps(p.offset),
@@ -85,7 +83,7 @@ impl<'a> TileScales<'a> {
     }
 }
 
-/// `map[code]` for 16 codes (0..=255 in 32-bit lanes), from the folded map ([`folded_map`]): four two-table
+/// `map[code]` for 16 codes (0..=255 in 32-bit lanes), from the folded map ([`super::matrix::folded_map`]): four two-table
 /// permutes cover the 128 magnitudes, bits 5 and 6 of `|code - 127|` pick among them, code 255 is 1 and codes
 /// below 127 take the sign. Same bits as the table; ~16 vector operations against a gather's ~20 cycles.
 #[target_feature(enable = "avx512f")]
@@ -533,6 +531,7 @@ pub unsafe fn stream_sum(data: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::matrix::folded_map;
     use super::*;
 
     #[test]

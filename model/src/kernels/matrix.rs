@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use crate::quant::nf4::{dynamic_map, Nf4Tensor, BLOCK, NESTED_BLOCK};
 
 /// The dynamic map, computed once for every matrix.
-pub(crate) fn shared_map() -> &'static [f32; 256] {
+fn shared_map() -> &'static [f32; 256] {
     static MAP: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     MAP.get_or_init(dynamic_map)
 }
@@ -630,6 +630,8 @@ impl Nf4Matrix {
             nested: &self.nested,
             offset: self.offset,
             map: self.map,
+            // Every matrix uses the shared map, so its folded form is the shared one too.
+            folded: folded_map(),
             colpair: &self.colpair,
             rowbase: &self.rowbase,
         }
@@ -694,6 +696,8 @@ pub struct ScaleParts<'a> {
     pub offset: f32,
     /// The dynamic map.
     pub map: &'a [f32; 256],
+    /// The same map folded on its symmetry ([`folded_map`]).
+    pub folded: &'a [f32; 128],
     /// Per chunk, the tensor column block of each lane half.
     pub colpair: &'a [u32],
     /// Per padded row, the tensor block number of its first block.
