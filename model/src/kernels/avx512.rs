@@ -534,6 +534,17 @@ mod tests {
     use super::super::matrix::folded_map;
     use super::*;
 
+    /// `n` seeded values in [-0.5, 0.5) (an LCG), for test matrices and vectors.
+    fn uniform(seed: u32, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
     #[test]
     fn the_folded_map_gives_the_bits_of_the_table() {
         if !is_x86_feature_detected!("avx512f") {
@@ -573,13 +584,7 @@ mod tests {
         // A half chunk at the end (320 columns), several scale groups (2304), and a last tile with padding
         // rows (13 rows).
         for (rows, cols) in [(13, 320), (16, 2304)] {
-            let mut s = (rows * cols) as u32 ^ 0x5bd1_e995;
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|_| {
-                    s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                    (s >> 8) as f32 / (1 << 24) as f32 - 0.5
-                })
-                .collect();
+            let w = uniform((rows * cols) as u32 ^ 0x5bd1_e995, rows * cols);
             let m = Nf4Matrix::quantize(&w, rows, cols).unwrap();
             let kp = cols.next_multiple_of(32);
             let mut row = vec![0f32; cols];
@@ -613,13 +618,10 @@ mod tests {
         // Widths with a half chunk at the end (320 = 2.5 chunks) and several scale groups (2304 = 18 chunks);
         // 24 rows are 3 tiles.
         for (rows, cols) in [(24, 320), (16, 2304)] {
-            let mut s = (rows * cols) as u32;
-            let mut next = || {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
-            };
-            let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
-            let x: Vec<f32> = (0..cols).map(|_| next()).collect();
+            // One stream: the weights, then the activations.
+            let mut v = uniform((rows * cols) as u32, rows * cols + cols);
+            let x = v.split_off(rows * cols);
+            let w = v;
             let m = Nf4Matrix::quantize(&w, rows, cols).unwrap();
             let qx = QuantX::new(&x);
             let (mut word, mut byte) = (vec![0f32; rows], vec![0f32; rows]);
