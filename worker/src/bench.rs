@@ -40,7 +40,8 @@ pub struct Args {
     /// Weight format of the lm_head.
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "nf4"])]
     lm_head: String,
-    /// Kernels.
+    /// Kernels: reference, fast, or fast with decode's NF4 GEMV on 16-bit (fast-i16) or 8-bit (fast-i8)
+    /// activation codes; fast takes 8-bit codes on AMD CPUs with AVX-512 VBMI, else 16-bit.
     #[arg(long, value_parser = crate::runtime::parse_arg::<KernelChoice>)]
     kernels: Option<KernelChoice>,
     /// Key/value cache: f16 (as llama.cpp keeps it; half the bytes attention reads) or f32.
@@ -267,6 +268,11 @@ pub fn run(a: Args) -> Result<()> {
         "threads": pool.threads(),
         "quant": a.quant, "lm_head": a.lm_head, "kv_cache": a.kv_cache.to_string(),
         "kernels": kernels.isa().name(),
+        "nf4_gemv": match kernels.isa() {
+            model::kernels::Isa::Scalar => "f32",
+            _ if kernels.uses_bytes() => "int8",
+            _ => "int16",
+        },
         "prompt": a.prompt, "gen": a.gen, "build_s": build_s,
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
@@ -329,7 +335,7 @@ pub fn run(a: Args) -> Result<()> {
             String::new()
         },
         pool.threads(),
-        kernels.isa().name()
+        kernels.describe()
     );
     println!(
         "  prefill   {:>9.1} tokens/s  ({} tokens)",

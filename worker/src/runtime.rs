@@ -28,7 +28,8 @@ pub struct ModelArgs {
     /// (default: f32 when the layers are f32, else f16).
     #[arg(long, value_parser = parse_arg::<KvType>)]
     pub kv_cache: Option<KvType>,
-    /// Kernels: the scalar reference or the fastest for this CPU (also RINGLM_KERNELS).
+    /// Kernels: reference (scalar, f32), fast, fast-i16 or fast-i8 (decode's NF4 GEMV on 16- or 8-bit
+    /// activation codes; fast takes 8-bit ones on AMD CPUs with AVX-512 VBMI). Also RINGLM_KERNELS.
     #[arg(long, value_parser = parse_arg::<KernelChoice>)]
     pub kernels: Option<KernelChoice>,
     /// Worker threads per rank (default: RINGLM_THREADS from ringrun, else every CPU allowed).

@@ -68,5 +68,10 @@ int main(void) {
     RUN("the same without the shifts", 16,
         vpermw(16) vpermw(17) vpermw(18) vpermw(19) vpdpwssd(0) vpdpwssd(1) vpdpwssd(2) vpdpwssd(3)
         vpermw(16) vpermw(17) vpermw(18) vpermw(19) vpdpwssd(4) vpdpwssd(5) vpdpwssd(6) vpdpwssd(7));
+    /* The 8-bit GEMV's work on four 64-byte loads: per load 1 word shift, 2 vpermb and 2 vpdpbusd. */
+    RUN("8-bit mix: 2 vpermb 2 vpdpbusd 1 shift", 20,
+        vpsrlw(16) vpermb(17) vpermb(18) vpdpbusd(0) vpdpbusd(1) vpsrlw(19) vpermb(17) vpermb(18)
+        vpdpbusd(2) vpdpbusd(3) vpsrlw(16) vpermb(17) vpermb(18) vpdpbusd(4) vpdpbusd(5) vpsrlw(19)
+        vpermb(17) vpermb(18) vpdpbusd(6) vpdpbusd(7));
     return 0;
 }

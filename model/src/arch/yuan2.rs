@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::hf::Checkpoint;
 use crate::kernels::vecops::{attend, silu_mul, to_f16, Head, KvElem};
-use crate::kernels::{Isa, Kernels, Nf4Matrix, QuantX, Shared, TILE_ROWS};
+use crate::kernels::{Isa, Kernels, Nf4Matrix, Shared, TILE_ROWS};
 use crate::pool::Pool;
 use crate::shards::{FileEntry, Manifest, ShardReader, ShardWriter};
 use crate::weight::{Format, FullWeight, Weight};
@@ -1781,7 +1781,7 @@ impl Model {
             )));
         }
         let (groups, group) = (nkv / d, n / nkv);
-        let (qx, vx) = (QuantX::new(qk_in), QuantX::new(v_in));
+        let (qx, vx) = (k.quantize(qk_in), k.quantize(v_in));
         let (cap, pos) = (state.capacity, state.pos);
         let kv = state.kv.rows(li);
         let qp = Shared(q.as_mut_ptr());

@@ -7,6 +7,10 @@
 //! A block's products sum exactly in 32 bits, and one vector of 16 decoded block scales then weighs all 16
 //! lanes at once. Measured here (BENCHMARKS.md): `vdpbf16ps` issues at half the rate of `vpdpwssd`, which is
 //! why the multiply is integer rather than bf16. Prefill decodes tiles to bf16 ([`decode_tile_bf16`]).
+//!
+//! With 8-bit activation codes ([`super::quantx::Bytes`], AVX-512 VBMI) `vpermb` maps a byte's low nibble
+//! to its level byte and `vpdpbusd` takes 4 products per lane: per 64-byte load 1 shift, 2 permutes and 2
+//! multiply-adds instead of 3, 4 and 4, which is what bounds the 16-bit GEMV on Zen 4.
 
 use std::arch::x86_64::*;
 
@@ -14,7 +18,7 @@ use super::matrix::{
     chunk_at, chunk_scales_at, Bf16Matrix, Nf4Matrix, CHUNK_BYTES, CHUNK_SCALES, GROUP_CHUNKS,
     TILE_ROWS,
 };
-use super::quantx::{level_codes, QuantX};
+use super::quantx::{level_bytes, level_codes, QuantX};
 use crate::quant::nf4::{BLOCK, LEVELS};
 
 /// bf16 bits of x, round to nearest even.
@@ -37,6 +41,7 @@ const PREFETCH_L1: usize = 1 << 10;
 /// changed (rarely: a nested scale covers 256 blocks).
 struct TileScales<'a> {
     folded: &'a [f32; 128],
+
     nested: &'a [f32],
     colpair: &'a [u32],
     offset: __m512,
@@ -57,6 +62,7 @@ impl<'a> TileScales<'a> {
         );
         TileScales {
             folded: p.folded,
+
             nested: p.nested,
             colpair: p.colpair,
             offset: _mm512_set1_ps(p.offset),
@@ -152,12 +158,28 @@ struct Flavor {
     l1_prefetch: bool,
 }
 
+/// Whether the CPU is AMD's: cpuid leaf 0 exists on every x86-64 CPU, and "AuthenticAMD" is in ebx, edx,
+/// ecx.
+pub(crate) fn amd() -> bool {
+    let id = __cpuid(0);
+    (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+}
+
+/// The CPU's family (cpuid leaf 1): 0x19 for Zen 3 and Zen 4, 0x1A for Zen 5.
+fn amd_family() -> u32 {
+    let eax = __cpuid(1).eax;
+    let base = (eax >> 8) & 0xF;
+    if base == 0xF {
+        base + ((eax >> 20) & 0xFF)
+    } else {
+        base
+    }
+}
+
 fn flavor() -> Flavor {
     static FLAVOR: std::sync::OnceLock<Flavor> = std::sync::OnceLock::new();
     *FLAVOR.get_or_init(|| {
-        // cpuid leaf 0 exists on every x86-64 CPU; "AuthenticAMD" is in ebx, edx, ecx.
-        let id = __cpuid(0);
-        let amd = (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+        let amd = amd();
         let env = |name: &str| std::env::var(name).ok();
         Flavor {
             word_shifts: match env("RINGLM_NF4_SHIFTS").as_deref() {
@@ -168,7 +190,7 @@ fn flavor() -> Flavor {
             l1_prefetch: match env("RINGLM_NF4_L1_PREFETCH").as_deref() {
                 Some("on") => true,
                 Some("off") => false,
-                _ => !amd,
+                _ => !amd || amd_family() == 0x19,
             },
         }
     })
@@ -225,6 +247,14 @@ pub unsafe fn gemv_nf4_tiles(
     tiles: std::ops::Range<usize>,
 ) {
     let f = flavor();
+    if x.bytes.is_some() {
+        // 8-bit codes exist only where the CPU has VBMI (QuantX::bytes checks).
+        return if f.l1_prefetch {
+            gemv_nf4_tiles_bytes::<true>(w, x, y, tiles)
+        } else {
+            gemv_nf4_tiles_bytes::<false>(w, x, y, tiles)
+        };
+    }
     match (f.word_shifts, f.l1_prefetch) {
         (true, false) => gemv_nf4_tiles_with::<true, false>(w, x, y, tiles),
         (true, true) => gemv_nf4_tiles_with::<true, true>(w, x, y, tiles),
@@ -241,6 +271,60 @@ unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
     tiles: std::ops::Range<usize>,
 ) {
     let lut = _mm512_loadu_si512(level_codes().as_ptr() as *const __m512i);
+    let q = x.q.as_ptr();
+    tile_loop(w, x, y, tiles, |base, c, full| {
+        let xp = q.add(c * 128) as *const i64;
+        let mut a = [_mm512_setzero_si512(); 4];
+        if full {
+            for s in 0..8 {
+                super_chunk::<WORD_SHIFTS, L1_PREFETCH>(base, s, xp, lut, &mut a);
+            }
+        } else {
+            for s in 0..4 {
+                super_chunk::<WORD_SHIFTS, L1_PREFETCH>(base, s, xp, lut, &mut a);
+            }
+        }
+        _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]))
+    })
+}
+
+/// [`gemv_nf4_tiles_with`] for 8-bit activation codes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+unsafe fn gemv_nf4_tiles_bytes<const L1_PREFETCH: bool>(
+    w: &Nf4Matrix,
+    x: &QuantX,
+    y: &mut [f32],
+    tiles: std::ops::Range<usize>,
+) {
+    let b8 = x.bytes.as_ref().expect("8-bit codes");
+    let lut = _mm512_loadu_si512(level_bytes().as_ptr() as *const __m512i);
+    tile_loop(w, x, y, tiles, |base, c, full| {
+        let xp = b8.q.as_ptr().add(c * 128) as *const i64;
+        let prod = if full {
+            chunk_bytes::<8, L1_PREFETCH>(base, xp, lut)
+        } else {
+            chunk_bytes::<4, L1_PREFETCH>(base, xp, lut)
+        };
+        // The level bytes carry +128: take 128 · Σ x back out, per lane half.
+        let bias = _mm512_set1_epi64(std::ptr::read_unaligned(
+            b8.bias.as_ptr().add(2 * c) as *const i64
+        ));
+        _mm512_sub_epi32(prod, bias)
+    })
+}
+
+/// The GEMV's walk over tiles and chunks, shared by both code widths: `products(base, c, full)` gives chunk
+/// `c`'s integer sums per lane (its codes at `base`; `full` unless it is a last half chunk), which this
+/// weighs with the lane scales and the activations' factors and sums per row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn tile_loop(
+    w: &Nf4Matrix,
+    x: &QuantX,
+    y: &mut [f32],
+    tiles: std::ops::Range<usize>,
+    products: impl Fn(*const u8, usize, bool) -> __m512i,
+) {
     let nb = w.blocks();
     let chunks = w.chunks();
     // Lane 2i + h and its neighbour: the two halves of row i.
@@ -257,20 +341,7 @@ unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
             let codes = tile.add(chunk_at(c0, chunks));
             let scales = tile.add(chunk_scales_at(c0));
             for c in c0..chunks.min(c0 + GROUP_CHUNKS) {
-                let base = codes.add((c - c0) * CHUNK_BYTES);
-                let xp = x.q.as_ptr().add(c * 128) as *const i64;
-                let mut a = [_mm512_setzero_si512(); 4];
-                if 2 * c + 1 < nb {
-                    for s in 0..8 {
-                        super_chunk::<WORD_SHIFTS, L1_PREFETCH>(base, s, xp, lut, &mut a);
-                    }
-                } else {
-                    for s in 0..4 {
-                        super_chunk::<WORD_SHIFTS, L1_PREFETCH>(base, s, xp, lut, &mut a);
-                    }
-                }
-                let sum =
-                    _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+                let sum = products(codes.add((c - c0) * CHUNK_BYTES), c, 2 * c + 1 < nb);
                 let xscale = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
                     x.scale.as_ptr().add(2 * c) as *const f64,
                 )));
@@ -288,6 +359,70 @@ unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
             }
         }
     }
+}
+
+/// `acc + Σ quads a·b`, unsigned bytes of `a` times signed bytes of `b`, as one `vpdpbusd` (see [`dpwssd`]).
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn dpbusd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    std::arch::asm!(
+        "vpdpbusd {acc}, {a}, {b}",
+        acc = inout(zmm_reg) acc,
+        a = in(zmm_reg) a,
+        b = in(zmm_reg) b,
+        options(pure, nomem, nostack),
+    );
+    acc
+}
+
+/// [`super_chunk`] with 8-bit codes ([`super::quantx::Bytes`]): `vpermb` maps the low nibble of every byte to
+/// its level byte (the index is the low 6 bits and the table repeats), one word shift brings the high
+/// nibbles down, and two `vpdpbusd` take all 128 weights.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+#[inline]
+unsafe fn super_chunk_bytes<const L1_PREFETCH: bool>(
+    base: *const u8,
+    s: usize,
+    xp: *const i64,
+    lut: __m512i,
+    acc: &mut [__m512i; 2],
+) {
+    _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(s * 64 + PREFETCH_L2) as *const i8);
+    if L1_PREFETCH {
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
+    }
+    let v = _mm512_loadu_si512(base.add(s * 64) as *const __m512i);
+    let lo = _mm512_permutexvar_epi8(v, lut);
+    let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(v), lut);
+    let xs = xp.add(2 * s);
+    acc[0] = dpbusd(acc[0], lo, _mm512_set1_epi64(std::ptr::read_unaligned(xs)));
+    acc[1] = dpbusd(
+        acc[1],
+        hi,
+        _mm512_set1_epi64(std::ptr::read_unaligned(xs.add(1))),
+    );
+}
+
+/// The `SUPERS` super-chunks of a chunk (8, or 4 for a last half chunk), 8-bit codes: the sum of products
+/// per lane. Two accumulators per parity of the super-chunk keep the multiply-adds' latency off the
+/// critical path; a constant count lets the loop unroll and the accumulators stay in registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+#[inline]
+unsafe fn chunk_bytes<const SUPERS: usize, const L1_PREFETCH: bool>(
+    base: *const u8,
+    xp: *const i64,
+    lut: __m512i,
+) -> __m512i {
+    let (mut even, mut odd) = ([_mm512_setzero_si512(); 2], [_mm512_setzero_si512(); 2]);
+    for s in (0..SUPERS).step_by(2) {
+        super_chunk_bytes::<L1_PREFETCH>(base, s, xp, lut, &mut even);
+        super_chunk_bytes::<L1_PREFETCH>(base, s + 1, xp, lut, &mut odd);
+    }
+    _mm512_add_epi32(
+        _mm512_add_epi32(even[0], even[1]),
+        _mm512_add_epi32(odd[0], odd[1]),
+    )
 }
 
 /// Tile `t` of an NF4 matrix as bf16 rows (nearest even of the f32 `level · scale`, as

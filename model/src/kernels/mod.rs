@@ -80,6 +80,10 @@ pub enum KernelChoice {
     Reference,
     /// The fastest kernels this CPU supports (the default).
     Fast,
+    /// The fast kernels with decode's NF4 GEMV on 16-bit activation codes (finer rounding).
+    FastI16,
+    /// The fast kernels with decode's NF4 GEMV on 8-bit activation codes (AVX-512 VBMI only).
+    FastI8,
 }
 
 impl FromStr for KernelChoice {
@@ -88,8 +92,10 @@ impl FromStr for KernelChoice {
         match s {
             "reference" | "ref" => Ok(KernelChoice::Reference),
             "fast" => Ok(KernelChoice::Fast),
+            "fast-i16" => Ok(KernelChoice::FastI16),
+            "fast-i8" => Ok(KernelChoice::FastI8),
             other => Err(Error::Format(format!(
-                "kernels {other:?}: expected reference or fast"
+                "kernels {other:?}: expected reference, fast, fast-i16 or fast-i8"
             ))),
         }
     }
@@ -229,16 +235,29 @@ impl Rows<'_> {
     }
 }
 
+/// Whether decode's NF4 GEMV takes 8-bit activation codes when the CPU can and `--kernels` does not say:
+/// on AMD. On Zen 4 the 16-bit GEMV is bound by its vector work, not by memory (BENCHMARKS.md: ~11 cycles
+/// per 128 weights in L1, ~1.3× one core's read rate), and the 8-bit one needs less than half the work.
+/// On the Xeons measured here the 16-bit GEMV already reached ~0.85 of a plain read, so they keep its
+/// finer rounding.
+fn bytes_by_default() -> bool {
+    avx512::amd()
+}
+
 /// The kernel family in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels {
     isa: Isa,
     /// Prefill on AMX tiles (AVX-512 family only, when the CPU and kernel allow it).
     amx: bool,
+    /// Decode's NF4 GEMV on 8-bit activation codes ([`quantx::Bytes`]) rather than 16-bit ones.
+    bytes: bool,
 }
 
 impl Kernels {
-    /// The reference kernels, or the fastest this CPU supports.
+    /// The reference kernels, or the fastest this CPU supports (the code width of decode's NF4 GEMV by
+    /// vendor, whatever the fast choice names: [`Kernels::from_choice_or_env`] applies it, with an error
+    /// where the CPU cannot).
     pub fn new(choice: KernelChoice) -> Kernels {
         Kernels::of(if choice == KernelChoice::Reference {
             Isa::Scalar
@@ -260,9 +279,37 @@ impl Kernels {
     }
 
     fn of(isa: Isa) -> Kernels {
+        let avx512 = isa == Isa::Avx512;
         Kernels {
             isa,
-            amx: isa == Isa::Avx512 && amx::available(),
+            amx: avx512 && amx::available(),
+            bytes: avx512 && quantx::vbmi() && bytes_by_default(),
+        }
+    }
+
+    /// The same kernels with decode's NF4 GEMV on 8-bit (`true`) or 16-bit activation codes. Only the
+    /// AVX-512 kernels on a CPU with VBMI have the 8-bit form; elsewhere this is an error.
+    pub fn with_bytes(self, bytes: bool) -> Result<Kernels> {
+        if bytes && !(self.isa == Isa::Avx512 && quantx::vbmi()) {
+            return Err(Error::Format(
+                "8-bit NF4 dot products need the AVX-512 kernels and a CPU with AVX-512 VBMI"
+                    .into(),
+            ));
+        }
+        Ok(Kernels { bytes, ..self })
+    }
+
+    /// Whether decode's NF4 GEMV uses 8-bit activation codes.
+    pub fn uses_bytes(&self) -> bool {
+        self.bytes
+    }
+
+    /// `x` quantized for this family's NF4 GEMV (16-bit codes unless [`Kernels::uses_bytes`]).
+    pub fn quantize(&self, x: &[f32]) -> QuantX {
+        if self.bytes {
+            QuantX::bytes(x)
+        } else {
+            QuantX::new(x)
         }
     }
 
@@ -277,7 +324,12 @@ impl Kernels {
                 _ => KernelChoice::Fast,
             },
         };
-        Ok(Kernels::new(choice))
+        let k = Kernels::new(choice);
+        match choice {
+            KernelChoice::FastI16 => k.with_bytes(false),
+            KernelChoice::FastI8 => k.with_bytes(true),
+            _ => Ok(k),
+        }
     }
 
     /// The instruction set.
@@ -300,8 +352,11 @@ impl Kernels {
         match self.isa {
             Isa::Scalar => "reference (scalar, f32 activations)".into(),
             Isa::Avx2 => "fast (avx2 int16 GEMV, f32 GEMM)".into(),
-            Isa::Avx512 if self.amx => "fast (avx512 int16 GEMV, AMX bf16 GEMM)".into(),
-            Isa::Avx512 => "fast (avx512 int16 GEMV, bf16 GEMM)".into(),
+            Isa::Avx512 => format!(
+                "fast (avx512 {} GEMV, {}bf16 GEMM)",
+                if self.bytes { "int8" } else { "int16" },
+                if self.amx { "AMX " } else { "" }
+            ),
         }
     }
 
@@ -333,7 +388,7 @@ impl Kernels {
                 });
             }
             Isa::Avx512 => {
-                let qx = QuantX::new(x);
+                let qx = self.quantize(x);
                 par_tiles(pool, w, y, &|y, tiles| unsafe {
                     avx512::gemv_nf4_tiles(w, &qx, y, tiles)
                 });
@@ -362,9 +417,17 @@ impl Kernels {
         if self.isa != Isa::Avx512 || !f.is_multiple_of(128) {
             return Ok(None);
         }
-        let qx = QuantX::new(x);
-        let mut out = QuantX::zeroed(f);
+        let qx = self.quantize(x);
+        let mut out = if self.bytes {
+            QuantX::zeroed_bytes(f)
+        } else {
+            QuantX::zeroed(f)
+        };
         let (qp, sp) = (Shared(out.q.as_mut_ptr()), Shared(out.scale.as_mut_ptr()));
+        let (q8p, bp) = match out.bytes.as_mut() {
+            Some(b) => (Shared(b.q.as_mut_ptr()), Shared(b.bias.as_mut_ptr())),
+            None => (Shared(std::ptr::null_mut()), Shared(std::ptr::null_mut())),
+        };
         pool.run(&|p, parts| {
             // Whole 128-row chunks per thread: a chunk of the activations is quantized as a unit.
             let rows = split(f, parts, p, 128);
@@ -380,13 +443,19 @@ impl Kernels {
             vecops::silu_mul(&mut g, &u, silu_on_up);
             let (c0, n) = (rows.start / 128, rows.len() / 128);
             // The parts' chunks are disjoint, so are these slices.
-            let (q, s) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(qp.get().add(c0 * 128), n * 128),
-                    std::slice::from_raw_parts_mut(sp.get().add(2 * c0), 2 * n),
-                )
-            };
-            quantx::fill_chunks(&g, q, s);
+            let s = unsafe { std::slice::from_raw_parts_mut(sp.get().add(2 * c0), 2 * n) };
+            if q8p.get().is_null() {
+                let q = unsafe { std::slice::from_raw_parts_mut(qp.get().add(c0 * 128), n * 128) };
+                quantx::fill_chunks(&g, q, s);
+            } else {
+                let (q, b) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(q8p.get().add(c0 * 128), n * 128),
+                        std::slice::from_raw_parts_mut(bp.get().add(2 * c0), 2 * n),
+                    )
+                };
+                quantx::fill_chunks_bytes(&g, q, b, s);
+            }
         });
         Ok(Some(out))
     }
@@ -409,6 +478,7 @@ impl Kernels {
             || rows.end > w.rows()
             || y.len() != rows.len()
             || qx.scale.len() * 64 != w.cols().next_multiple_of(128)
+            || (qx.bytes.is_some() && !quantx::vbmi())
         {
             return Err(Error::Shape(format!(
                 "NF4 GEMV of rows {rows:?} of a {}×{} matrix into {} values",
@@ -438,9 +508,9 @@ impl Kernels {
             y.len(),
             1,
         )?;
-        if self.isa != Isa::Avx512 {
+        if self.isa != Isa::Avx512 || (qx.bytes.is_some() && !quantx::vbmi()) {
             return Err(Error::Shape(
-                "a quantized input needs the AVX-512 kernels".into(),
+                "a quantized input needs the AVX-512 kernels (with VBMI for 8-bit codes)".into(),
             ));
         }
         par_tiles(pool, w, y, &|y, tiles| unsafe {
