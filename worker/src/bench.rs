@@ -41,7 +41,7 @@ pub struct Args {
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "nf4"])]
     lm_head: String,
     /// Kernels: reference, fast, or fast with decode's NF4 GEMV on 16-bit (fast-i16) or 8-bit (fast-i8)
-    /// activation codes; fast takes 8-bit codes on AMD CPUs with AVX-512 VBMI, else 16-bit.
+    /// activation codes; fast takes 8-bit codes on Zen 4, else 16-bit.
     #[arg(long, value_parser = crate::runtime::parse_arg::<KernelChoice>)]
     kernels: Option<KernelChoice>,
     /// Key/value cache: f16 (as llama.cpp keeps it; half the bytes attention reads) or f32.

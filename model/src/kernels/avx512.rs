@@ -165,8 +165,9 @@ pub(crate) fn amd() -> bool {
     (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
 }
 
-/// The CPU's family (cpuid leaf 1): 0x19 for Zen 3 and Zen 4, 0x1A for Zen 5.
-fn amd_family() -> u32 {
+/// The CPU's family (cpuid leaf 1): on AMD 0x19 for Zen 3 and Zen 4 (only Zen 4 has AVX-512), 0x1A for
+/// Zen 5.
+pub(crate) fn amd_family() -> u32 {
     let eax = __cpuid(1).eax;
     let base = (eax >> 8) & 0xF;
     if base == 0xF {

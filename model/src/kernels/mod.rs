@@ -236,12 +236,12 @@ impl Rows<'_> {
 }
 
 /// Whether decode's NF4 GEMV takes 8-bit activation codes when the CPU can and `--kernels` does not say:
-/// on AMD. On Zen 4 the 16-bit GEMV is bound by its vector work, not by memory (BENCHMARKS.md: ~11 cycles
-/// per 128 weights in L1, ~1.3× one core's read rate), and the 8-bit one needs less than half the work.
-/// On the Xeons measured here the 16-bit GEMV already reached ~0.85 of a plain read, so they keep its
-/// finer rounding.
+/// on Zen 4 (AMD family 0x19 with AVX-512). There the 16-bit GEMV is bound by its vector work, not by
+/// memory (BENCHMARKS.md: ~11 cycles per 128 weights in L1, ~1.3× one core's read rate), and the 8-bit one
+/// needs less than half the work. On Zen 5 and on the Xeons measured here the 16-bit GEMV already read at
+/// ~0.85–0.9 of a plain read, so they keep its finer rounding.
 fn bytes_by_default() -> bool {
-    avx512::amd()
+    avx512::amd() && avx512::amd_family() == 0x19
 }
 
 /// The kernel family in use.
