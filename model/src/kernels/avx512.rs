@@ -41,7 +41,6 @@ const PREFETCH_L1: usize = 1 << 10;
 /// changed (rarely: a nested scale covers 256 blocks).
 struct TileScales<'a> {
     folded: &'a [f32; 128],
-
     nested: &'a [f32],
     colpair: &'a [u32],
     offset: __m512,
@@ -62,7 +61,6 @@ impl<'a> TileScales<'a> {
         );
         TileScales {
             folded: p.folded,
-
             nested: p.nested,
             colpair: p.colpair,
             offset: _mm512_set1_ps(p.offset),
@@ -125,21 +123,37 @@ unsafe fn map_lookup(codes: __m512i, folded: &[f32; 128]) -> __m512 {
     ))
 }
 
-/// `acc + Σ pairs a·b` as one `vpdpwssd`: written as the intrinsic, LLVM splits some of them into
-/// `vpmaddwd` + `vpaddd` (one more µop on the two ports that are the GEMV's limit).
-#[target_feature(enable = "avx512f,avx512vnni")]
-#[inline]
-unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
-    let mut acc = acc;
-    std::arch::asm!(
-        "vpdpwssd {acc}, {a}, {b}",
-        acc = inout(zmm_reg) acc,
-        a = in(zmm_reg) a,
-        b = in(zmm_reg) b,
-        options(pure, nomem, nostack),
-    );
-    acc
+/// A VNNI multiply-add written as its instruction: written as the intrinsic, LLVM splits some of them into
+/// a multiply and an add (one more µop on the ports that are the GEMV's limit).
+macro_rules! vnni {
+    ($(#[$doc:meta])* $name:ident, $insn:literal) => {
+        $(#[$doc])*
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        #[inline]
+        unsafe fn $name(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+            let mut acc = acc;
+            std::arch::asm!(
+                concat!($insn, " {acc}, {a}, {b}"),
+                acc = inout(zmm_reg) acc,
+                a = in(zmm_reg) a,
+                b = in(zmm_reg) b,
+                options(pure, nomem, nostack),
+            );
+            acc
+        }
+    };
 }
+
+vnni!(
+    /// `acc + Σ pairs a·b`, signed words, as one `vpdpwssd`.
+    dpwssd,
+    "vpdpwssd"
+);
+vnni!(
+    /// `acc + Σ quads a·b`, unsigned bytes of `a` times signed bytes of `b`, as one `vpdpbusd`.
+    dpbusd,
+    "vpdpbusd"
+);
 
 /// Two choices in the GEMV that give the same results to the bit but whose speed depends on the core, made
 /// once per process by vendor (BENCHMARKS.md has the measurements):
@@ -197,6 +211,19 @@ fn flavor() -> Flavor {
     })
 }
 
+/// The 64 bytes of super-chunk `s` of the chunk at `base`, after asking for the code stream ahead: into L2
+/// far ahead, into L1 just ahead (see [`Flavor`]). Prefetches never fault past the end, but forming an
+/// out-of-bounds pointer with `add` would be undefined behaviour: `wrapping_add`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load_super<const L1_PREFETCH: bool>(base: *const u8, s: usize) -> __m512i {
+    _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(s * 64 + PREFETCH_L2) as *const i8);
+    if L1_PREFETCH {
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
+    }
+    _mm512_loadu_si512(base.add(s * 64) as *const __m512i)
+}
+
 /// Super-chunk `s` of the chunk at `base` (64 bytes: 8 weights of each of 16 lanes) times its activation
 /// codes at `xp`, added into `acc` (one accumulator per nibble of a word).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -208,13 +235,7 @@ unsafe fn super_chunk<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
     lut: __m512i,
     acc: &mut [__m512i; 4],
 ) {
-    // Into L2 far ahead, into L1 just ahead. Prefetches never fault past the end, but forming an
-    // out-of-bounds pointer with `add` would be undefined behaviour: `wrapping_add`.
-    _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(s * 64 + PREFETCH_L2) as *const i8);
-    if L1_PREFETCH {
-        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
-    }
-    let v = _mm512_loadu_si512(base.add(s * 64) as *const __m512i);
+    let v = load_super::<L1_PREFETCH>(base, s);
     // Nibble k of each word, shifted down by 4k bits (the index is the low 5 bits and the table repeats, so
     // what lies above the nibble does not matter); see [`Flavor`].
     let t = _mm512_srli_epi16::<4>(v);
@@ -362,21 +383,6 @@ unsafe fn tile_loop(
     }
 }
 
-/// `acc + Σ quads a·b`, unsigned bytes of `a` times signed bytes of `b`, as one `vpdpbusd` (see [`dpwssd`]).
-#[target_feature(enable = "avx512f,avx512vnni")]
-#[inline]
-unsafe fn dpbusd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
-    let mut acc = acc;
-    std::arch::asm!(
-        "vpdpbusd {acc}, {a}, {b}",
-        acc = inout(zmm_reg) acc,
-        a = in(zmm_reg) a,
-        b = in(zmm_reg) b,
-        options(pure, nomem, nostack),
-    );
-    acc
-}
-
 /// [`super_chunk`] with 8-bit codes ([`super::quantx::Bytes`]): `vpermb` maps the low nibble of every byte to
 /// its level byte (the index is the low 6 bits and the table repeats), one word shift brings the high
 /// nibbles down, and two `vpdpbusd` take all 128 weights.
@@ -389,11 +395,7 @@ unsafe fn super_chunk_bytes<const L1_PREFETCH: bool>(
     lut: __m512i,
     acc: &mut [__m512i; 2],
 ) {
-    _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(s * 64 + PREFETCH_L2) as *const i8);
-    if L1_PREFETCH {
-        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
-    }
-    let v = _mm512_loadu_si512(base.add(s * 64) as *const __m512i);
+    let v = load_super::<L1_PREFETCH>(base, s);
     let lo = _mm512_permutexvar_epi8(v, lut);
     let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(v), lut);
     let xs = xp.add(2 * s);

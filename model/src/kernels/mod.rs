@@ -255,15 +255,20 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// The reference kernels, or the fastest this CPU supports (the code width of decode's NF4 GEMV by
-    /// vendor, whatever the fast choice names: [`Kernels::from_choice_or_env`] applies it, with an error
-    /// where the CPU cannot).
+    /// The reference kernels, or the fastest this CPU supports, with the code width the choice names for
+    /// decode's NF4 GEMV where the CPU has it (else the default; [`Kernels::from_choice_or_env`] refuses
+    /// `fast-i8` where the CPU cannot run it).
     pub fn new(choice: KernelChoice) -> Kernels {
-        Kernels::of(if choice == KernelChoice::Reference {
+        let k = Kernels::of(if choice == KernelChoice::Reference {
             Isa::Scalar
         } else {
             Isa::detect()
-        })
+        });
+        match choice {
+            KernelChoice::FastI16 => Kernels { bytes: false, ..k },
+            KernelChoice::FastI8 => k.with_bytes(true).unwrap_or(k),
+            _ => k,
+        }
     }
 
     /// A given instruction set (tests compare every one the CPU has against the reference).
@@ -325,11 +330,10 @@ impl Kernels {
             },
         };
         let k = Kernels::new(choice);
-        match choice {
-            KernelChoice::FastI16 => k.with_bytes(false),
-            KernelChoice::FastI8 => k.with_bytes(true),
-            _ => Ok(k),
+        if choice == KernelChoice::FastI8 && !k.bytes {
+            return k.with_bytes(true);
         }
+        Ok(k)
     }
 
     /// The instruction set.
@@ -444,7 +448,7 @@ impl Kernels {
             let (c0, n) = (rows.start / 128, rows.len() / 128);
             // The parts' chunks are disjoint, so are these slices.
             let s = unsafe { std::slice::from_raw_parts_mut(sp.get().add(2 * c0), 2 * n) };
-            if q8p.get().is_null() {
+            if !self.bytes {
                 let q = unsafe { std::slice::from_raw_parts_mut(qp.get().add(c0 * 128), n * 128) };
                 quantx::fill_chunks(&g, q, s);
             } else {

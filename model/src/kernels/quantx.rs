@@ -108,80 +108,90 @@ impl QuantX {
 
     /// The scalar definition of the 8-bit codes.
     pub fn portable_bytes(x: &[f32]) -> QuantX {
-        let nb = x.len() / BLOCK;
         let mut out = QuantX::zeroed_bytes(x.len());
         let b8 = out.bytes.as_mut().expect("8-bit codes");
-        let mut codes = [[0i8; BLOCK]; 2];
-        for c in 0..nb.div_ceil(2) {
-            let full = 2 * c + 1 < nb;
-            for (h, dst) in codes.iter_mut().enumerate().take(if full { 2 } else { 1 }) {
-                let b = 2 * c + h;
-                out.scale[2 * c + h] = quantize_block_bytes(&x[b * BLOCK..(b + 1) * BLOCK], dst);
-            }
-            // As for the 16-bit codes: two blocks, or the two halves of the single block.
-            let (supers, halves): (usize, [&[i8]; 2]) = if full {
-                (8, [&codes[0], &codes[1]])
-            } else {
-                out.scale[2 * c + 1] = out.scale[2 * c];
-                (4, [&codes[0][..32], &codes[0][32..]])
-            };
-            for (h, half) in halves.iter().enumerate() {
-                let n = 8 * supers;
-                b8.bias[2 * c + h] = 128 * half[..n].iter().map(|&v| v as i32).sum::<i32>();
-            }
-            let dst = &mut b8.q[c * 128..(c + 1) * 128];
-            for s in 0..supers {
-                for (g, o) in dst[16 * s..16 * (s + 1)].chunks_exact_mut(4).enumerate() {
-                    // g: a low, b low, a high, b high.
-                    let half = halves[g % 2];
-                    for (e, v) in o.iter_mut().enumerate() {
-                        *v = half[8 * s + g / 2 + 2 * e];
+        each_chunk(
+            x,
+            &mut out.scale,
+            quantize_block_bytes,
+            |c, supers, halves| {
+                for (h, half) in halves.iter().enumerate() {
+                    b8.bias[2 * c + h] =
+                        128 * half[..8 * supers].iter().map(|&v| v as i32).sum::<i32>();
+                }
+                let dst = &mut b8.q[c * 128..(c + 1) * 128];
+                for s in 0..supers {
+                    for (g, o) in dst[16 * s..16 * (s + 1)].chunks_exact_mut(4).enumerate() {
+                        // g: a low, b low, a high, b high.
+                        let half = halves[g % 2];
+                        for (e, v) in o.iter_mut().enumerate() {
+                            *v = half[8 * s + g / 2 + 2 * e];
+                        }
                     }
                 }
-            }
-        }
+            },
+        );
         out
     }
 
     /// The scalar definition.
     pub fn portable(x: &[f32]) -> QuantX {
-        let nb = x.len() / BLOCK;
-        let chunks = nb.div_ceil(2);
-        let QuantX {
-            mut q, mut scale, ..
-        } = QuantX::zeroed(x.len());
-        let mut codes = [[0i16; BLOCK]; 2];
-        for c in 0..chunks {
-            let full = 2 * c + 1 < nb;
-            for (h, dst) in codes.iter_mut().enumerate().take(if full { 2 } else { 1 }) {
-                let b = 2 * c + h;
-                scale[2 * c + h] = quantize_block(&x[b * BLOCK..(b + 1) * BLOCK], dst);
-            }
-            let out = &mut q[c * 128..(c + 1) * 128];
-            // Each lane half reads its own block, or (a half chunk) one half of the single block.
-            let (supers, halves) = if full {
-                (8, [(&codes[0], 0), (&codes[1], 0)])
-            } else {
-                scale[2 * c + 1] = scale[2 * c];
-                (4, [(&codes[0], 0), (&codes[0], 32)])
-            };
+        let mut out = QuantX::zeroed(x.len());
+        let q = &mut out.q;
+        each_chunk(x, &mut out.scale, quantize_block, |c, supers, [a, b]| {
+            let dst = &mut q[c * 128..(c + 1) * 128];
             for s in 0..supers {
                 for k in 0..4 {
                     let p = 8 * s + k;
-                    let [(a, oa), (b, ob)] = halves;
-                    out[(4 * s + k) * 4..(4 * s + k + 1) * 4].copy_from_slice(&[
-                        a[oa + p],
-                        a[oa + p + 4],
-                        b[ob + p],
-                        b[ob + p + 4],
+                    dst[(4 * s + k) * 4..(4 * s + k + 1) * 4].copy_from_slice(&[
+                        a[p],
+                        a[p + 4],
+                        b[p],
+                        b[p + 4],
                     ]);
                 }
             }
+        });
+        out
+    }
+
+    /// Puts `tail`, the codes of `x`'s last block (a half chunk), in as chunk `c`: the vector quantizers
+    /// take whole chunks only.
+    fn put_tail(&mut self, c: usize, tail: QuantX) {
+        self.scale[2 * c..].copy_from_slice(&tail.scale);
+        match (self.bytes.as_mut(), tail.bytes) {
+            (Some(b8), Some(t8)) => {
+                b8.q[c * 128..].copy_from_slice(&t8.q);
+                b8.bias[2 * c..].copy_from_slice(&t8.bias);
+            }
+            (None, None) => self.q[c * 128..].copy_from_slice(&tail.q),
+            _ => unreachable!("a tail has the codes of the vector it goes into"),
         }
-        QuantX {
-            q,
-            scale,
-            bytes: None,
+    }
+}
+
+/// The scalar quantizers' walk over chunks: each chunk's block(s) to codes with `quantize` (their factors
+/// into `scale`), then `fill(c, supers, [a, b])` with the lane halves' codes — two blocks (8 super-chunks),
+/// or for a last half chunk the two halves of its single block (4 super-chunks, both with its factor).
+fn each_chunk<T: Copy + Default>(
+    x: &[f32],
+    scale: &mut [f32],
+    quantize: fn(&[f32], &mut [T; BLOCK]) -> f32,
+    mut fill: impl FnMut(usize, usize, [&[T]; 2]),
+) {
+    let nb = x.len() / BLOCK;
+    let mut codes = [[T::default(); BLOCK]; 2];
+    for c in 0..nb.div_ceil(2) {
+        let full = 2 * c + 1 < nb;
+        for (h, dst) in codes.iter_mut().enumerate().take(if full { 2 } else { 1 }) {
+            let b = 2 * c + h;
+            scale[2 * c + h] = quantize(&x[b * BLOCK..(b + 1) * BLOCK], dst);
+        }
+        if full {
+            fill(c, 8, [&codes[0], &codes[1]]);
+        } else {
+            scale[2 * c + 1] = scale[2 * c];
+            fill(c, 4, [&codes[0][..32], &codes[0][32..]]);
         }
     }
 }
@@ -261,12 +271,7 @@ unsafe fn avx512_quantize_bytes(x: &[f32], out: &mut QuantX) {
     let b8 = out.bytes.as_mut().expect("8-bit codes");
     avx512_chunks_bytes(&x[..full], &mut b8.q, &mut b8.bias, &mut out.scale);
     if nb % 2 == 1 {
-        let tail = QuantX::portable_bytes(&x[(nb - 1) * BLOCK..]);
-        let t8 = tail.bytes.expect("8-bit codes");
-        let c = nb / 2;
-        b8.q[c * 128..].copy_from_slice(&t8.q);
-        b8.bias[2 * c..].copy_from_slice(&t8.bias);
-        out.scale[2 * c..].copy_from_slice(&tail.scale);
+        out.put_tail(nb / 2, QuantX::portable_bytes(&x[(nb - 1) * BLOCK..]));
     }
 }
 
@@ -311,10 +316,7 @@ unsafe fn avx512_quantize(x: &[f32], out: &mut QuantX) {
     let nb = x.len() / BLOCK;
     avx512_chunks(&x[..nb / 2 * 128], &mut out.q, &mut out.scale);
     if nb % 2 == 1 {
-        let tail = QuantX::portable(&x[(nb - 1) * BLOCK..]);
-        let c = nb / 2;
-        out.q[c * 128..].copy_from_slice(&tail.q);
-        out.scale[2 * c..].copy_from_slice(&tail.scale);
+        out.put_tail(nb / 2, QuantX::portable(&x[(nb - 1) * BLOCK..]));
     }
 }
 
