@@ -69,12 +69,14 @@ fn variants() -> Vec<(Isa, Kernels)> {
     v
 }
 
-/// NF4 GEMV: integer on both SIMD families. GEMM and BF16 GEMV: bf16 on AVX-512, f32 on AVX2.
-fn tol(isa: Isa, k: &Kernels, nf4_gemv: bool) -> f64 {
+/// NF4 GEMV: integer on both SIMD families. NF4 GEMM: 8-bit codes where the GEMV has them (unless on AMX).
+/// Other GEMMs and the BF16 GEMV: bf16 on AVX-512, f32 on AVX2.
+fn tol(isa: Isa, k: &Kernels, nf4: bool, gemm: bool) -> f64 {
     match isa {
         Isa::Scalar => REFERENCE_TOL,
-        _ if nf4_gemv && k.uses_bytes() => INT8_ACT_TOL,
-        _ if nf4_gemv => INT16_ACT_TOL,
+        _ if nf4 && !gemm && k.uses_bytes() => INT8_ACT_TOL,
+        _ if nf4 && gemm && k.gemm_uses_bytes() => INT8_ACT_TOL,
+        _ if nf4 && !gemm => INT16_ACT_TOL,
         Isa::Avx512 => BF16_ACT_TOL,
         Isa::Avx2 => REFERENCE_TOL,
     }
@@ -102,7 +104,7 @@ fn nf4_gemv_and_gemm_match_f64_for_odd_shapes() {
                 k.gemv_nf4(pool, &w, &x, &mut y).unwrap();
                 let e = rel_err(&wf, rows, cols, &x, 1, &y);
                 assert!(
-                    e <= tol(isa, &k, true),
+                    e <= tol(isa, &k, true, false),
                     "{} NF4 GEMV {rows}x{cols}: error {e:e}",
                     k.describe()
                 );
@@ -113,7 +115,7 @@ fn nf4_gemv_and_gemm_match_f64_for_odd_shapes() {
                     k.gemm_nf4(pool, &w, &x, m, &mut y).unwrap();
                     let e = rel_err(&wf, rows, cols, &x, m, &y);
                     assert!(
-                        e <= tol(isa, &k, false),
+                        e <= tol(isa, &k, true, true),
                         "{} NF4 GEMM {rows}x{cols} m={m}: error {e:e}",
                         k.describe()
                     );
@@ -138,7 +140,7 @@ fn bf16_gemv_and_gemm_match_f64_for_odd_shapes() {
             k.gemv_bf16(&pool, &w, &x, &mut y).unwrap();
             let e = rel_err(&wf, rows, cols, &x, 1, &y);
             assert!(
-                e <= tol(isa, &k, false),
+                e <= tol(isa, &k, false, false),
                 "{isa:?} BF16 GEMV {rows}x{cols}: error {e:e}"
             );
             for m in [2, 7] {
@@ -147,7 +149,7 @@ fn bf16_gemv_and_gemm_match_f64_for_odd_shapes() {
                 k.gemm_bf16(&pool, &w, &x, m, &mut y).unwrap();
                 let e = rel_err(&wf, rows, cols, &x, m, &y);
                 assert!(
-                    e <= tol(isa, &k, false),
+                    e <= tol(isa, &k, false, true),
                     "{} BF16 GEMM {rows}x{cols} m={m}: error {e:e}",
                     k.describe()
                 );
@@ -341,6 +343,45 @@ fn the_8_bit_gemv_is_its_definition() {
         }
         let e = max / (sq / rows as f64).sqrt();
         assert!(e <= 1e-5, "{rows}x{cols}: {e:e} from the 8-bit definition");
+    }
+}
+
+/// Prefill's 8-bit GEMM is the 8-bit GEMV run per token, bit for bit: the same codes, the same exact integer
+/// sums per chunk and lane, the same order of f32 operations after them. So the GEMM inherits the GEMV's
+/// definition test above, and any difference is a wrong tile, token group or tail. Shapes: an odd number of
+/// tiles (pairs and a lone one), a half chunk, nested scales crossed mid-row; token counts across the
+/// micro-kernel's groups (6, 4, 2, 1 for tile pairs, 8, 4, 2, 1 for a lone tile).
+#[test]
+fn the_8_bit_gemm_is_the_8_bit_gemv_per_token() {
+    let Some(k) = Kernels::with_isa(Isa::Avx512)
+        .ok()
+        .and_then(|k| k.without_amx().with_bytes(true).ok())
+    else {
+        eprintln!("SKIPPED: this CPU lacks AVX-512 VBMI, which the 8-bit GEMM needs");
+        return;
+    };
+    assert!(k.gemm_uses_bytes());
+    for pool in [Pool::new(1, None), Pool::new(3, None)] {
+        for &(rows, cols) in &[(5, 320), (24, 2048), (41, 2112), (17, 128)] {
+            let w = Nf4Matrix::quantize(&data(rows as u64 + 700, rows * cols), rows, cols).unwrap();
+            for m in [1, 2, 3, 5, 7, 13, 23] {
+                let x = data(m as u64 + 800, m * cols);
+                let mut y = vec![0f32; m * rows];
+                k.gemm_nf4(&pool, &w, &x, m, &mut y).unwrap();
+                for t in 0..m {
+                    let mut want = vec![0f32; rows];
+                    k.gemv_nf4(&pool, &w, &x[t * cols..(t + 1) * cols], &mut want)
+                        .unwrap();
+                    let got = &y[t * rows..(t + 1) * rows];
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{rows}x{cols} m={m} token {t}: GEMM {got:?} vs GEMV {want:?}"
+                    );
+                }
+            }
+        }
     }
 }
 

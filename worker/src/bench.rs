@@ -41,7 +41,8 @@ pub struct Args {
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "nf4"])]
     lm_head: String,
     /// Kernels: reference, fast, or fast with decode's NF4 GEMV on 16-bit (fast-i16) or 8-bit (fast-i8)
-    /// activation codes; fast takes 8-bit codes on Zen 4, else 16-bit.
+    /// activation codes (8-bit codes serve prefill's NF4 GEMM too, unless on AMX); fast takes 8-bit codes
+    /// on Zen 4, else 16-bit.
     #[arg(long, value_parser = crate::runtime::parse_arg::<KernelChoice>)]
     kernels: Option<KernelChoice>,
     /// Key/value cache: f16 (as llama.cpp keeps it; half the bytes attention reads) or f32.
@@ -272,6 +273,12 @@ pub fn run(a: Args) -> Result<()> {
             model::kernels::Isa::Scalar => "f32",
             _ if kernels.uses_bytes() => "int8",
             _ => "int16",
+        },
+        "nf4_gemm": match kernels.isa() {
+            model::kernels::Isa::Scalar | model::kernels::Isa::Avx2 => "f32",
+            _ if kernels.uses_amx() => "amx-bf16",
+            _ if kernels.gemm_uses_bytes() => "int8",
+            _ => "bf16",
         },
         "prompt": a.prompt, "gen": a.gen, "build_s": build_s,
         "prefill_tokens_per_s": prefill_tps,

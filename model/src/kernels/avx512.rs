@@ -428,6 +428,137 @@ unsafe fn chunk_bytes<const SUPERS: usize, const L1_PREFETCH: bool>(
     )
 }
 
+/// Bytes of one chunk of a tile decoded for the 8-bit GEMM ([`decode_tile_bytes`]): per super-chunk, the 64
+/// level bytes of its low nibbles, then the 64 of its high ones.
+pub const BYTE_CHUNK: usize = 8 * 128;
+
+/// Tile `t` of an NF4 matrix decoded once for prefill's 8-bit GEMM: `codes` gets each chunk's level bytes
+/// ([`BYTE_CHUNK`] per chunk, +128 as the GEMV's `vpermb` makes them) and `scales` its 16 lane scales. Every
+/// token of the prompt then reads the same decoded tile, so the GEMM's inner loop is loads and `vpdpbusd`
+/// only.
+///
+/// # Safety
+/// avx512f, avx512bw, avx512vbmi; `codes.len() >= chunks · BYTE_CHUNK`, `scales.len() >= chunks · 16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+pub unsafe fn decode_tile_bytes(w: &Nf4Matrix, t: usize, codes: &mut [u8], scales: &mut [f32]) {
+    let lut = _mm512_loadu_si512(level_bytes().as_ptr() as *const __m512i);
+    let (nb, chunks) = (w.blocks(), w.chunks());
+    assert!(codes.len() >= chunks * BYTE_CHUNK && scales.len() >= chunks * 16);
+    let tile = w.tile(t).as_ptr();
+    let mut sc = TileScales::new(w, t);
+    for c in 0..chunks {
+        _mm512_storeu_ps(
+            scales.as_mut_ptr().add(16 * c),
+            sc.chunk(tile.add(chunk_scales_at(c)), c),
+        );
+        let src = tile.add(chunk_at(c, chunks));
+        let dst = codes.as_mut_ptr().add(c * BYTE_CHUNK);
+        for s in 0..if 2 * c + 1 < nb { 8 } else { 4 } {
+            let v = _mm512_loadu_si512(src.add(64 * s) as *const __m512i);
+            let lo = _mm512_permutexvar_epi8(v, lut);
+            let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(v), lut);
+            _mm512_storeu_si512(dst.add(128 * s) as *mut __m512i, lo);
+            _mm512_storeu_si512(dst.add(128 * s + 64) as *mut __m512i, hi);
+        }
+    }
+}
+
+/// `N` decoded tiles ([`decode_tile_bytes`]) times `T` tokens' 8-bit codes: `out[n][j][i]` = row i of tile n
+/// · token j. Per chunk and token, 16 `vpdpbusd` sum a lane's products exactly in 32 bits, then one
+/// multiply-add weighs them with the lane's scale and the token's factor, as in the GEMV. Each weight vector
+/// loaded serves `T` tokens and each broadcast of a token's codes serves `N` tiles: the broadcasts cost as
+/// much as the multiply-adds on Zen 4 (one tile at a time ran at 250 GFLOP/s, two at 320, BENCHMARKS.md).
+///
+/// # Safety
+/// avx512f, avx512bw, avx512vnni; `codes`/`scales` of tiles of `w`'s shape, every `xs[j]` 8-bit codes of
+/// `w.cols()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn tiles_tokens_bytes<const N: usize, const T: usize>(
+    w: &Nf4Matrix,
+    codes: [&[u8]; N],
+    scales: [&[f32]; N],
+    xs: &[QuantX],
+    out: &mut [[[f32; TILE_ROWS]; T]; N],
+) {
+    let (nb, chunks) = (w.blocks(), w.chunks());
+    assert!(xs.len() >= T);
+    for n in 0..N {
+        assert!(codes[n].len() >= chunks * BYTE_CHUNK && scales[n].len() >= chunks * 16);
+    }
+    let b8: [&super::quantx::Bytes; T] =
+        std::array::from_fn(|j| xs[j].bytes.as_ref().expect("8-bit codes"));
+    let mut acc = [[_mm512_setzero_ps(); T]; N];
+    for c in 0..chunks {
+        let base: [*const u8; N] = std::array::from_fn(|n| codes[n].as_ptr().add(c * BYTE_CHUNK));
+        let mut sum = [[_mm512_setzero_si512(); T]; N];
+        // A constant count unrolls the full chunks' loop.
+        if 2 * c + 1 < nb {
+            chunk_tokens_bytes::<N, T, 8>(base, &b8, c, &mut sum)
+        } else {
+            chunk_tokens_bytes::<N, T, 4>(base, &b8, c, &mut sum)
+        }
+        for n in 0..N {
+            let s16 = _mm512_loadu_ps(scales[n].as_ptr().add(16 * c));
+            for j in 0..T {
+                let bias = _mm512_set1_epi64(std::ptr::read_unaligned(
+                    b8[j].bias.as_ptr().add(2 * c) as *const i64,
+                ));
+                let factor = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
+                    xs[j].scale.as_ptr().add(2 * c) as *const f64,
+                )));
+                acc[n][j] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(_mm512_sub_epi32(sum[n][j], bias)),
+                    _mm512_mul_ps(s16, factor),
+                    acc[n][j],
+                );
+            }
+        }
+    }
+    // Lanes 2i and 2i + 1 are the two halves of row i.
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+    for n in 0..N {
+        for j in 0..T {
+            let rows = _mm512_add_ps(
+                _mm512_permutexvar_ps(even, acc[n][j]),
+                _mm512_permutexvar_ps(odd, acc[n][j]),
+            );
+            _mm256_storeu_ps(out[n][j].as_mut_ptr(), _mm512_castps512_ps256(rows));
+        }
+    }
+}
+
+/// The `SUPERS` super-chunks of decoded chunk `c` of `N` tiles (at `base`) times `T` tokens' codes, added
+/// into `sum`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn chunk_tokens_bytes<const N: usize, const T: usize, const SUPERS: usize>(
+    base: [*const u8; N],
+    b8: &[&super::quantx::Bytes; T],
+    c: usize,
+    sum: &mut [[__m512i; T]; N],
+) {
+    for s in 0..SUPERS {
+        let lo: [__m512i; N] =
+            std::array::from_fn(|n| _mm512_loadu_si512(base[n].add(128 * s) as *const __m512i));
+        let hi: [__m512i; N] =
+            std::array::from_fn(
+                |n| _mm512_loadu_si512(base[n].add(128 * s + 64) as *const __m512i),
+            );
+        for j in 0..T {
+            let xp = b8[j].q.as_ptr().add(c * 128 + 16 * s) as *const i64;
+            let (xe, xo) = (
+                _mm512_set1_epi64(std::ptr::read_unaligned(xp)),
+                _mm512_set1_epi64(std::ptr::read_unaligned(xp.add(1))),
+            );
+            for n in 0..N {
+                sum[n][j] = dpbusd(sum[n][j], lo[n], xe);
+                sum[n][j] = dpbusd(sum[n][j], hi[n], xo);
+            }
+        }
+    }
+}
+
 /// Tile `t` of an NF4 matrix as bf16 rows (nearest even of the f32 `level · scale`, as
 /// [`Nf4Matrix::dequantize_row`] computes it): `out` holds 8 rows of `kp ≥ cols` values. Padding rows of the
 /// last tile get the (finite) values of zero codes; columns past `cols` are left as they are.

@@ -3,8 +3,9 @@
 //! Every kernel exists as a scalar reference ([`reference`], f32 activations, the definition) and as SIMD
 //! versions for AVX-512 (F/BW/VNNI/BF16, plus AMX where the CPU has it) and AVX2+FMA, chosen once at start-up
 //! from the CPU's features. The fast NF4 GEMVs quantize activations to 16-bit integers per block
-//! ([`quantx`]) — error bounded and tested against the reference; the GEMMs decode each slab of weight rows
-//! once (bf16 for AMX and `vdpbf16ps`, f32 for AVX2) and reuse it for every token.
+//! ([`quantx`]; 8-bit ones on Zen 4) — error bounded and tested against the reference; the GEMMs decode each
+//! slab of weight rows once (bf16 for AMX and `vdpbf16ps`, level bytes for the 8-bit `vpdpbusd` GEMM, f32
+//! for AVX2) and reuse it for every token.
 //!
 //! Public entry points are safe: they check every length against the matrix shape and return an error, then
 //! split the rows over the [`Pool`](crate::pool::Pool) and run one narrow unsafe call per part.
@@ -80,9 +81,11 @@ pub enum KernelChoice {
     Reference,
     /// The fastest kernels this CPU supports (the default).
     Fast,
-    /// The fast kernels with decode's NF4 GEMV on 16-bit activation codes (finer rounding).
+    /// The fast kernels with decode's NF4 GEMV on 16-bit activation codes (finer rounding) and prefill's
+    /// NF4 GEMM on bf16.
     FastI16,
-    /// The fast kernels with decode's NF4 GEMV on 8-bit activation codes (AVX-512 VBMI only).
+    /// The fast kernels with decode's NF4 GEMV and, without AMX, prefill's NF4 GEMM on 8-bit activation
+    /// codes (AVX-512 VBMI only).
     FastI8,
 }
 
@@ -175,6 +178,25 @@ fn par_tiles(
     });
 }
 
+/// [`avx512::tiles_tokens_bytes`] on `N` decoded tiles for the first `T` tokens of `xs`; `put(n, j, v)` gets
+/// token j's 8 rows of tile n. Returns `T`.
+fn tokens_bytes<const N: usize, const T: usize>(
+    w: &Nf4Matrix,
+    codes: [&[u8]; N],
+    scales: [&[f32]; N],
+    xs: &[QuantX],
+    put: impl Fn(usize, usize, &[f32; TILE_ROWS]),
+) -> usize {
+    let mut out = [[[0f32; TILE_ROWS]; T]; N];
+    unsafe { avx512::tiles_tokens_bytes::<N, T>(w, codes, scales, xs, &mut out) };
+    for (n, tile) in out.iter().enumerate() {
+        for (j, v) in tile.iter().enumerate() {
+            put(n, j, v);
+        }
+    }
+    T
+}
+
 /// A weight matrix as the prefill driver sees it: rows it can decode in slabs.
 #[derive(Clone, Copy)]
 enum Rows<'a> {
@@ -250,7 +272,8 @@ pub struct Kernels {
     isa: Isa,
     /// Prefill on AMX tiles (AVX-512 family only, when the CPU and kernel allow it).
     amx: bool,
-    /// Decode's NF4 GEMV on 8-bit activation codes ([`quantx::Bytes`]) rather than 16-bit ones.
+    /// Decode's NF4 GEMV on 8-bit activation codes ([`quantx::Bytes`]) rather than 16-bit ones, and
+    /// prefill's NF4 GEMM too where there is no AMX.
     bytes: bool,
 }
 
@@ -309,6 +332,11 @@ impl Kernels {
         self.bytes
     }
 
+    /// Whether prefill's NF4 GEMM does too (with 8-bit codes and without AMX, whose bf16 tiles are faster).
+    pub fn gemm_uses_bytes(&self) -> bool {
+        self.bytes && !self.amx
+    }
+
     /// `x` quantized for this family's NF4 GEMV (16-bit codes unless [`Kernels::uses_bytes`]).
     pub fn quantize(&self, x: &[f32]) -> QuantX {
         if self.bytes {
@@ -357,9 +385,15 @@ impl Kernels {
             Isa::Scalar => "reference (scalar, f32 activations)".into(),
             Isa::Avx2 => "fast (avx2 int16 GEMV, f32 GEMM)".into(),
             Isa::Avx512 => format!(
-                "fast (avx512 {} GEMV, {}bf16 GEMM)",
+                "fast (avx512 {} GEMV, {} GEMM)",
                 if self.bytes { "int8" } else { "int16" },
-                if self.amx { "AMX " } else { "" }
+                if self.amx {
+                    "AMX bf16"
+                } else if self.bytes {
+                    "int8 NF4 / bf16"
+                } else {
+                    "bf16"
+                }
             ),
         }
     }
@@ -622,7 +656,10 @@ impl Kernels {
                 }
             }),
             Isa::Avx512 if self.amx => self.gemm_amx(pool, w, x, m, yp),
-            Isa::Avx512 => self.gemm_bf16_dot(pool, w, x, m, yp),
+            Isa::Avx512 => match w {
+                Rows::Nf4(w) if self.gemm_uses_bytes() => self.gemm_nf4_bytes(pool, w, x, m, yp),
+                _ => self.gemm_bf16_dot(pool, w, x, m, yp),
+            },
             Isa::Avx2 => self.gemm_fma(pool, w, x, m, yp),
         }
     }
@@ -696,6 +733,71 @@ impl Kernels {
                     four_by_four(xb, kp, &yp, rows, r..r + nr, |ptrs, out| unsafe {
                         avx512::tile_4x4_bf16(t4, kp, ptrs, out)
                     });
+                }
+            }
+        });
+    }
+
+    /// AVX-512 VBMI with 8-bit codes and no AMX: every token quantized as for the 8-bit GEMV, each tile of 8
+    /// weight rows decoded once to level bytes, then multiplied with `vpdpbusd` 8 rows × up to 8 tokens at
+    /// a time. Per 1024 multiply-adds that is 16 instructions where `vdpbf16ps` needs 32, and on Zen 4 both
+    /// issue at one 512-bit instruction a cycle (BENCHMARKS.md).
+    fn gemm_nf4_bytes(&self, pool: &Pool, w: &Nf4Matrix, x: &[f32], m: usize, yp: Shared<f32>) {
+        let (rows, cols) = (w.rows(), w.cols());
+        // The tokens are quantized in parallel too: on one thread this took ~12% of a 2048×8192 GEMM.
+        let mut xq: Vec<Option<QuantX>> = (0..m).map(|_| None).collect();
+        let slots = Shared(xq.as_mut_ptr());
+        pool.run(&|p, n| {
+            for t in split(m, n, p, 1) {
+                let q = QuantX::bytes(&x[t * cols..(t + 1) * cols]);
+                unsafe { *slots.get().add(t) = Some(q) };
+            }
+        });
+        let xq: Vec<QuantX> = xq
+            .into_iter()
+            .map(|q| q.expect("every token quantized"))
+            .collect();
+        let xq = &xq;
+        pool.run(&|p, n| {
+            let range = split(rows, n, p, TILE_ROWS);
+            if range.is_empty() {
+                return;
+            }
+            let mut codes = vec![0u8; 2 * w.chunks() * avx512::BYTE_CHUNK];
+            let mut scales = vec![0f32; 2 * w.chunks() * 16];
+            let tiles = range.start / TILE_ROWS..range.end.div_ceil(TILE_ROWS);
+            for t0 in tiles.clone().step_by(2) {
+                let pair = t0 + 1 < tiles.end;
+                let (c0, c1) = codes.split_at_mut(w.chunks() * avx512::BYTE_CHUNK);
+                let (s0, s1) = scales.split_at_mut(w.chunks() * 16);
+                unsafe { avx512::decode_tile_bytes(w, t0, c0, s0) };
+                if pair {
+                    unsafe { avx512::decode_tile_bytes(w, t0 + 1, c1, s1) };
+                }
+                let (c0, c1, s0, s1) = (&*c0, &*c1, &*s0, &*s1);
+                let mut j0 = 0;
+                while j0 < m {
+                    let put = |n: usize, j: usize, v: &[f32; TILE_ROWS]| {
+                        let r0 = (t0 + n) * TILE_ROWS;
+                        let nr = range.end.min(r0 + TILE_ROWS) - r0;
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(yp.get().add((j0 + j) * rows + r0), nr)
+                        };
+                        dst.copy_from_slice(&v[..nr]);
+                    };
+                    let xs = &xq[j0..];
+                    // Groups of a constant count of tokens, so that the micro-kernel's accumulators stay
+                    // in registers: 2 tiles × 6 tokens fill them.
+                    j0 += match (pair, m - j0) {
+                        (true, 6..) => tokens_bytes::<2, 6>(w, [c0, c1], [s0, s1], xs, put),
+                        (true, 4..=5) => tokens_bytes::<2, 4>(w, [c0, c1], [s0, s1], xs, put),
+                        (true, 2..=3) => tokens_bytes::<2, 2>(w, [c0, c1], [s0, s1], xs, put),
+                        (true, _) => tokens_bytes::<2, 1>(w, [c0, c1], [s0, s1], xs, put),
+                        (false, 8..) => tokens_bytes::<1, 8>(w, [c0], [s0], xs, put),
+                        (false, 4..=7) => tokens_bytes::<1, 4>(w, [c0], [s0], xs, put),
+                        (false, 2..=3) => tokens_bytes::<1, 2>(w, [c0], [s0], xs, put),
+                        (false, _) => tokens_bytes::<1, 1>(w, [c0], [s0], xs, put),
+                    };
                 }
             }
         });
