@@ -19,6 +19,17 @@ pub fn folded_map() -> &'static [f32; 128] {
     FOLDED.get_or_init(|| std::array::from_fn(|j| shared_map()[127 + j]))
 }
 
+/// The dynamic map as 4 byte planes, plane `p` holding bits `8p .. 8p + 8` of every value: byte permutes
+/// (`vpermt2b`, 128 entries per instruction) then look up 64 codes at once, a quarter of a plane each.
+pub fn map_planes() -> &'static [[u8; 256]; 4] {
+    static PLANES: std::sync::OnceLock<[[u8; 256]; 4]> = std::sync::OnceLock::new();
+    PLANES.get_or_init(|| {
+        std::array::from_fn(|p| {
+            std::array::from_fn(|c| (shared_map()[c].to_bits() >> (8 * p)) as u8)
+        })
+    })
+}
+
 /// Buffers at least this large are mapped on their own and offered to the kernel as transparent huge pages.
 const HUGE_MIN: usize = 1 << 20;
 const HUGE_PAGE: usize = 2 << 20;
@@ -632,6 +643,7 @@ impl Nf4Matrix {
             map: self.map,
             // Every matrix uses the shared map, so its folded form is the shared one too.
             folded: folded_map(),
+            planes: map_planes(),
             colpair: &self.colpair,
             rowbase: &self.rowbase,
         }
@@ -698,6 +710,8 @@ pub struct ScaleParts<'a> {
     pub map: &'a [f32; 256],
     /// The same map folded on its symmetry ([`folded_map`]).
     pub folded: &'a [f32; 128],
+    /// The same map as byte planes ([`map_planes`]).
+    pub planes: &'a [[u8; 256]; 4],
     /// Per chunk, the tensor column block of each lane half.
     pub colpair: &'a [u32],
     /// Per padded row, the tensor block number of its first block.
