@@ -31,10 +31,14 @@ fn bf16(x: f32) -> u16 {
 /// memory latency at the rate a core consumes codes, into L1 shortly before use. Each software prefetch holds
 /// one of the core's few L1 fill buffers until its line arrives, so the far one goes to L2 only. Measured on
 /// the Xeon here (BENCHMARKS.md): hardware prefetch alone reads at ~55% of a plain read, one L1 prefetch
-/// 4 KiB ahead at ~77%, this pair at ~85%. On Zen 5 the L1 prefetch costs more than it brings (see
-/// [`Flavor`]).
+/// 4 KiB ahead at ~77%, this pair at ~85%. On Zen 5 the L1 prefetch costs more than it brings, and on Zen 4
+/// both do (see [`Flavor`]).
 const PREFETCH_L2: usize = 32 << 10;
 const PREFETCH_L1: usize = 1 << 10;
+/// Bits of the GEMV kernels' `PF` parameter: which of the two prefetches they issue.
+const PF_L2: u8 = 1;
+const PF_L1: u8 = 2;
+const PF_BOTH: u8 = PF_L1 | PF_L2;
 
 /// Decodes the 16 lane scales of chunk `c` of a tile (its codes at [`chunk_scales_at`]):
 /// `map[code] · nested + offset`; `nested` is gathered again only when some lane's nested-scale index
@@ -236,12 +240,25 @@ vnni!(
 /// - `l1_prefetch`: the near prefetch into L1 beside the far one into L2. On the Xeon it took the GEMV from
 ///   ~55% to ~85% of a plain read. On Zen 5 the core issues about two loads a cycle, prefetches included, and
 ///   without it one core's GEMV from memory went from 0.80 to 0.90 of the read (5 rounds in turn).
+/// - `l2_prefetch`: the far prefetch into L2. On Zen 4 the 8-bit GEMV reads faster from memory with no
+///   software prefetch at all, the hardware prefetchers alone keeping up: one thread at 0.96–0.97 of a plain
+///   read against 0.73–0.77 with both prefetches, two at 0.93–1.05 against 0.70–0.92 (in a phase where the
+///   read gave 50 GB/s, 48 GB/s against 35). BENCHMARKS.md has the runs.
 ///
-/// `RINGLM_NF4_SHIFTS=word|byte` and `RINGLM_NF4_L1_PREFETCH=on|off` override the choices (for measurements).
+/// `RINGLM_NF4_SHIFTS=word|byte`, `RINGLM_NF4_L1_PREFETCH=on|off` and `RINGLM_NF4_L2_PREFETCH=on|off` override
+/// the choices (for measurements).
 #[derive(Clone, Copy)]
 struct Flavor {
     word_shifts: bool,
     l1_prefetch: bool,
+    l2_prefetch: bool,
+}
+
+impl Flavor {
+    /// The prefetches as the kernels' `PF` bits.
+    fn pf(&self) -> u8 {
+        (if self.l2_prefetch { PF_L2 } else { 0 }) | (if self.l1_prefetch { PF_L1 } else { 0 })
+    }
 }
 
 /// Whether the CPU is AMD's: cpuid leaf 0 exists on every x86-64 CPU, and "AuthenticAMD" is in ebx, edx,
@@ -267,30 +284,35 @@ fn flavor() -> Flavor {
     static FLAVOR: std::sync::OnceLock<Flavor> = std::sync::OnceLock::new();
     *FLAVOR.get_or_init(|| {
         let amd = amd();
+        let zen4 = amd && amd_family() == 0x19;
         let env = |name: &str| std::env::var(name).ok();
+        let on_off = |name: &str, default: bool| match env(name).as_deref() {
+            Some("on") => true,
+            Some("off") => false,
+            _ => default,
+        };
         Flavor {
             word_shifts: match env("RINGLM_NF4_SHIFTS").as_deref() {
                 Some("word") => true,
                 Some("byte") => false,
                 _ => amd,
             },
-            l1_prefetch: match env("RINGLM_NF4_L1_PREFETCH").as_deref() {
-                Some("on") => true,
-                Some("off") => false,
-                _ => !amd || amd_family() == 0x19,
-            },
+            l1_prefetch: on_off("RINGLM_NF4_L1_PREFETCH", !amd),
+            l2_prefetch: on_off("RINGLM_NF4_L2_PREFETCH", !zen4),
         }
     })
 }
 
-/// The 64 bytes of super-chunk `s` of the chunk at `base`, after asking for the code stream ahead: into L2
-/// far ahead, into L1 just ahead (see [`Flavor`]). Prefetches never fault past the end, but forming an
+/// The 64 bytes of super-chunk `s` of the chunk at `base`, after asking for the code stream ahead as `PF`
+/// says: into L2 far ahead, into L1 just ahead (see [`Flavor`]). Prefetches never fault past the end, but forming an
 /// out-of-bounds pointer with `add` would be undefined behaviour: `wrapping_add`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn load_super<const L1_PREFETCH: bool>(base: *const u8, s: usize) -> __m512i {
-    _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(s * 64 + PREFETCH_L2) as *const i8);
-    if L1_PREFETCH {
+unsafe fn load_super<const PF: u8>(base: *const u8, s: usize) -> __m512i {
+    if PF & PF_L2 != 0 {
+        _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(s * 64 + PREFETCH_L2) as *const i8);
+    }
+    if PF & PF_L1 != 0 {
         _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(s * 64 + PREFETCH_L1) as *const i8);
     }
     _mm512_loadu_si512(base.add(s * 64) as *const __m512i)
@@ -300,14 +322,14 @@ unsafe fn load_super<const L1_PREFETCH: bool>(base: *const u8, s: usize) -> __m5
 /// codes at `xp`, added into `acc` (one accumulator per nibble of a word).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn super_chunk<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
+unsafe fn super_chunk<const WORD_SHIFTS: bool, const PF: u8>(
     base: *const u8,
     s: usize,
     xp: *const i64,
     lut: __m512i,
     acc: &mut [__m512i; 4],
 ) {
-    let v = load_super::<L1_PREFETCH>(base, s);
+    let v = load_super::<PF>(base, s);
     // Nibble k of each word, shifted down by 4k bits (the index is the low 5 bits and the table repeats, so
     // what lies above the nibble does not matter); see [`Flavor`].
     let t = _mm512_srli_epi16::<4>(v);
@@ -343,22 +365,27 @@ pub unsafe fn gemv_nf4_tiles(
     let f = flavor();
     if x.bytes.is_some() {
         // 8-bit codes exist only where the CPU has VBMI (QuantX::bytes checks).
-        return if f.l1_prefetch {
-            gemv_nf4_tiles_bytes::<true>(w, x, y, tiles)
-        } else {
-            gemv_nf4_tiles_bytes::<false>(w, x, y, tiles)
+        return match f.pf() {
+            0 => gemv_nf4_tiles_bytes::<0>(w, x, y, tiles),
+            PF_L2 => gemv_nf4_tiles_bytes::<PF_L2>(w, x, y, tiles),
+            PF_L1 => gemv_nf4_tiles_bytes::<PF_L1>(w, x, y, tiles),
+            _ => gemv_nf4_tiles_bytes::<PF_BOTH>(w, x, y, tiles),
         };
     }
-    match (f.word_shifts, f.l1_prefetch) {
-        (true, false) => gemv_nf4_tiles_with::<true, false>(w, x, y, tiles),
-        (true, true) => gemv_nf4_tiles_with::<true, true>(w, x, y, tiles),
-        (false, false) => gemv_nf4_tiles_with::<false, false>(w, x, y, tiles),
-        (false, true) => gemv_nf4_tiles_with::<false, true>(w, x, y, tiles),
+    match (f.word_shifts, f.pf()) {
+        (true, 0) => gemv_nf4_tiles_with::<true, 0>(w, x, y, tiles),
+        (true, PF_L2) => gemv_nf4_tiles_with::<true, PF_L2>(w, x, y, tiles),
+        (true, PF_L1) => gemv_nf4_tiles_with::<true, PF_L1>(w, x, y, tiles),
+        (true, _) => gemv_nf4_tiles_with::<true, PF_BOTH>(w, x, y, tiles),
+        (false, 0) => gemv_nf4_tiles_with::<false, 0>(w, x, y, tiles),
+        (false, PF_L2) => gemv_nf4_tiles_with::<false, PF_L2>(w, x, y, tiles),
+        (false, PF_L1) => gemv_nf4_tiles_with::<false, PF_L1>(w, x, y, tiles),
+        (false, _) => gemv_nf4_tiles_with::<false, PF_BOTH>(w, x, y, tiles),
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
+unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const PF: u8>(
     w: &Nf4Matrix,
     x: &QuantX,
     y: &mut [f32],
@@ -378,11 +405,11 @@ unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
         let mut a = [_mm512_setzero_si512(); 4];
         if full {
             for s in 0..8 {
-                super_chunk::<WORD_SHIFTS, L1_PREFETCH>(base, s, xp, lut, &mut a);
+                super_chunk::<WORD_SHIFTS, PF>(base, s, xp, lut, &mut a);
             }
         } else {
             for s in 0..4 {
-                super_chunk::<WORD_SHIFTS, L1_PREFETCH>(base, s, xp, lut, &mut a);
+                super_chunk::<WORD_SHIFTS, PF>(base, s, xp, lut, &mut a);
             }
         }
         _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]))
@@ -391,7 +418,7 @@ unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const L1_PREFETCH: bool>(
 
 /// [`gemv_nf4_tiles_with`] for 8-bit activation codes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-unsafe fn gemv_nf4_tiles_bytes<const L1_PREFETCH: bool>(
+unsafe fn gemv_nf4_tiles_bytes<const PF: u8>(
     w: &Nf4Matrix,
     x: &QuantX,
     y: &mut [f32],
@@ -403,9 +430,9 @@ unsafe fn gemv_nf4_tiles_bytes<const L1_PREFETCH: bool>(
     tile_loop(w, x, y, tiles, scales, |base, c, full| {
         let xp = b8.q.as_ptr().add(c * 128) as *const i64;
         let prod = if full {
-            chunk_bytes::<8, L1_PREFETCH>(base, xp, lut)
+            chunk_bytes::<8, PF>(base, xp, lut)
         } else {
-            chunk_bytes::<4, L1_PREFETCH>(base, xp, lut)
+            chunk_bytes::<4, PF>(base, xp, lut)
         };
         // The level bytes carry +128: take 128 · Σ x back out, per lane half.
         let bias = _mm512_set1_epi64(std::ptr::read_unaligned(
@@ -475,14 +502,14 @@ unsafe fn tile_loop(
 /// nibbles down, and two `vpdpbusd` take all 128 weights.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 #[inline]
-unsafe fn super_chunk_bytes<const L1_PREFETCH: bool>(
+unsafe fn super_chunk_bytes<const PF: u8>(
     base: *const u8,
     s: usize,
     xp: *const i64,
     lut: __m512i,
     acc: &mut [__m512i; 2],
 ) {
-    let v = load_super::<L1_PREFETCH>(base, s);
+    let v = load_super::<PF>(base, s);
     let lo = _mm512_permutexvar_epi8(v, lut);
     let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(v), lut);
     let xs = xp.add(2 * s);
@@ -499,15 +526,15 @@ unsafe fn super_chunk_bytes<const L1_PREFETCH: bool>(
 /// critical path; a constant count lets the loop unroll and the accumulators stay in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 #[inline]
-unsafe fn chunk_bytes<const SUPERS: usize, const L1_PREFETCH: bool>(
+unsafe fn chunk_bytes<const SUPERS: usize, const PF: u8>(
     base: *const u8,
     xp: *const i64,
     lut: __m512i,
 ) -> __m512i {
     let (mut even, mut odd) = ([_mm512_setzero_si512(); 2], [_mm512_setzero_si512(); 2]);
     for s in (0..SUPERS).step_by(2) {
-        super_chunk_bytes::<L1_PREFETCH>(base, s, xp, lut, &mut even);
-        super_chunk_bytes::<L1_PREFETCH>(base, s + 1, xp, lut, &mut odd);
+        super_chunk_bytes::<PF>(base, s, xp, lut, &mut even);
+        super_chunk_bytes::<PF>(base, s + 1, xp, lut, &mut odd);
     }
     _mm512_add_epi32(
         _mm512_add_epi32(even[0], even[1]),
@@ -1022,8 +1049,8 @@ mod tests {
             let qx = QuantX::new(&x);
             let (mut word, mut byte) = (vec![0f32; rows], vec![0f32; rows]);
             unsafe {
-                gemv_nf4_tiles_with::<true, false>(&m, &qx, &mut word, 0..m.tiles());
-                gemv_nf4_tiles_with::<false, true>(&m, &qx, &mut byte, 0..m.tiles());
+                gemv_nf4_tiles_with::<true, 0>(&m, &qx, &mut word, 0..m.tiles());
+                gemv_nf4_tiles_with::<false, PF_L1>(&m, &qx, &mut byte, 0..m.tiles());
             }
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&word), bits(&byte), "{rows}x{cols}");
