@@ -739,9 +739,9 @@ impl Kernels {
     }
 
     /// AVX-512 VBMI with 8-bit codes and no AMX: every token quantized as for the 8-bit GEMV, each tile of 8
-    /// weight rows decoded once to level bytes, then multiplied with `vpdpbusd` 8 rows × up to 8 tokens at
-    /// a time. Per 1024 multiply-adds that is 16 instructions where `vdpbf16ps` needs 32, and on Zen 4 both
-    /// issue at one 512-bit instruction a cycle (BENCHMARKS.md).
+    /// weight rows decoded once to level bytes, then multiplied with `vpdpbusd` 2 tiles × up to 6 tokens at
+    /// a time (a lone last tile: up to 8). Per 1024 multiply-adds that is 16 instructions where `vdpbf16ps`
+    /// needs 32; on Zen 4 a 512-bit one of either kind issues at most once a cycle (BENCHMARKS.md).
     fn gemm_nf4_bytes(&self, pool: &Pool, w: &Nf4Matrix, x: &[f32], m: usize, yp: Shared<f32>) {
         let (rows, cols) = (w.rows(), w.cols());
         // The tokens are quantized in parallel too: on one thread this took ~12% of a 2048×8192 GEMM.
