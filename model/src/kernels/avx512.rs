@@ -509,9 +509,7 @@ unsafe fn super_chunk_bytes<const PF: u8>(
     lut: __m512i,
     acc: &mut [__m512i; 2],
 ) {
-    let v = load_super::<PF>(base, s);
-    let lo = _mm512_permutexvar_epi8(v, lut);
-    let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(v), lut);
+    let [lo, hi] = level_bytes_of(load_super::<PF>(base, s), lut);
     let xs = xp.add(2 * s);
     acc[0] = dpbusd(acc[0], lo, _mm512_set1_epi64(std::ptr::read_unaligned(xs)));
     acc[1] = dpbusd(
@@ -519,6 +517,17 @@ unsafe fn super_chunk_bytes<const PF: u8>(
         hi,
         _mm512_set1_epi64(std::ptr::read_unaligned(xs.add(1))),
     );
+}
+
+/// The level bytes of a super-chunk's 128 codes: of the low nibbles, then of the high ones (the `vpermb`
+/// index is a byte's low 6 bits and the table repeats, so one word shift brings the high nibbles down).
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+unsafe fn level_bytes_of(v: __m512i, lut: __m512i) -> [__m512i; 2] {
+    [
+        _mm512_permutexvar_epi8(v, lut),
+        _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(v), lut),
+    ]
 }
 
 /// The `SUPERS` super-chunks of a chunk (8, or 4 for a last half chunk), 8-bit codes: the sum of products
@@ -569,8 +578,7 @@ pub unsafe fn decode_tile_bytes(w: &Nf4Matrix, t: usize, codes: &mut [u8], scale
         let dst = codes.as_mut_ptr().add(c * BYTE_CHUNK);
         for s in 0..if 2 * c + 1 < nb { 8 } else { 4 } {
             let v = _mm512_loadu_si512(src.add(64 * s) as *const __m512i);
-            let lo = _mm512_permutexvar_epi8(v, lut);
-            let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(v), lut);
+            let [lo, hi] = level_bytes_of(v, lut);
             _mm512_storeu_si512(dst.add(128 * s) as *mut __m512i, lo);
             _mm512_storeu_si512(dst.add(128 * s + 64) as *mut __m512i, hi);
         }
@@ -614,6 +622,8 @@ pub unsafe fn tiles_tokens_bytes<const N: usize, const T: usize>(
         for n in 0..N {
             let s16 = _mm512_loadu_ps(scales[n].as_ptr().add(16 * c));
             for j in 0..T {
+                // A token's bias and factor are broadcast again for each tile: held across the tiles, the
+                // 2·T vectors crowd the accumulators out of registers (2–6% slower).
                 let bias = _mm512_set1_epi64(std::ptr::read_unaligned(
                     b8[j].bias.as_ptr().add(2 * c) as *const i64,
                 ));
