@@ -118,7 +118,7 @@ fn nf4_shards_agree_across_np_and_with_load_time_quantization() {
     assert!(max_logit_diff(&runs[0], &direct) <= 1e-6);
     // The fast kernels, measured against the reference ones and bounded: bf16 activations in prefill's GEMM,
     // integer codes in decode's GEMV, both widths. 16-bit codes: ~1.5e-2 here. 8-bit codes (where the CPU
-    // has VBMI; the default on Zen 4): ~9e-2 up to step 6, where the reference's two best tokens lie 0.013
+    // has VBMI; the default on Zen 4 and Intel): ~9e-2 up to step 6, where the reference's two best tokens lie 0.013
     // apart and the 8-bit run takes the other one.
     // The 8-bit GEMV needs the AVX-512 kernels (F, BW, VL, VNNI, BF16) and VBMI.
     let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

@@ -42,7 +42,7 @@ pub struct Args {
     lm_head: String,
     /// Kernels: reference, fast, or fast with decode's NF4 GEMV on 16-bit (fast-i16) or 8-bit (fast-i8)
     /// activation codes (8-bit codes serve prefill's NF4 GEMM too, unless on AMX); fast takes 8-bit codes
-    /// on Zen 4, else 16-bit.
+    /// on Zen 4 and Intel, 16-bit ones on Zen 5.
     #[arg(long, value_parser = crate::runtime::parse_arg::<KernelChoice>)]
     kernels: Option<KernelChoice>,
     /// Key/value cache: f16 (as llama.cpp keeps it; half the bytes attention reads) or f32.

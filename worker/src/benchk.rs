@@ -16,8 +16,8 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Kernels: reference (scalar, f32), fast, fast-i16 or fast-i8 (decode's NF4 GEMV on 16- or 8-bit
-    /// activation codes, and with 8-bit ones prefill's NF4 GEMM too; fast takes 8-bit ones on Zen 4).
-    /// Also RINGLM_KERNELS.
+    /// activation codes, and with 8-bit ones prefill's NF4 GEMM too where there is no AMX; fast takes 8-bit ones on Zen 4 and
+    /// Intel, 16-bit ones on Zen 5). Also RINGLM_KERNELS.
     #[arg(long, value_parser = crate::runtime::parse_arg::<KernelChoice>)]
     kernels: Option<KernelChoice>,
     /// Seconds per measurement (the GEMV and the plain read are measured in turn over twice this).

@@ -29,8 +29,8 @@ pub struct ModelArgs {
     #[arg(long, value_parser = parse_arg::<KvType>)]
     pub kv_cache: Option<KvType>,
     /// Kernels: reference (scalar, f32), fast, fast-i16 or fast-i8 (decode's NF4 GEMV on 16- or 8-bit
-    /// activation codes, and with 8-bit ones prefill's NF4 GEMM too; fast takes 8-bit ones on Zen 4).
-    /// Also RINGLM_KERNELS.
+    /// activation codes, and with 8-bit ones prefill's NF4 GEMM too where there is no AMX; fast takes 8-bit ones on Zen 4 and
+    /// Intel, 16-bit ones on Zen 5). Also RINGLM_KERNELS.
     #[arg(long, value_parser = parse_arg::<KernelChoice>)]
     pub kernels: Option<KernelChoice>,
     /// Worker threads per rank (default: RINGLM_THREADS from ringrun, else every CPU allowed).

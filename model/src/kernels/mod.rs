@@ -3,7 +3,7 @@
 //! Every kernel exists as a scalar reference ([`reference`], f32 activations, the definition) and as SIMD
 //! versions for AVX-512 (F/BW/VNNI/BF16, plus AMX where the CPU has it) and AVX2+FMA, chosen once at start-up
 //! from the CPU's features. The fast NF4 GEMVs quantize activations to 16-bit integers per block
-//! ([`quantx`]; 8-bit ones on Zen 4) — error bounded and tested against the reference; the GEMMs decode each
+//! ([`quantx`]; 8-bit ones on Zen 4 and Intel) — error bounded and tested against the reference; the GEMMs decode each
 //! slab of weight rows once (bf16 for AMX and `vdpbf16ps`, level bytes for the 8-bit `vpdpbusd` GEMM, f32
 //! for AVX2) and reuse it for every token.
 //!
@@ -258,12 +258,14 @@ impl Rows<'_> {
 }
 
 /// Whether decode's NF4 GEMV takes 8-bit activation codes when the CPU can and `--kernels` does not say:
-/// on Zen 4 (AMD family 0x19 with AVX-512). There the 16-bit GEMV is bound by its vector work, not by
-/// memory (BENCHMARKS.md: ~11 cycles per 128 weights in L1, ~1.3× one core's read rate), and the 8-bit one
-/// needs less than half the work. On Zen 5 and on the Xeons measured here the 16-bit GEMV already read at
-/// ~0.85–0.9 of a plain read, so they keep its finer rounding.
+/// on Zen 4 (AMD family 0x19 with AVX-512) and on Intel. On Zen 4 the 16-bit GEMV is bound by its vector
+/// work, not by memory (BENCHMARKS.md: ~11 cycles per 128 weights in L1, ~1.3× one core's read rate), and
+/// the 8-bit one needs less than half the work. On the AMX Xeon of BENCHMARKS.md the 8-bit GEMV reads at
+/// 0.91–0.98 of a plain read where the 16-bit one reads at 0.80–0.93, and decode went from 0.81–0.85 of
+/// the roofline to 0.87–0.93 at every layout (3 rounds in turn). Zen 5's 16-bit GEMV already read at
+/// 0.88–0.99 and the 8-bit one was not measured there, so it keeps the finer rounding.
 fn bytes_by_default() -> bool {
-    avx512::amd() && avx512::amd_family() == 0x19
+    !avx512::amd() || avx512::amd_family() == 0x19
 }
 
 /// The kernel family in use.
