@@ -4,6 +4,8 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use half::f16;
+use model::kernels::vecops::{attend_many, Head, MAX_QUERIES};
 use model::kernels::{AlignedBytes, Bf16Matrix, KernelChoice, Kernels, Nf4Matrix};
 use model::pool::Pool;
 
@@ -34,6 +36,13 @@ pub struct Args {
     /// Token counts for GEMM.
     #[arg(long, value_delimiter = ',', default_value = "16,64,128")]
     gemm_m: Vec<usize>,
+    /// Also measure causal attention at these prompt lengths (e.g. 256,1024): one layer of Yuan2-2B's
+    /// heads (32 of 64 dimensions) over an f16 cache, the prefill of all positions and one decode step
+    /// after them, in ns per query-key pair. The cache is warm here; in decode the weights streamed
+    /// between steps evict it, so `ringlm bench` is the measure of decode's attention. Without --shapes,
+    /// only attention is measured.
+    #[arg(long, value_delimiter = ',')]
+    attention: Vec<usize>,
 }
 
 /// Size of the last-level cache of CPU 0 in bytes, as sysfs reports it ("491520K").
@@ -154,6 +163,10 @@ fn gemm(k: &Kernels, pool: &Pool, m: &Mat, x: &[f32], t: usize, y: &mut [f32]) -
 }
 
 pub fn run(a: Args) -> Result<()> {
+    anyhow::ensure!(
+        a.attention.iter().all(|&p| p > 0),
+        "--attention takes prompt lengths of at least 1 position"
+    );
     let kernels = Kernels::from_choice_or_env(a.kernels)?;
     let pool = match a.threads {
         Some(t) => Pool::new(t, None),
@@ -185,6 +198,14 @@ pub fn run(a: Args) -> Result<()> {
             kernels.describe(),
             peak / 1e9
         );
+    }
+    for &positions in &a.attention {
+        bench_attention(&pool, positions, a.seconds, a.json)?;
+    }
+    if !a.attention.is_empty() && a.shapes.is_empty() {
+        return Ok(());
+    }
+    if !a.json {
         println!(
             "working set per GEMV measurement: {:.0} MiB (last-level cache: {})",
             working_set as f64 / (1 << 20) as f64,
@@ -315,6 +336,96 @@ pub fn run(a: Args) -> Result<()> {
                 g.join(" / ")
             );
         }
+    }
+    Ok(())
+}
+
+/// Causal attention of `heads` heads of `d` dimensions: queries `queries` (each over the positions up to
+/// its own) against an f16 cache of `cap` positions per head, heads spread over the pool as the forward
+/// pass spreads them, a head's queries in blocks of [`MAX_QUERIES`].
+fn attention_pass(
+    pool: &Pool,
+    q: &[f32],
+    (keys, values): (&[f16], &[f16]),
+    (heads, d, cap): (usize, usize, usize),
+    queries: std::ops::Range<usize>,
+) {
+    pool.run(&|p, parts| {
+        let mut scores = vec![0f32; MAX_QUERIES * cap];
+        let mut outs = vec![vec![0f32; d]; MAX_QUERIES];
+        for head in model::pool::split(heads, parts, p, 1) {
+            let kv = head * cap * d..(head + 1) * cap * d;
+            for i0 in queries.clone().step_by(MAX_QUERIES) {
+                let block: Vec<Head<f16>> = (i0..queries.end.min(i0 + MAX_QUERIES))
+                    .map(|i| Head {
+                        q: &q[(head * cap + i) * d..(head * cap + i + 1) * d],
+                        keys: &keys[kv.clone()],
+                        values: &values[kv.clone()],
+                        lo: 0,
+                        hi: i,
+                        scale: 0.125,
+                    })
+                    .collect();
+                let mut refs: Vec<&mut [f32]> = outs
+                    .iter_mut()
+                    .take(block.len())
+                    .map(|o| &mut o[..])
+                    .collect();
+                attend_many(&block, &mut scores, &mut refs);
+            }
+        }
+        std::hint::black_box(&outs);
+    });
+}
+
+/// `bench-kernels --attention`: the best of repeated prefills of `positions` positions and of decode steps
+/// after them, per query-key pair.
+fn bench_attention(pool: &Pool, positions: usize, seconds: f64, json: bool) -> Result<()> {
+    let (heads, d) = (32, 64);
+    anyhow::ensure!(
+        positions > 0,
+        "--attention needs prompt lengths of at least 1"
+    );
+    let val = |i: usize, k: usize| ((i * k % 211) as f32 - 105.0) / 211.0;
+    let q: Vec<f32> = (0..heads * positions * d).map(|i| val(i, 7)).collect();
+    let keys: Vec<f16> = (0..heads * positions * d)
+        .map(|i| f16::from_f32(val(i, 13)))
+        .collect();
+    let values: Vec<f16> = (0..heads * positions * d)
+        .map(|i| f16::from_f32(val(i, 29)))
+        .collect();
+    let dims = (heads, d, positions);
+    let best = |queries: std::ops::Range<usize>| {
+        let mut best = f64::MAX;
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < seconds / 2.0 || best == f64::MAX {
+            let t = Instant::now();
+            attention_pass(pool, &q, (&keys, &values), dims, queries.clone());
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best
+    };
+    let prefill = best(0..positions);
+    let decode = best(positions - 1..positions);
+    let prefill_pairs = (heads * positions * (positions + 1) / 2) as f64;
+    let decode_pairs = (heads * positions) as f64;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"attention_positions": positions, "heads": heads, "head_dim": d,
+                "kv_cache": "f16", "threads": pool.threads(),
+                "prefill_ms": prefill * 1e3, "prefill_ns_per_pair": prefill / prefill_pairs * 1e9,
+                "decode_ms": decode * 1e3, "decode_ns_per_pair": decode / decode_pairs * 1e9})
+        );
+    } else {
+        println!(
+            "attention, {heads} heads × {d}, f16 cache, {positions} positions: prefill {:.2} ms ({:.2} ns per query-key pair), \
+             decode step {:.3} ms ({:.2} ns per pair, warm cache)",
+            prefill * 1e3,
+            prefill / prefill_pairs * 1e9,
+            decode * 1e3,
+            decode / decode_pairs * 1e9
+        );
     }
     Ok(())
 }

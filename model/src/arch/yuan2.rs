@@ -22,7 +22,7 @@ use super::{argmax, rms_norm, Collective, Shard};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::hf::Checkpoint;
-use crate::kernels::vecops::{attend, silu_mul, to_f16, Head, KvElem};
+use crate::kernels::vecops::{attend_many, silu_mul, to_f16, Head, KvElem, MAX_QUERIES};
 use crate::kernels::{Isa, Kernels, Nf4Matrix, Shared, TILE_ROWS};
 use crate::pool::Pool;
 use crate::shards::{FileEntry, Manifest, ShardReader, ShardWriter};
@@ -2211,8 +2211,9 @@ impl Rng {
     }
 }
 
-/// Causal attention of the new tokens' queries over the cache, one query head per task, the heads spread
-/// over the pool's threads (each head's softmax and weighted sum is independent of the others).
+/// Causal attention of the new tokens' queries over the cache, the query heads spread over the pool's
+/// threads (each head's softmax and weighted sum is independent of the others); a head's queries go in
+/// blocks of [`MAX_QUERIES`], which share the loads of the head's value rows.
 fn attention<K: KvElem>(
     pool: &Pool,
     q: &[f32],
@@ -2230,23 +2231,30 @@ fn attention<K: KvElem>(
     assert!(out.len() >= m * n, "attention output too short");
     let op = crate::kernels::Shared(out.as_mut_ptr());
     pool.run(&|p, parts| {
-        let mut scores = vec![0f32; pos + m];
+        let mut scores = vec![0f32; MAX_QUERIES.min(m) * (pos + m)];
+        let mut block = Vec::with_capacity(MAX_QUERIES);
+        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(MAX_QUERIES);
         for head in crate::pool::split(heads, parts, p, 1) {
             let kvh = head / group;
-            for i in 0..m {
-                // A part owns its heads' d-wide slice of every row: disjoint from every other part's.
-                let o =
-                    unsafe { std::slice::from_raw_parts_mut(op.get().add(i * n + head * d), d) };
-                let kv = kvh * d * cap..(kvh + 1) * d * cap;
-                let h = Head {
-                    q: &q[i * n + head * d..i * n + head * d + d],
-                    keys: &keys[kv.clone()],
-                    values: &values[kv],
-                    lo: doc_start[i],
-                    hi: pos + i,
-                    scale,
-                };
-                attend(&h, &mut scores, o);
+            let kv = kvh * d * cap..(kvh + 1) * d * cap;
+            for i0 in (0..m).step_by(MAX_QUERIES) {
+                block.clear();
+                outs.clear();
+                for i in i0..m.min(i0 + MAX_QUERIES) {
+                    block.push(Head {
+                        q: &q[i * n + head * d..i * n + head * d + d],
+                        keys: &keys[kv.clone()],
+                        values: &values[kv.clone()],
+                        lo: doc_start[i],
+                        hi: pos + i,
+                        scale,
+                    });
+                    // A part owns its heads' d-wide slice of every row: disjoint from every other part's.
+                    outs.push(unsafe {
+                        std::slice::from_raw_parts_mut(op.get().add(i * n + head * d), d)
+                    });
+                }
+                attend_many(&block, &mut scores, &mut outs);
             }
         }
     });

@@ -24,7 +24,7 @@ fn pick() -> DotFn {
     })
 }
 
-/// Whether [`head_avx512`] can run here (its f16 loads need the byte/word and 256-bit forms).
+/// Whether the vector attention can run here (its f16 loads need the byte/word and 256-bit forms).
 fn vector_head() -> bool {
     static P: OnceLock<bool> = OnceLock::new();
     *P.get_or_init(|| {
@@ -37,6 +37,8 @@ fn vector_head() -> bool {
 /// An element of the key/value cache: f32, or f16 at half the bytes attention reads per token. Either
 /// way the arithmetic is f32 (an f16 widens exactly), so the vector and scalar heads stay bit-equal.
 pub trait KvElem: Copy + Send + Sync + 'static {
+    /// Whether the element is f32 already (nothing to widen).
+    const F32: bool;
     /// The value as f32.
     fn get(self) -> f32;
     /// 16 elements from `p` as f32, lanes outside `mask` zero and not read.
@@ -47,6 +49,8 @@ pub trait KvElem: Copy + Send + Sync + 'static {
 }
 
 impl KvElem for f32 {
+    const F32: bool = true;
+
     #[inline(always)]
     fn get(self) -> f32 {
         self
@@ -60,6 +64,8 @@ impl KvElem for f32 {
 }
 
 impl KvElem for half::f16 {
+    const F32: bool = false;
+
     #[inline(always)]
     fn get(self) -> f32 {
         self.to_f32()
@@ -239,20 +245,71 @@ pub struct Head<'a, K: KvElem = f32> {
 /// As [`head_scalar`] defines it, on every CPU.
 #[inline]
 pub fn attend<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
-    // The vector version reads rows lo..=hi unchecked.
-    let rows = (h.hi + 1) * h.q.len();
+    attend_many(std::slice::from_ref(h), scores, &mut [out]);
+}
+
+/// Most queries [`attend_many`] takes at once: 4 queries × 64 output dimensions are 16 accumulators, which
+/// leave registers for a value row's 4 vectors and the weights.
+pub const MAX_QUERIES: usize = 4;
+
+/// [`attend`] for up to [`MAX_QUERIES`] queries of one head (the same keys, values and scale; prefill's
+/// consecutive positions), `outs[b]` getting query `b`'s output. `scores` is scratch of at least
+/// `heads.len() × (the largest hi + 1)`. The queries share the loads of the value rows, not their sums:
+/// each output has the bits [`head_scalar`] gives it alone.
+pub fn attend_many<K: KvElem>(heads: &[Head<K>], scores: &mut [f32], outs: &mut [&mut [f32]]) {
+    let Some(first) = heads.first() else {
+        return;
+    };
+    let d = first.q.len();
     assert!(
-        h.lo <= h.hi && rows <= h.keys.len() && rows <= h.values.len() && h.hi < scores.len(),
-        "attention over positions {}..={} of a cache of {} keys",
-        h.lo,
-        h.hi,
-        h.keys.len() / h.q.len().max(1)
+        heads.len() <= MAX_QUERIES && outs.len() == heads.len(),
+        "{} queries and {} outputs for one attention pass (at most {MAX_QUERIES})",
+        heads.len(),
+        outs.len()
     );
-    assert_eq!(out.len(), h.q.len(), "attention output of the wrong width");
+    let stride = heads.iter().map(|h| h.hi + 1).max().unwrap_or(0);
+    assert!(
+        scores.len() >= heads.len() * stride,
+        "attention scratch of {} for {} queries over {stride} positions",
+        scores.len(),
+        heads.len()
+    );
+    for (h, out) in heads.iter().zip(outs.iter()) {
+        // The vector versions read rows lo..=hi unchecked.
+        let rows = (h.hi + 1) * d;
+        assert!(
+            h.lo <= h.hi && rows <= h.keys.len() && rows <= h.values.len(),
+            "attention over positions {}..={} of a cache of {} keys",
+            h.lo,
+            h.hi,
+            h.keys.len() / d.max(1)
+        );
+        assert_eq!(out.len(), d, "attention output of the wrong width");
+        assert!(
+            h.q.len() == d
+                && std::ptr::eq(h.keys, first.keys)
+                && std::ptr::eq(h.values, first.values)
+                && h.scale == first.scale,
+            "queries of one attention pass must share their head's keys, values and scale"
+        );
+    }
     if vector_head() {
-        unsafe { head_avx512(h, scores, out) }
-    } else {
-        head_scalar(h, scores, out)
+        match d {
+            64 => return unsafe { many_fixed::<K, 4>(heads, scores, stride, outs) },
+            128 => return unsafe { many_fixed::<K, 8>(heads, scores, stride, outs) },
+            _ => {}
+        }
+    }
+    for ((h, out), s) in heads
+        .iter()
+        .zip(outs.iter_mut())
+        .zip(scores.chunks_mut(stride))
+    {
+        if vector_head() {
+            unsafe { head_any(h, s, out) }
+        } else {
+            head_scalar(h, s, out)
+        }
     }
 }
 
@@ -331,6 +388,14 @@ fn sum_in_order(v: &[f32]) -> f32 {
 /// every weight NaN either way), `exp` and the division are per element; only the sum keeps its order.
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_weights_avx512(sc: &mut [f32], scale: f32) {
+    exp_scaled_avx512(sc, scale);
+    let sum = sum_in_order(sc);
+    divide_avx512(sc, sum);
+}
+
+/// The softmax's first steps in place: every score scaled, then `exp(score - max)`.
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_scaled_avx512(sc: &mut [f32], scale: f32) {
     let n = sc.len();
     let p = sc.as_mut_ptr();
     let sv = _mm512_set1_ps(scale);
@@ -346,7 +411,13 @@ unsafe fn softmax_weights_avx512(sc: &mut [f32], scale: f32) {
     for s in sc[full..].iter_mut() {
         *s = exp(*s - max);
     }
-    let sum = _mm512_set1_ps(sum_in_order(sc));
+}
+
+/// The softmax's last step: every value divided by `sum`.
+#[target_feature(enable = "avx512f")]
+unsafe fn divide_avx512(sc: &mut [f32], sum: f32) {
+    let (n, p) = (sc.len(), sc.as_mut_ptr());
+    let sum = _mm512_set1_ps(sum);
     for i in (0..n).step_by(16) {
         let m = first_lanes(n - i);
         let v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, p.add(i)), sum);
@@ -393,57 +464,280 @@ unsafe fn lane_tree(acc: __m512) -> f32 {
     _mm_cvtss_f32(a1)
 }
 
+/// The first step of the lane trees of two scores `x` and `y` ([`lane_trees16`]): side by side, lanes `l`
+/// and `l + 8` of each added (8 sums of `x`, then 8 of `y`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn lane_pairs(x: __m512, y: __m512) -> __m512 {
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+        _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+    )
+}
+
+/// The lane trees of 16 scores at once from their first steps ([`lane_pairs`] of scores 2p and 2p + 1 in
+/// `s8[p]`): lane `k` of the result is [`lane_tree`] of score `k`, the same sums of the same lanes (each
+/// step adds lanes `l` and `l + w` of every score), so the same bits. One tree at a time is a chain of 7
+/// shuffles and adds per score; together it is 15 adds and 31 shuffles for 16.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn lane_trees16(s8: &[__m512; 8]) -> __m512 {
+    // w = 4: scores 4p .. 4p + 4 one per 128-bit quarter, lanes l and l + 4 added (4 sums each).
+    let s4: [__m512; 4] = std::array::from_fn(|p| {
+        let (x, y) = (s8[2 * p], s8[2 * p + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        )
+    });
+    // w = 2: in quarter k, scores 8p + k (lanes 0, 1) and 8p + 4 + k (lanes 2, 3), 2 sums each.
+    let s2: [__m512; 2] = std::array::from_fn(|p| {
+        let (x, y) = (s4[2 * p], s4[2 * p + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+        )
+    });
+    // w = 1: lane 4k + e holds score 4e + k; the permute puts score s in lane s.
+    let s1 = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(s2[0], s2[1]),
+        _mm512_shuffle_ps::<0b11_01_11_01>(s2[0], s2[1]),
+    );
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, s1)
+}
+
+/// [`attend_many`] for heads of `16 × NV` dimensions: the width known, so no masks and the query in
+/// registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn head_avx512<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
-    // The usual head widths get a loop with the width known: no masks, the query in registers, nothing
-    // but loads and arithmetic per cached position.
-    match h.q.len() {
-        64 => head_fixed::<K, 4>(h, scores, out),
-        128 => head_fixed::<K, 8>(h, scores, out),
-        _ => head_any(h, scores, out),
+unsafe fn many_fixed<K: KvElem, const NV: usize>(
+    heads: &[Head<K>],
+    scores: &mut [f32],
+    stride: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let shared_lo = heads.iter().map(|h| h.lo).max().unwrap_or(0);
+    let shared_hi = heads.iter().map(|h| h.hi).min().unwrap_or(0);
+    if heads.len() == 1 || shared_lo > shared_hi {
+        // Decode's single query, or a block with no position that every query attends to (a document
+        // starts inside it): one query at a time. Decode's keys and values were evicted by the weights
+        // streamed since the last step, so it asks for them ahead; prefill finds them in cache, where a
+        // prefetch would only take a load slot.
+        let cold = heads.len() == 1;
+        for (b, (h, out)) in heads.iter().zip(outs.iter_mut()).enumerate() {
+            let s = &mut scores[b * stride..(b + 1) * stride];
+            scores_fixed::<K, NV>(h, s, cold);
+            softmax_weights(&mut s[h.lo..=h.hi], h.scale);
+            weighted::<K, NV, 1>(std::slice::from_ref(h), s, stride, &mut [out]);
+        }
+        return;
+    }
+    match heads.len() {
+        2 => block::<K, NV, 2>(heads, scores, stride, outs),
+        3 => block::<K, NV, 3>(heads, scores, stride, outs),
+        _ => block::<K, NV, 4>(heads, scores, stride, outs),
     }
 }
 
-/// [`head_avx512`] for heads of `16 × NV` dimensions.
+/// [`many_fixed`] for `B` ≥ 2 queries that share positions (prefill): the key rows widened once for all
+/// of them, the softmax's in-order sums of all of them in one pass, the value rows loaded once for all.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn head_fixed<K: KvElem, const NV: usize>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
+unsafe fn block<K: KvElem, const NV: usize, const B: usize>(
+    heads: &[Head<K>],
+    scores: &mut [f32],
+    stride: usize,
+    outs: &mut [&mut [f32]],
+) {
+    if K::F32 {
+        for (b, h) in heads.iter().enumerate() {
+            scores_fixed::<K, NV>(h, &mut scores[b * stride..(b + 1) * stride], false);
+        }
+    } else {
+        scores_widened::<K, NV>(heads, scores, stride);
+    }
+    softmax_block::<B>(heads, scores, stride);
+    weighted::<K, NV, B>(heads, scores, stride, outs);
+}
+
+/// The scores of several queries (query `b`'s at `b × stride`), 16 positions at a time: the 16 key rows
+/// widened to f32 once, then every query whose range meets them scored as [`scores_fixed`] scores it.
+/// Widening a row is 2 micro-operations per vector on the Xeon, as many as its multiply and add.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn scores_widened<K: KvElem, const NV: usize>(
+    heads: &[Head<K>],
+    scores: &mut [f32],
+    stride: usize,
+) {
+    let d = 16 * NV;
+    let lo = heads.iter().map(|h| h.lo).min().unwrap_or(0);
+    let hi = heads.iter().map(|h| h.hi).max().unwrap_or(0);
+    let kp = heads[0].keys.as_ptr();
+    // 16 rows of up to 8 vectors (heads of up to 128 dimensions).
+    let mut wide = [_mm512_setzero_ps(); 16 * 8];
+    let mut j0 = lo;
+    while j0 <= hi {
+        let n = (hi + 1 - j0).min(16);
+        for r in 0..n {
+            for i in 0..NV {
+                wide[r * NV + i] = K::load16(kp.add((j0 + r) * d + 16 * i), 0xFFFF);
+            }
+        }
+        for (b, h) in heads.iter().enumerate() {
+            if j0 + 16 <= h.lo || j0 > h.hi {
+                continue;
+            }
+            let qv: [__m512; NV] =
+                std::array::from_fn(|i| _mm512_loadu_ps(h.q.as_ptr().add(16 * i)));
+            // Past the last row the last stands in (computed, never stored).
+            let dot = |r: usize| {
+                let row = &wide[r.min(n - 1) * NV..];
+                let mut a = _mm512_setzero_ps();
+                for (q, k) in qv.iter().zip(row) {
+                    a = _mm512_add_ps(a, _mm512_mul_ps(*q, *k));
+                }
+                a
+            };
+            let s8: [__m512; 8] = std::array::from_fn(|p| lane_pairs(dot(2 * p), dot(2 * p + 1)));
+            // Only this query's positions: lanes from lo - j0 up to hi - j0.
+            let mask = first_lanes(h.hi + 1 - j0) & !first_lanes(h.lo.saturating_sub(j0));
+            let at = scores.as_mut_ptr().add(b * stride + j0);
+            _mm512_mask_storeu_ps(at, mask, lane_trees16(&s8));
+        }
+        j0 += 16;
+    }
+}
+
+/// [`softmax_weights`] of `B` queries' scores (query `b`'s at `b × stride`), the same bits: each sum is
+/// still in position order, but the `B` sums advance together, so the adds of one query wait for the
+/// previous add of that query only, not of all (alone, one sum is a chain of an add per position).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_block<const B: usize>(
+    heads: &[Head<impl KvElem>],
+    scores: &mut [f32],
+    stride: usize,
+) {
+    for (b, h) in heads.iter().enumerate() {
+        exp_scaled_avx512(&mut scores[b * stride + h.lo..=b * stride + h.hi], h.scale);
+    }
+    let shared_lo = heads.iter().map(|h| h.lo).max().unwrap_or(0);
+    let shared_hi = heads.iter().map(|h| h.hi).min().unwrap_or(0);
+    let p = scores.as_ptr();
+    let mut sum = [0f32; B];
+    for (b, sb) in sum.iter_mut().enumerate() {
+        for j in heads[b].lo..shared_lo {
+            *sb += *p.add(b * stride + j);
+        }
+    }
+    for j in shared_lo..=shared_hi {
+        for (b, sb) in sum.iter_mut().enumerate() {
+            *sb += *p.add(b * stride + j);
+        }
+    }
+    for (b, sb) in sum.iter_mut().enumerate() {
+        for j in shared_hi + 1..=heads[b].hi {
+            *sb += *p.add(b * stride + j);
+        }
+    }
+    for (b, h) in heads.iter().enumerate() {
+        divide_avx512(&mut scores[b * stride + h.lo..=b * stride + h.hi], sum[b]);
+    }
+}
+
+/// One query's scores over `lo..=hi` into `s`, 16 positions at a time ([`dot_tree`]'s sums, the trees
+/// taken together by [`lane_trees16`]); `prefetch` asks for the keys [`KV_AHEAD`] rows ahead and the values
+/// of each row scored.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn scores_fixed<K: KvElem, const NV: usize>(h: &Head<K>, s: &mut [f32], prefetch: bool) {
     let d = 16 * NV;
     let row_lines = d * std::mem::size_of::<K>() / 64;
     let (kp, vp) = (h.keys.as_ptr(), h.values.as_ptr());
-    let mut qv = [_mm512_setzero_ps(); NV];
-    for (i, v) in qv.iter_mut().enumerate() {
-        *v = _mm512_loadu_ps(h.q.as_ptr().add(16 * i));
-    }
-    for j in h.lo..=h.hi {
-        let row = kp.add(j * d);
-        // As in head_any: keys a few rows ahead, and this row's values for the weighted sum.
-        let ahead = row.wrapping_add(KV_AHEAD * d) as *const i8;
-        let vrow = vp.add(j * d) as *const i8;
-        for l in 0..row_lines {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-            _mm_prefetch::<_MM_HINT_T0>(vrow.wrapping_add(64 * l));
-        }
-        let mut acc = _mm512_setzero_ps();
-        for (i, q) in qv.iter().enumerate() {
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(*q, K::load16(row.add(16 * i), 0xFFFF)));
-        }
-        *scores.get_unchecked_mut(j) = lane_tree(acc);
-    }
-    softmax_weights(&mut scores[h.lo..=h.hi], h.scale);
-    let mut o = [_mm512_setzero_ps(); NV];
-    for j in h.lo..=h.hi {
-        let w = _mm512_set1_ps(*scores.get_unchecked(j));
-        let row = vp.add(j * d);
-        for (i, oi) in o.iter_mut().enumerate() {
-            *oi = _mm512_add_ps(*oi, _mm512_mul_ps(w, K::load16(row.add(16 * i), 0xFFFF)));
-        }
-    }
-    for (i, oi) in o.iter().enumerate() {
-        _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *oi);
+    let qv: [__m512; NV] = std::array::from_fn(|i| _mm512_loadu_ps(h.q.as_ptr().add(16 * i)));
+    let mut j0 = h.lo;
+    while j0 <= h.hi {
+        let n = (h.hi + 1 - j0).min(16);
+        // Past hi the last row stands in (read, never stored): the cache may end there.
+        let dot = |r: usize| {
+            let j = j0 + r.min(n - 1);
+            if prefetch {
+                // Row by row, as each row is scored: asked for all at once, a group's 64 lines arrive
+                // no sooner (decode at ~1,000 positions measured 2% slower).
+                let ahead = kp.wrapping_add((j + KV_AHEAD) * d) as *const i8;
+                let vrow = vp.wrapping_add(j * d) as *const i8;
+                for l in 0..row_lines {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
+                    _mm_prefetch::<_MM_HINT_T0>(vrow.wrapping_add(64 * l));
+                }
+            }
+            let row = kp.add(j * d);
+            let mut a = _mm512_setzero_ps();
+            for (i, q) in qv.iter().enumerate() {
+                a = _mm512_add_ps(a, _mm512_mul_ps(*q, K::load16(row.add(16 * i), 0xFFFF)));
+            }
+            a
+        };
+        // Two rows' sums at a time go straight into the trees' first step: 8 vectors live, not 16.
+        let s8: [__m512; 8] = std::array::from_fn(|p| lane_pairs(dot(2 * p), dot(2 * p + 1)));
+        _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), first_lanes(n), lane_trees16(&s8));
+        j0 += 16;
     }
 }
 
-/// [`head_avx512`] for any head width.
+/// The weighted sums of `B` queries (weights in `scores`, `stride` apart) over the value rows, 64 output
+/// dimensions at a time. Each query sums in position order, as the definition does: first its positions
+/// before those all queries share, then the shared ones (each value row loaded once for all `B`), then its
+/// own after them. Needs a shared position (max lo ≤ min hi).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn weighted<K: KvElem, const NV: usize, const B: usize>(
+    heads: &[Head<K>],
+    scores: &[f32],
+    stride: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let d = 16 * NV;
+    let vp = heads[0].values.as_ptr();
+    let sp = scores.as_ptr();
+    let shared_lo = heads.iter().map(|h| h.lo).max().unwrap_or(0);
+    let shared_hi = heads.iter().map(|h| h.hi).min().unwrap_or(0);
+    let add_row = |o: &mut [__m512; 4], w: f32, row: *const K| {
+        let w = _mm512_set1_ps(w);
+        for (i, oi) in o.iter_mut().enumerate() {
+            *oi = _mm512_add_ps(*oi, _mm512_mul_ps(w, K::load16(row.add(16 * i), 0xFFFF)));
+        }
+    };
+    for t0 in (0..d).step_by(64) {
+        let mut o = [[_mm512_setzero_ps(); 4]; B];
+        for (b, ob) in o.iter_mut().enumerate() {
+            for j in heads[b].lo..shared_lo {
+                add_row(ob, *sp.add(b * stride + j), vp.add(j * d + t0));
+            }
+        }
+        for j in shared_lo..=shared_hi {
+            let row = vp.add(j * d + t0);
+            let v: [__m512; 4] = std::array::from_fn(|i| K::load16(row.add(16 * i), 0xFFFF));
+            for (b, ob) in o.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*sp.add(b * stride + j));
+                for (oi, vi) in ob.iter_mut().zip(&v) {
+                    *oi = _mm512_add_ps(*oi, _mm512_mul_ps(w, *vi));
+                }
+            }
+        }
+        for (b, ob) in o.iter_mut().enumerate() {
+            for j in shared_hi + 1..=heads[b].hi {
+                add_row(ob, *sp.add(b * stride + j), vp.add(j * d + t0));
+            }
+            for (i, oi) in ob.iter().enumerate() {
+                _mm512_storeu_ps(outs[b].as_mut_ptr().add(t0 + 16 * i), *oi);
+            }
+        }
+    }
+}
+
+/// [`attend_many`]'s vector form for one query of any head width.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn head_any<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
     let d = h.q.len();
@@ -721,7 +1015,7 @@ mod tests {
                 let (mut s1, mut s2) = (vec![0f32; cap], vec![0f32; cap]);
                 let (mut o1, mut o2) = (vec![0f32; q.len()], vec![0f32; q.len()]);
                 head_scalar(&h, &mut s1, &mut o1);
-                unsafe { head_avx512(&h, &mut s2, &mut o2) };
+                attend(&h, &mut s2, &mut o2);
                 [o1, o2]
             }
             let [o1, o2] = both(&q, &keys, &values, lo, hi);
@@ -740,6 +1034,95 @@ mod tests {
             assert_eq!(ow, o4, "f16 against widened f32, d={d}");
             // And f16 is not f32: the values above are not all exact in f16, so the outputs differ.
             assert_ne!(o2, o4, "d={d}: the f16 cache rounded nothing");
+        }
+    }
+
+    #[test]
+    fn sixteen_lane_trees_at_once_are_sixteen_trees() {
+        if !vector_head() {
+            eprintln!("SKIPPED: no AVX-512 (F, BW, VL) here");
+            return;
+        }
+        // Magnitudes from 1e-3 to 1e3 and both signs, so that a different order of any addition shows.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let m = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            m * 10f32.powi((seed % 7) as i32 - 3)
+        };
+        for _ in 0..200 {
+            let lanes: Vec<[f32; 16]> = (0..16).map(|_| std::array::from_fn(|_| next())).collect();
+            let acc: [__m512; 16] =
+                std::array::from_fn(|k| unsafe { _mm512_loadu_ps(lanes[k].as_ptr()) });
+            let s8: [__m512; 8] =
+                std::array::from_fn(|p| unsafe { lane_pairs(acc[2 * p], acc[2 * p + 1]) });
+            let mut got = [0f32; 16];
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), lane_trees16(&s8)) };
+            for (k, g) in got.iter().enumerate() {
+                let one = unsafe { lane_tree(acc[k]) };
+                assert_eq!(g.to_bits(), one.to_bits(), "score {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn queries_attended_together_equal_each_alone_bit_for_bit() {
+        // Blocks of 1-4 queries as prefill forms them (consecutive positions, hi + 1 each), the same document
+        // start or different ones (a document begins inside the block, or between blocks), in f32 and f16,
+        // for the widths with a fixed-width kernel (64, 128) and one without (48). Every output must be
+        // the definition's for that query alone.
+        let f = |i: usize, k: usize| ((i * k % 211) as f32 - 105.0) / 53.0;
+        for d in [64, 128, 48] {
+            let cap = 70;
+            let q: Vec<f32> = (0..4 * d).map(|i| f(i, 7)).collect();
+            let keys: Vec<f32> = (0..cap * d).map(|i| f(i, 13)).collect();
+            let values: Vec<f32> = (0..cap * d).map(|i| f(i, 29)).collect();
+            let los: [&[usize]; 5] = [
+                &[0, 0, 0, 0],
+                &[5, 5, 5, 5],
+                &[0, 0, 40, 40],
+                &[3, 9, 9, 44],
+                &[30, 31, 32, 33],
+            ];
+            fn check<K: KvElem>(q: &[f32], keys: &[K], values: &[K], los: &[usize], hi0: usize) {
+                let d = q.len() / 4;
+                for count in 1..=4 {
+                    let heads: Vec<Head<K>> = (0..count)
+                        .map(|b| Head {
+                            q: &q[b * d..(b + 1) * d],
+                            keys,
+                            values,
+                            lo: los[b],
+                            hi: hi0 + b,
+                            scale: 0.125,
+                        })
+                        .collect();
+                    let mut outs = vec![vec![0f32; d]; count];
+                    let mut scratch = vec![0f32; count * (hi0 + count)];
+                    let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+                    attend_many(&heads, &mut scratch, &mut refs);
+                    for (b, h) in heads.iter().enumerate() {
+                        let mut want = vec![0f32; d];
+                        head_scalar(h, &mut vec![0f32; hi0 + count], &mut want);
+                        assert_eq!(
+                            outs[b], want,
+                            "d={d} query {b} of {count}, {}..={}",
+                            h.lo, h.hi
+                        );
+                    }
+                }
+            }
+            for los in los {
+                for hi0 in [los[3].max(33), 47, 66] {
+                    check(&q, &keys, &values, los, hi0);
+                    let half = |v: &[f32]| -> Vec<half::f16> {
+                        v.iter().map(|&x| half::f16::from_f32(x)).collect()
+                    };
+                    check(&q, &half(&keys), &half(&values), los, hi0);
+                }
+            }
         }
     }
 
