@@ -369,3 +369,65 @@ fn pipeline_stages_equal_a_single_process() {
     let err = logits(4, &dir, &prompt, 1, &["--pp", "4"]).unwrap_err();
     assert!(err.contains("layers"), "the tiny model has 2 layers: {err}");
 }
+
+/// `ringlm bench --json` at np = 2, as scripts and `scripts/sweep` read it: every documented field, the
+/// profile's fractions summing to 1, one `comm_by_rank` share per rank with rank 0's equal to `profile.comm`,
+/// and with --layers the full-depth projection. Timing values are only checked to be positive and finite:
+/// their size is a benchmark's business, not a test's.
+#[test]
+fn bench_reports_every_field_at_np_2() {
+    let mut cmd = Command::new(bin("ringrun"));
+    cmd.args(["-np", "2", "--"])
+        .arg(bin("ringlm"))
+        .args([
+            "bench",
+            "--preset",
+            "yuan2-2b",
+            "--layers",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .args(["--prompt", "4", "--gen", "2", "--lm-head", "nf4", "--json"]);
+    let out = run(&mut cmd, LIMIT);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let j: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    let positive = |v: &Value, name: &str| {
+        let x = v.as_f64().unwrap_or_else(|| panic!("{name} missing: {j}"));
+        assert!(x.is_finite() && x > 0.0, "{name} = {x}");
+        x
+    };
+    for name in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "ms_per_token",
+        "stream_bytes_per_s",
+        "roofline_tokens_per_s",
+        "efficiency",
+    ] {
+        positive(&j[name], name);
+    }
+    assert_eq!((j["np"].as_u64(), j["layers"].as_u64()), (Some(2), Some(1)));
+    let per_rank = positive(&j["weight_bytes_per_token"]["per_rank"], "per_rank");
+    let total = positive(&j["weight_bytes_per_token"]["total"], "total");
+    assert!(
+        (total / per_rank - 2.0).abs() < 0.01,
+        "{total} over two ranks of {per_rank}"
+    );
+    for profile in ["profile", "prefill_profile"] {
+        let sum: f64 = ["linear", "conv", "attention", "comm", "other"]
+            .iter()
+            .map(|k| j[profile][k].as_f64().unwrap_or(-1.0))
+            .inspect(|&f| assert!((0.0..=1.0).contains(&f), "{profile}: {j}"))
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-6, "{profile} sums to {sum}");
+    }
+    let by_rank = j["comm_by_rank"].as_array().expect("comm_by_rank");
+    assert_eq!(by_rank.len(), 2);
+    assert_eq!(by_rank[0], j["profile"]["comm"]);
+    assert!(by_rank
+        .iter()
+        .all(|v| (0.0..1.0).contains(&v.as_f64().unwrap_or(-1.0))));
+    assert_eq!(j["projected"]["layers"].as_u64(), Some(24));
+    positive(&j["projected"]["decode_tokens_per_s"], "projected decode");
+}

@@ -104,6 +104,24 @@ fn profile_bytes(p: &Profile) -> Vec<u8> {
     .collect()
 }
 
+/// Every rank's share of its own decode time spent in collectives. `profile` is the first rank's of each
+/// stage; a rank whose peers finish their parts later waits longer in the collective after them, so a
+/// share well above the others' names the rank that is ahead, and the one below it the rank that is late.
+fn comm_by_rank(all: &[Vec<u8>]) -> Result<Vec<f64>> {
+    all.iter()
+        .map(|b| {
+            let v: Vec<u64> = b
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let [linear, conv, attention, comm, other, ..] = v[..] else {
+                anyhow::bail!("a rank sent a profile of {} values", v.len());
+            };
+            Ok(comm as f64 / (linear + conv + attention + comm + other).max(1) as f64)
+        })
+        .collect()
+}
+
 /// The sum of the profiles of every stage's first rank (one rank per stage: the stages run one after the
 /// other, so their times add up to the step).
 fn sum_stage_profiles(all: &[Vec<u8>], tp: usize) -> Result<Profile> {
@@ -294,6 +312,7 @@ pub fn run(a: Args) -> Result<()> {
         "efficiency_paired_p50": paired_p50,
         "steal_fraction": steal,
         "profile": fractions(&prof),
+        "comm_by_rank": comm_by_rank(&profiles)?,
         "prefill_profile": fractions(&prefill_prof),
         "reference_profile": {"linear": 0.5, "conv": 0.2, "comm": 0.2, "other": 0.1},
     });
@@ -390,6 +409,18 @@ pub fn run(a: Args) -> Result<()> {
             format!("{:.0}%", r * 100.0)
         };
         println!("    {name:<10}          {:>5.1}%   {rs}", v * 100.0);
+    }
+    if let Some(by_rank) = out["comm_by_rank"].as_array().filter(|v| v.len() > 1) {
+        // The shares differ by how long each rank waits for the slowest: the lowest is about what the
+        // collectives cost on the critical path, the rest is ranks that finished their part early.
+        let shares: Vec<String> = by_rank
+            .iter()
+            .map(|v| format!("{:.1}%", g(v) * 100.0))
+            .collect();
+        println!(
+            "  comm by rank: {} (a rank that is ahead waits for the others in the collective)",
+            shares.join(" / ")
+        );
     }
     if let Some(p) = out.get("projected") {
         println!(

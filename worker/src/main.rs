@@ -70,6 +70,11 @@ enum Command {
     /// same conditions as the steps. `efficiency` is decode speed over that roofline.
     /// `efficiency_paired_p50` sets each step against the two reads beside it and takes the median. The
     /// steps' times do not include the reads.
+    ///
+    /// `profile` is rank 0's time (the first rank's of each pipeline stage). `comm_by_rank` gives every
+    /// rank's share of time in collectives. A rank that finishes its part early waits in the next collective
+    /// for the slowest, so the lowest share is about what the collectives cost, and the spread is imbalance:
+    /// a slower socket or core, or another guest on it.
     Bench(bench::Args),
     /// Measure the NF4 and BF16 kernels: GEMV bandwidth beside a streaming read, GEMM beside the FMA peak.
     BenchKernels(benchk::Args),
