@@ -528,22 +528,23 @@ unsafe fn many_fixed<K: KvElem, const NV: usize>(
             let s = &mut scores[b * stride..(b + 1) * stride];
             scores_fixed::<K, NV>(h, s, cold);
             softmax_weights(&mut s[h.lo..=h.hi], h.scale);
-            weighted::<K, NV, 1>(std::slice::from_ref(h), s, stride, &mut [out]);
+            weighted::<K, NV, 1, NV>(std::slice::from_ref(h), s, stride, &mut [out]);
         }
         return;
     }
     match heads.len() {
-        2 => block::<K, NV, 2>(heads, scores, stride, outs),
-        3 => block::<K, NV, 3>(heads, scores, stride, outs),
-        _ => block::<K, NV, 4>(heads, scores, stride, outs),
+        2 => block::<K, NV, 2, NV>(heads, scores, stride, outs),
+        3 => block::<K, NV, 3, 4>(heads, scores, stride, outs),
+        _ => block::<K, NV, 4, 4>(heads, scores, stride, outs),
     }
 }
 
 /// [`many_fixed`] for `B` ≥ 2 queries that share positions (prefill): the key rows widened once for all
-/// of them, the softmax's in-order sums of all of them in one pass, the value rows loaded once for all.
+/// of them, the softmax's in-order sums of all of them in one pass, the value rows loaded once for all
+/// ([`weighted`], `AV` vectors per query at a time).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn block<K: KvElem, const NV: usize, const B: usize>(
+unsafe fn block<K: KvElem, const NV: usize, const B: usize, const AV: usize>(
     heads: &[Head<K>],
     scores: &mut [f32],
     stride: usize,
@@ -557,7 +558,7 @@ unsafe fn block<K: KvElem, const NV: usize, const B: usize>(
         scores_widened::<K, NV>(heads, scores, stride);
     }
     softmax_block::<B>(heads, scores, stride);
-    weighted::<K, NV, B>(heads, scores, stride, outs);
+    weighted::<K, NV, B, AV>(heads, scores, stride, outs);
 }
 
 /// The scores of several queries (query `b`'s at `b × stride`), 16 positions at a time: the 16 key rows
@@ -686,13 +687,14 @@ unsafe fn scores_fixed<K: KvElem, const NV: usize>(h: &Head<K>, s: &mut [f32], p
     }
 }
 
-/// The weighted sums of `B` queries (weights in `scores`, `stride` apart) over the value rows, 64 output
-/// dimensions at a time. Each query sums in position order, as the definition does: first its positions
-/// before those all queries share, then the shared ones (each value row loaded once for all `B`), then its
-/// own after them. Needs a shared position (max lo ≤ min hi).
+/// The weighted sums of `B` queries (weights in `scores`, `stride` apart) over the value rows, `16 × AV`
+/// output dimensions at a time (`B × AV` ≤ 16 accumulators: a 128-wide head in one pass for one or two
+/// queries, in two for more). Each query sums in position order, as the definition does: first its
+/// positions before those all queries share, then the shared ones (each value row loaded once for all `B`),
+/// then its own after them. Needs a shared position (max lo ≤ min hi).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn weighted<K: KvElem, const NV: usize, const B: usize>(
+unsafe fn weighted<K: KvElem, const NV: usize, const B: usize, const AV: usize>(
     heads: &[Head<K>],
     scores: &[f32],
     stride: usize,
@@ -703,14 +705,14 @@ unsafe fn weighted<K: KvElem, const NV: usize, const B: usize>(
     let sp = scores.as_ptr();
     let shared_lo = heads.iter().map(|h| h.lo).max().unwrap_or(0);
     let shared_hi = heads.iter().map(|h| h.hi).min().unwrap_or(0);
-    let add_row = |o: &mut [__m512; 4], w: f32, row: *const K| {
+    let add_row = |o: &mut [__m512; AV], w: f32, row: *const K| {
         let w = _mm512_set1_ps(w);
         for (i, oi) in o.iter_mut().enumerate() {
             *oi = _mm512_add_ps(*oi, _mm512_mul_ps(w, K::load16(row.add(16 * i), 0xFFFF)));
         }
     };
-    for t0 in (0..d).step_by(64) {
-        let mut o = [[_mm512_setzero_ps(); 4]; B];
+    for t0 in (0..d).step_by(16 * AV) {
+        let mut o = [[_mm512_setzero_ps(); AV]; B];
         for (b, ob) in o.iter_mut().enumerate() {
             for j in heads[b].lo..shared_lo {
                 add_row(ob, *sp.add(b * stride + j), vp.add(j * d + t0));
@@ -718,7 +720,7 @@ unsafe fn weighted<K: KvElem, const NV: usize, const B: usize>(
         }
         for j in shared_lo..=shared_hi {
             let row = vp.add(j * d + t0);
-            let v: [__m512; 4] = std::array::from_fn(|i| K::load16(row.add(16 * i), 0xFFFF));
+            let v: [__m512; AV] = std::array::from_fn(|i| K::load16(row.add(16 * i), 0xFFFF));
             for (b, ob) in o.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*sp.add(b * stride + j));
                 for (oi, vi) in ob.iter_mut().zip(&v) {
