@@ -516,9 +516,7 @@ unsafe fn many_fixed<K: KvElem, const NV: usize>(
     stride: usize,
     outs: &mut [&mut [f32]],
 ) {
-    let shared_lo = heads.iter().map(|h| h.lo).max().unwrap_or(0);
-    let shared_hi = heads.iter().map(|h| h.hi).min().unwrap_or(0);
-    if heads.len() == 1 || shared_lo > shared_hi {
+    let Some(shared) = shared_positions(heads).filter(|_| heads.len() > 1) else {
         // Decode's single query, or a block with no position that every query attends to (a document
         // starts inside it): one query at a time. Decode's keys and values were evicted by the weights
         // streamed since the last step, so it asks for them ahead; prefill finds them in cache, where a
@@ -528,14 +526,49 @@ unsafe fn many_fixed<K: KvElem, const NV: usize>(
             let s = &mut scores[b * stride..(b + 1) * stride];
             scores_fixed::<K, NV>(h, s, cold);
             softmax_weights(&mut s[h.lo..=h.hi], h.scale);
-            weighted::<K, NV, 1, NV>(std::slice::from_ref(h), s, stride, &mut [out]);
+            let alone = std::slice::from_ref(h);
+            weighted::<K, NV, 1, NV>(alone, (h.lo, h.hi), s, stride, &mut [out]);
         }
         return;
-    }
+    };
     match heads.len() {
-        2 => block::<K, NV, 2, NV>(heads, scores, stride, outs),
-        3 => block::<K, NV, 3, 4>(heads, scores, stride, outs),
-        _ => block::<K, NV, 4, 4>(heads, scores, stride, outs),
+        2 => block::<K, NV, 2, NV>(heads, shared, scores, stride, outs),
+        3 => block::<K, NV, 3, 4>(heads, shared, scores, stride, outs),
+        _ => block::<K, NV, 4, 4>(heads, shared, scores, stride, outs),
+    }
+}
+
+/// The positions every query of `heads` attends to, `(first, last)`; `None` if there is none.
+fn shared_positions<K: KvElem>(heads: &[Head<K>]) -> Option<(usize, usize)> {
+    let lo = heads.iter().map(|h| h.lo).max()?;
+    let hi = heads.iter().map(|h| h.hi).min()?;
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// Walks every query's positions in position order, as the definition sums them, with the positions all
+/// queries share (`shared`) visited once for all of them: `step(j, queries)` for position `j` of the queries
+/// in `queries` (one alone before and after the shared positions, all of them at a shared one). Each query
+/// still meets its positions in order: its earlier ones, the shared ones, its later ones. A step should
+/// test its `B` queries against `queries` rather than index by it: a constant index keeps the queries'
+/// accumulators in registers (indexed at run time they went to memory and attention ran 1.5× slower).
+#[inline(always)]
+fn in_position_order<K: KvElem>(
+    heads: &[Head<K>],
+    (shared_lo, shared_hi): (usize, usize),
+    mut step: impl FnMut(usize, std::ops::Range<usize>),
+) {
+    for (b, h) in heads.iter().enumerate() {
+        for j in h.lo..shared_lo {
+            step(j, b..b + 1);
+        }
+    }
+    for j in shared_lo..=shared_hi {
+        step(j, 0..heads.len());
+    }
+    for (b, h) in heads.iter().enumerate() {
+        for j in shared_hi + 1..=h.hi {
+            step(j, b..b + 1);
+        }
     }
 }
 
@@ -546,6 +579,7 @@ unsafe fn many_fixed<K: KvElem, const NV: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn block<K: KvElem, const NV: usize, const B: usize, const AV: usize>(
     heads: &[Head<K>],
+    shared: (usize, usize),
     scores: &mut [f32],
     stride: usize,
     outs: &mut [&mut [f32]],
@@ -557,8 +591,8 @@ unsafe fn block<K: KvElem, const NV: usize, const B: usize, const AV: usize>(
     } else {
         scores_widened::<K, NV>(heads, scores, stride);
     }
-    softmax_block::<B>(heads, scores, stride);
-    weighted::<K, NV, B, AV>(heads, scores, stride, outs);
+    softmax_block::<B>(heads, shared, scores, stride);
+    weighted::<K, NV, B, AV>(heads, shared, scores, stride, outs);
 }
 
 /// The scores of several queries (query `b`'s at `b × stride`), 16 positions at a time: the 16 key rows
@@ -617,31 +651,22 @@ unsafe fn scores_widened<K: KvElem, const NV: usize>(
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_block<const B: usize>(
     heads: &[Head<impl KvElem>],
+    shared: (usize, usize),
     scores: &mut [f32],
     stride: usize,
 ) {
     for (b, h) in heads.iter().enumerate() {
         exp_scaled_avx512(&mut scores[b * stride + h.lo..=b * stride + h.hi], h.scale);
     }
-    let shared_lo = heads.iter().map(|h| h.lo).max().unwrap_or(0);
-    let shared_hi = heads.iter().map(|h| h.hi).min().unwrap_or(0);
     let p = scores.as_ptr();
     let mut sum = [0f32; B];
-    for (b, sb) in sum.iter_mut().enumerate() {
-        for j in heads[b].lo..shared_lo {
-            *sb += *p.add(b * stride + j);
-        }
-    }
-    for j in shared_lo..=shared_hi {
+    in_position_order(heads, shared, |j, queries| {
         for (b, sb) in sum.iter_mut().enumerate() {
-            *sb += *p.add(b * stride + j);
+            if queries.contains(&b) {
+                *sb += *p.add(b * stride + j);
+            }
         }
-    }
-    for (b, sb) in sum.iter_mut().enumerate() {
-        for j in shared_hi + 1..=heads[b].hi {
-            *sb += *p.add(b * stride + j);
-        }
-    }
+    });
     for (b, h) in heads.iter().enumerate() {
         divide_avx512(&mut scores[b * stride + h.lo..=b * stride + h.hi], sum[b]);
     }
@@ -689,13 +714,13 @@ unsafe fn scores_fixed<K: KvElem, const NV: usize>(h: &Head<K>, s: &mut [f32], p
 
 /// The weighted sums of `B` queries (weights in `scores`, `stride` apart) over the value rows, `16 × AV`
 /// output dimensions at a time (`B × AV` ≤ 16 accumulators: a 128-wide head in one pass for one or two
-/// queries, in two for more). Each query sums in position order, as the definition does: first its
-/// positions before those all queries share, then the shared ones (each value row loaded once for all `B`),
-/// then its own after them. Needs a shared position (max lo ≤ min hi).
+/// queries, in two for more). Each query sums in position order, as the definition does
+/// ([`in_position_order`]); the rows of the `shared` positions are loaded once for all `B`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn weighted<K: KvElem, const NV: usize, const B: usize, const AV: usize>(
     heads: &[Head<K>],
+    shared: (usize, usize),
     scores: &[f32],
     stride: usize,
     outs: &mut [&mut [f32]],
@@ -703,35 +728,23 @@ unsafe fn weighted<K: KvElem, const NV: usize, const B: usize, const AV: usize>(
     let d = 16 * NV;
     let vp = heads[0].values.as_ptr();
     let sp = scores.as_ptr();
-    let shared_lo = heads.iter().map(|h| h.lo).max().unwrap_or(0);
-    let shared_hi = heads.iter().map(|h| h.hi).min().unwrap_or(0);
-    let add_row = |o: &mut [__m512; AV], w: f32, row: *const K| {
-        let w = _mm512_set1_ps(w);
-        for (i, oi) in o.iter_mut().enumerate() {
-            *oi = _mm512_add_ps(*oi, _mm512_mul_ps(w, K::load16(row.add(16 * i), 0xFFFF)));
-        }
-    };
     for t0 in (0..d).step_by(16 * AV) {
         let mut o = [[_mm512_setzero_ps(); AV]; B];
-        for (b, ob) in o.iter_mut().enumerate() {
-            for j in heads[b].lo..shared_lo {
-                add_row(ob, *sp.add(b * stride + j), vp.add(j * d + t0));
-            }
-        }
-        for j in shared_lo..=shared_hi {
+        in_position_order(heads, shared, |j, queries| {
+            // A shared value row is loaded once for every query.
             let row = vp.add(j * d + t0);
             let v: [__m512; AV] = std::array::from_fn(|i| K::load16(row.add(16 * i), 0xFFFF));
             for (b, ob) in o.iter_mut().enumerate() {
+                if !queries.contains(&b) {
+                    continue;
+                }
                 let w = _mm512_set1_ps(*sp.add(b * stride + j));
                 for (oi, vi) in ob.iter_mut().zip(&v) {
                     *oi = _mm512_add_ps(*oi, _mm512_mul_ps(w, *vi));
                 }
             }
-        }
-        for (b, ob) in o.iter_mut().enumerate() {
-            for j in shared_hi + 1..=heads[b].hi {
-                add_row(ob, *sp.add(b * stride + j), vp.add(j * d + t0));
-            }
+        });
+        for (b, ob) in o.iter().enumerate() {
             for (i, oi) in ob.iter().enumerate() {
                 _mm512_storeu_ps(outs[b].as_mut_ptr().add(t0 + 16 * i), *oi);
             }
