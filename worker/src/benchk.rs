@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use half::f16;
-use model::kernels::vecops::{attend_many, Head, MAX_QUERIES};
+use model::arch::yuan2::attention;
 use model::kernels::{AlignedBytes, Bf16Matrix, KernelChoice, Kernels, Nf4Matrix};
 use model::pool::Pool;
 
@@ -340,70 +340,45 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Causal attention of `heads` heads of `d` dimensions: queries `queries` (each over the positions up to
-/// its own) against an f16 cache of `cap` positions per head, heads spread over the pool as the forward
-/// pass spreads them, a head's queries in blocks of [`MAX_QUERIES`].
-fn attention_pass(
-    pool: &Pool,
-    q: &[f32],
-    (keys, values): (&[f16], &[f16]),
-    (heads, d, cap): (usize, usize, usize),
-    queries: std::ops::Range<usize>,
-) {
-    // As the forward pass's `attention` does it, buffers included.
-    pool.run(&|p, parts| {
-        let mut scores = vec![0f32; MAX_QUERIES * cap];
-        let mut out = vec![0f32; MAX_QUERIES * d];
-        let mut block = Vec::with_capacity(MAX_QUERIES);
-        for head in model::pool::split(heads, parts, p, 1) {
-            let kv = head * cap * d..(head + 1) * cap * d;
-            for i0 in queries.clone().step_by(MAX_QUERIES) {
-                block.clear();
-                for i in i0..queries.end.min(i0 + MAX_QUERIES) {
-                    block.push(Head {
-                        q: &q[(head * cap + i) * d..(head * cap + i + 1) * d],
-                        keys: &keys[kv.clone()],
-                        values: &values[kv.clone()],
-                        lo: 0,
-                        hi: i,
-                        scale: 0.125,
-                    });
-                }
-                let mut rows = out.chunks_mut(d);
-                let mut refs: [&mut [f32]; MAX_QUERIES] =
-                    std::array::from_fn(|_| rows.next().expect("MAX_QUERIES rows"));
-                attend_many(&block, &mut scores, &mut refs[..block.len()]);
-            }
-        }
-        std::hint::black_box(&out);
-    });
-}
-
 /// `bench-kernels --attention`: the best of repeated prefills of `positions` positions and of decode steps
 /// after them, per query-key pair.
 fn bench_attention(pool: &Pool, positions: usize, seconds: f64, json: bool) -> Result<()> {
     let (heads, d) = (32, 64);
+    let n = heads * d;
     let val = |i: usize, k: usize| ((i * k % 211) as f32 - 105.0) / 211.0;
-    let q: Vec<f32> = (0..heads * positions * d).map(|i| val(i, 7)).collect();
-    let keys: Vec<f16> = (0..heads * positions * d)
+    let q: Vec<f32> = (0..positions * n).map(|i| val(i, 7)).collect();
+    let keys: Vec<f16> = (0..positions * n)
         .map(|i| f16::from_f32(val(i, 13)))
         .collect();
-    let values: Vec<f16> = (0..heads * positions * d)
+    let values: Vec<f16> = (0..positions * n)
         .map(|i| f16::from_f32(val(i, 29)))
         .collect();
-    let dims = (heads, d, positions);
-    let best = |queries: std::ops::Range<usize>| {
+    let mut out = vec![0f32; positions * n];
+    // The forward pass's own attention: a prefill of every position from 0, and the step after it (the last
+    // position's query alone).
+    let mut best = |first: usize| {
+        let (rows, doc_start) = (positions - first, vec![0; positions]);
+        let kv = (&keys[..], &values[..], positions);
         let mut best = f64::MAX;
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < seconds / 2.0 || best == f64::MAX {
             let t = Instant::now();
-            attention_pass(pool, &q, (&keys, &values), dims, queries.clone());
+            attention(
+                pool,
+                &q[first * n..],
+                kv,
+                first,
+                &doc_start[..rows],
+                (n, n, d),
+                &mut out[..rows * n],
+            );
             best = best.min(t.elapsed().as_secs_f64());
         }
+        std::hint::black_box(&out);
         best
     };
-    let prefill = best(0..positions);
-    let decode = best(positions - 1..positions);
+    let prefill = best(0);
+    let decode = best(positions - 1);
     let prefill_pairs = (heads * positions * (positions + 1) / 2) as f64;
     let decode_pairs = (heads * positions) as f64;
     if json {

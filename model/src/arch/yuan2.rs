@@ -2214,7 +2214,12 @@ impl Rng {
 /// Causal attention of the new tokens' queries over the cache, the query heads spread over the pool's
 /// threads (each head's softmax and weighted sum is independent of the others); a head's queries go in
 /// blocks of [`MAX_QUERIES`], which share the loads of the head's value rows.
-fn attention<K: KvElem>(
+///
+/// `dims` is `(n, nkv, d)`: `q` holds `m` rows of `n` values (query heads of `d`), query `i` at position
+/// `pos + i` attending to `doc_start[i]..=pos + i`; `keys` and `values` hold `nkv / d` heads of `cap` rows
+/// of `d`, one head after the other; `out` gets `m` rows of `n`. Public so that `bench-kernels` measures
+/// this very loop.
+pub fn attention<K: KvElem>(
     pool: &Pool,
     q: &[f32],
     (keys, values, cap): (&[K], &[K], usize),
