@@ -104,20 +104,34 @@ fn profile_bytes(p: &Profile) -> Vec<u8> {
     .collect()
 }
 
+/// A profile sent by [`profile_bytes`].
+fn profile_from_bytes(b: &[u8]) -> Result<Profile> {
+    let v: Vec<u64> = b
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let [linear, conv, attention, comm, other, head, wait] = v[..] else {
+        anyhow::bail!("a rank sent a profile of {} values", v.len());
+    };
+    Ok(Profile {
+        linear,
+        conv,
+        attention,
+        comm,
+        other,
+        head,
+        wait,
+    })
+}
+
 /// Every rank's share of its own decode time spent in collectives. `profile` is the first rank's of each
 /// stage; a rank whose peers finish their parts later waits longer in the collective after them, so a
 /// share well above the others' names the rank that is ahead, and the one below it the rank that is late.
 fn comm_by_rank(all: &[Vec<u8>]) -> Result<Vec<f64>> {
     all.iter()
         .map(|b| {
-            let v: Vec<u64> = b
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            let [linear, conv, attention, comm, other, ..] = v[..] else {
-                anyhow::bail!("a rank sent a profile of {} values", v.len());
-            };
-            Ok(comm as f64 / (linear + conv + attention + comm + other).max(1) as f64)
+            let p = profile_from_bytes(b)?;
+            Ok(p.comm as f64 / p.total().max(1) as f64)
         })
         .collect()
 }
@@ -127,22 +141,7 @@ fn comm_by_rank(all: &[Vec<u8>]) -> Result<Vec<f64>> {
 fn sum_stage_profiles(all: &[Vec<u8>], tp: usize) -> Result<Profile> {
     let mut total = Profile::default();
     for b in all.iter().step_by(tp) {
-        let v: Vec<u64> = b
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let [linear, conv, attention, comm, other, head, wait] = v[..] else {
-            anyhow::bail!("a rank sent a profile of {} values", v.len());
-        };
-        total = total.add(&Profile {
-            linear,
-            conv,
-            attention,
-            comm,
-            other,
-            head,
-            wait,
-        });
+        total = total.add(&profile_from_bytes(b)?);
     }
     Ok(total)
 }
