@@ -75,19 +75,33 @@ fn logits_cli_matches_golden_at_np_1_2_4() {
 /// model/tests/yuan2_golden.rs), greedy ids identical, and not equal to the f32 cache's run.
 #[test]
 fn an_f16_kv_cache_stays_close_to_golden() {
+    kv_cache_stays_close_to_golden("f16", 5e-3);
+}
+
+/// `--kv-cache q8` through the CLI at np 2 (each rank quantizes its own heads' rows): within 0.1 of the
+/// official logits (the bound and why in model/tests/yuan2_golden.rs), greedy ids identical.
+#[test]
+fn an_8_bit_kv_cache_stays_close_to_golden() {
+    kv_cache_stays_close_to_golden("q8", 0.1);
+}
+
+fn kv_cache_stays_close_to_golden(kv: &str, bound: f64) {
     let Some((dir, cases)) = golden() else { return };
     for (ci, case) in cases.iter().enumerate() {
         let k = case["greedy_ids"].as_array().unwrap().len();
         let prompt = ids(&case["prompt_ids"]);
-        let out = logits(2, &dir, &prompt, k, &["--kv-cache", "f16"]).unwrap();
+        let out = logits(2, &dir, &prompt, k, &["--kv-cache", kv]).unwrap();
         let d = max_logit_diff(&out, case);
-        assert!(d <= 5e-3, "case {ci}: max diff {d}");
-        assert_eq!(out["greedy_ids"], case["greedy_ids"], "case {ci}");
+        assert!(d <= bound, "{kv} cache, case {ci}: max diff {d}");
+        assert_eq!(
+            out["greedy_ids"], case["greedy_ids"],
+            "{kv} cache, case {ci}"
+        );
         if ci == 0 {
             let f32_run = logits(2, &dir, &prompt, k, &[]).unwrap();
             assert!(
                 max_logit_diff(&out, &f32_run) > 0.0,
-                "the f16 cache changed nothing"
+                "the {kv} cache changed nothing"
             );
         }
     }

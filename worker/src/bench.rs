@@ -45,7 +45,8 @@ pub struct Args {
     /// on Zen 4 and Intel, 16-bit ones on Zen 5.
     #[arg(long, value_parser = crate::runtime::parse_arg::<KernelChoice>)]
     kernels: Option<KernelChoice>,
-    /// Key/value cache: f16 (as llama.cpp keeps it; half the bytes attention reads) or f32.
+    /// Key/value cache: f16 (as llama.cpp keeps it; half the bytes attention reads), f32, or q8 (8-bit codes
+    /// with a scale per head row: about half of f16's bytes, which shows at long prompts).
     #[arg(long, default_value = "f16", value_parser = crate::runtime::parse_arg::<KvType>)]
     kv_cache: KvType,
     /// Seed of the random weights.

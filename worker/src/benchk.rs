@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use half::f16;
-use model::arch::yuan2::attention;
+use model::arch::yuan2::{attention, LayerCache};
 use model::kernels::{AlignedBytes, Bf16Matrix, KernelChoice, Kernels, Nf4Matrix};
 use model::pool::Pool;
 
@@ -358,7 +358,7 @@ fn bench_attention(pool: &Pool, positions: usize, seconds: f64, json: bool) -> R
     // position's query alone).
     let mut best = |first: usize| {
         let (rows, doc_start) = (positions - first, vec![0; positions]);
-        let kv = (&keys[..], &values[..], positions);
+        let kv = LayerCache::new(&keys[..], &values[..], positions);
         let mut best = f64::MAX;
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < seconds / 2.0 || best == f64::MAX {

@@ -24,8 +24,9 @@ pub struct ModelArgs {
     /// Format of the lm_head (default: f32 with f32 weights, else bf16).
     #[arg(long, value_parser = parse_arg::<Format>)]
     pub lm_head: Option<Format>,
-    /// Key/value cache: f32, or f16 at half the memory per position and half the bytes attention reads
-    /// (default: f32 when the layers are f32, else f16).
+    /// Key/value cache: f32; f16 at half the memory per position and half the bytes attention reads; or
+    /// q8, 8-bit codes with a scale per head row, about half of f16 again, for long contexts (default: f32
+    /// when the layers are f32, else f16).
     #[arg(long, value_parser = parse_arg::<KvType>)]
     pub kv_cache: Option<KvType>,
     /// Kernels: reference (scalar, f32), fast, fast-i16 or fast-i8 (decode's NF4 GEMV on 16- or 8-bit

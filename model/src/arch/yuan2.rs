@@ -575,6 +575,11 @@ pub enum KvType {
     /// Rounded to f16 (10-bit mantissa, relative error ≤ 2^-11): half the memory per position and half
     /// the bytes attention reads per token, as llama.cpp keeps its cache by default.
     F16,
+    /// 8-bit codes with one f32 scale per row (a key/value head's d numbers at one position), the row's
+    /// largest magnitude as code 127: 1 + 4/d bytes a number, about half of f16's, for long contexts where
+    /// attention's reads rival the weights'. A number is off by at most half a step, 1/254 of its row's
+    /// largest; llama.cpp's q8_0 cache takes a scale per 32.
+    Q8,
 }
 
 impl std::str::FromStr for KvType {
@@ -583,8 +588,9 @@ impl std::str::FromStr for KvType {
         match s {
             "f32" => Ok(KvType::F32),
             "f16" => Ok(KvType::F16),
+            "q8" => Ok(KvType::Q8),
             _ => Err(Error::Format(format!(
-                "unknown KV cache type {s:?} (expected f32 or f16)"
+                "unknown KV cache type {s:?} (expected f32, f16 or q8)"
             ))),
         }
     }
@@ -595,6 +601,7 @@ impl std::fmt::Display for KvType {
         f.write_str(match self {
             KvType::F32 => "f32",
             KvType::F16 => "f16",
+            KvType::Q8 => "q8",
         })
     }
 }
@@ -603,6 +610,8 @@ impl std::fmt::Display for KvType {
 enum KvCache {
     F32(Plane<f32>, Plane<f32>),
     F16(Plane<half::f16>, Plane<half::f16>),
+    /// Codes of keys and values, then their rows' scales (one per d codes, in the same order).
+    Q8(Plane<i8>, Plane<i8>, Plane<f32>, Plane<f32>),
 }
 
 /// One of the cache's two halves (keys or values), `plane[li]` being layer li's slice. One buffer holds every
@@ -620,7 +629,7 @@ struct Plane<T> {
 }
 
 impl<T: KvElem> Plane<T> {
-    /// `layers` slices of `len` zeroed elements. The element types (f32, f16) read zero bits as 0.0 and
+    /// `layers` slices of `len` zeroed elements. The element types (f32, f16, i8) read zero bits as 0 and
     /// every bit pattern as a value.
     fn zeroed(layers: usize, len: usize) -> Plane<T> {
         let bytes = layers
@@ -635,7 +644,7 @@ impl<T: KvElem> Plane<T> {
     }
 }
 
-// The buffer is 64-byte aligned and T is f32 or f16 (only `zeroed` makes a plane): any bytes of it are Ts.
+// The buffer is 64-byte aligned and T is f32, f16 or i8 (only `zeroed` makes a plane): any bytes of it are Ts.
 impl<T> Plane<T> {
     fn all(&self) -> &[T] {
         let n = self.buf.len() / std::mem::size_of::<T>();
@@ -663,13 +672,20 @@ impl<T> std::ops::IndexMut<usize> for Plane<T> {
 }
 
 impl KvCache {
-    fn new(t: KvType, layers: usize, len: usize) -> KvCache {
+    /// `len` numbers per layer, in rows of `d`.
+    fn new(t: KvType, layers: usize, len: usize, d: usize) -> KvCache {
         // Zeroed mappings, committed on first touch. On huge pages that is 2 MiB at a time, and since every
         // head's rows span the buffer, most of it is committed within the first tokens: callers size the
         // capacity to the request (prompt plus tokens to generate), as llama.cpp sizes its context.
         match t {
             KvType::F32 => KvCache::F32(Plane::zeroed(layers, len), Plane::zeroed(layers, len)),
             KvType::F16 => KvCache::F16(Plane::zeroed(layers, len), Plane::zeroed(layers, len)),
+            KvType::Q8 => KvCache::Q8(
+                Plane::zeroed(layers, len),
+                Plane::zeroed(layers, len),
+                Plane::zeroed(layers, len / d.max(1)),
+                Plane::zeroed(layers, len / d.max(1)),
+            ),
         }
     }
 
@@ -694,6 +710,12 @@ impl KvCache {
                 k[li].len(),
                 li,
             ),
+            KvCache::Q8(k, v, ks, vs) => KvRows::Q8(
+                [Shared(k[li].as_mut_ptr()), Shared(v[li].as_mut_ptr())],
+                [Shared(ks[li].as_mut_ptr()), Shared(vs[li].as_mut_ptr())],
+                k[li].len(),
+                li,
+            ),
         }
     }
 }
@@ -702,6 +724,8 @@ impl KvCache {
 enum KvRows {
     F32(Shared<f32>, Shared<f32>, usize, usize),
     F16(Shared<half::f16>, Shared<half::f16>, usize, usize),
+    /// Key and value codes, key and value row scales.
+    Q8([Shared<i8>; 2], [Shared<f32>; 2], usize, usize),
 }
 
 impl KvRows {
@@ -735,9 +759,38 @@ impl KvRows {
                     }
                 }
             }
+            KvRows::Q8(codes, scales, len, li) => {
+                assert!(fits(*len), "layer {li}: row at {at} past the KV cache");
+                // A row is one head's d numbers at one position, so `at` is a whole number of rows.
+                let row = at / key.len().max(1);
+                for ((c, s), src) in codes.iter().zip(scales).zip([key, value]) {
+                    let dst = std::slice::from_raw_parts_mut(c.get().add(at), src.len());
+                    *s.get().add(row) = quantize_row(src, dst);
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// A row as 8-bit codes in `dst`, returning its scale: the largest magnitude becomes ±127 and each number
+/// the nearest code (halves away from zero). An all-zero row has scale 0. Infinity or NaN in the row gives
+/// a scale that is not finite, so attention over it is NaN, as it would be over the numbers themselves.
+fn quantize_row(src: &[f32], dst: &mut [i8]) -> f32 {
+    let amax = src.iter().fold(0f32, |m, v| {
+        if v.abs() > m || v.is_nan() {
+            v.abs()
+        } else {
+            m
+        }
+    });
+    let scale = amax / 127.0;
+    let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+    for (c, &x) in dst.iter_mut().zip(src) {
+        // Saturating: a NaN code is 0, its row's scale already NaN.
+        *c = (x * inv).round() as i8;
+    }
+    scale
 }
 
 /// Whether a row-parallel matrix of `width` input columns, split over any np the model allows, keeps
@@ -1441,7 +1494,7 @@ impl Model {
             pos: 0,
             capacity,
             last_eod: None,
-            kv: KvCache::new(self.kv_cache, self.layers.len(), capacity * n),
+            kv: KvCache::new(self.kv_cache, self.layers.len(), capacity * n, c.head_dim()),
             lfa_h: self.layers.iter().map(|_| vec![0f32; c.hidden]).collect(),
             lfa_o1: self.layers.iter().map(|_| vec![0f32; ch]).collect(),
         }
@@ -1657,11 +1710,18 @@ impl Model {
             let dims = (n, nkv, d);
             match &state.kv {
                 KvCache::F32(keys, values) => {
-                    let kv = (&keys[li][..], &values[li][..], cap);
+                    let kv = LayerCache::new(&keys[li], &values[li], cap);
                     attention(pool, &q, kv, state.pos, &doc_start, dims, &mut att)
                 }
                 KvCache::F16(keys, values) => {
-                    let kv = (&keys[li][..], &values[li][..], cap);
+                    let kv = LayerCache::new(&keys[li], &values[li], cap);
+                    attention(pool, &q, kv, state.pos, &doc_start, dims, &mut att)
+                }
+                KvCache::Q8(keys, values, ks, vs) => {
+                    let kv = LayerCache {
+                        row_scales: Some((&ks[li], &vs[li])),
+                        ..LayerCache::new(&keys[li], &values[li], cap)
+                    };
                     attention(pool, &q, kv, state.pos, &doc_start, dims, &mut att)
                 }
             }
@@ -2211,24 +2271,54 @@ impl Rng {
     }
 }
 
+/// One layer's keys and values as [`attention`] reads them.
+#[derive(Clone, Copy)]
+pub struct LayerCache<'a, K> {
+    /// `nkv / d` heads of `capacity` rows of `d`, one head after the other.
+    pub keys: &'a [K],
+    /// As `keys`.
+    pub values: &'a [K],
+    /// Rows per head.
+    pub capacity: usize,
+    /// An 8-bit cache's scales of the key and of the value rows, one per row in the rows' order.
+    pub row_scales: Option<(&'a [f32], &'a [f32])>,
+}
+
+impl<'a, K> LayerCache<'a, K> {
+    /// A cache of numbers (no row scales).
+    pub fn new(keys: &'a [K], values: &'a [K], capacity: usize) -> Self {
+        LayerCache {
+            keys,
+            values,
+            capacity,
+            row_scales: None,
+        }
+    }
+}
+
 /// Causal attention of the new tokens' queries over the cache, the query heads spread over the pool's
 /// threads (each head's softmax and weighted sum is independent of the others); a head's queries go in
 /// blocks of [`MAX_QUERIES`], which share the loads of the head's value rows.
 ///
 /// `dims` is `(n, nkv, d)`: `q` holds `m` rows of `n` values (query heads of `d`), query `i` at position
-/// `pos + i` attending to `doc_start[i]..=pos + i`; `keys` and `values` hold `nkv / d` heads of `cap` rows
-/// of `d`, one head after the other; `out` gets `m` rows of `n`. Public so that `bench-kernels` measures
-/// this very loop.
+/// `pos + i` attending to `doc_start[i]..=pos + i`; `out` gets `m` rows of `n`. Public so that
+/// `bench-kernels` measures this very loop.
 pub fn attention<K: KvElem>(
     pool: &Pool,
     q: &[f32],
-    (keys, values, cap): (&[K], &[K], usize),
+    kv: LayerCache<K>,
     pos: usize,
     doc_start: &[usize],
     dims: (usize, usize, usize),
     out: &mut [f32],
 ) {
     let (n, nkv, d) = dims;
+    let LayerCache {
+        keys,
+        values,
+        capacity: cap,
+        row_scales,
+    } = kv;
     let m = q.len() / n;
     let heads = n / d;
     let group = n / nkv;
@@ -2242,6 +2332,10 @@ pub fn attention<K: KvElem>(
         for head in crate::pool::split(heads, parts, p, 1) {
             let kvh = head / group;
             let kv = kvh * d * cap..(kvh + 1) * d * cap;
+            let scales = row_scales.map(|(k, v)| {
+                let rows = kvh * cap..(kvh + 1) * cap;
+                (&k[rows.clone()], &v[rows])
+            });
             for i0 in (0..m).step_by(MAX_QUERIES) {
                 block.clear();
                 outs.clear();
@@ -2253,6 +2347,7 @@ pub fn attention<K: KvElem>(
                         lo: doc_start[i],
                         hi: pos + i,
                         scale,
+                        row_scales: scales,
                     });
                     // A part owns its heads' d-wide slice of every row: disjoint from every other part's.
                     outs.push(unsafe {
@@ -2271,7 +2366,7 @@ mod tests {
 
     #[test]
     fn the_f16_cache_refuses_what_it_cannot_hold() {
-        let mut kv = KvCache::new(KvType::F16, 2, 8);
+        let mut kv = KvCache::new(KvType::F16, 2, 8, 2);
         kv.put(1, 4, &[1.0, -65504.0], &[0.5, 3.0]).unwrap();
         let KvCache::F16(k, v) = &kv else {
             unreachable!()
@@ -2286,6 +2381,40 @@ mod tests {
             .unwrap();
         assert_eq!("f16".parse::<KvType>().unwrap(), KvType::F16);
         assert!("bf16".parse::<KvType>().is_err());
+    }
+
+    #[test]
+    fn the_8_bit_cache_keeps_each_row_to_half_a_step_of_its_largest() {
+        let d = 8;
+        let mut kv = KvCache::new(KvType::Q8, 2, 3 * d, d);
+        let key: Vec<f32> = (0..d).map(|i| (i as f32 - 3.3) * 0.71).collect();
+        let value = [0.0, -1e-3, 2e-3, 0.25, -0.5, 1e-6, 0.0, 0.125];
+        kv.put(1, 2 * d, &key, &value).unwrap();
+        kv.put(0, d, &[0.0; 8], &[f32::NAN; 8]).unwrap();
+        let KvCache::Q8(k, v, ks, vs) = &kv else {
+            unreachable!()
+        };
+        for (src, codes, scale) in [
+            (&key[..], &k[1][2 * d..], ks[1][2]),
+            (&value, &v[1][2 * d..], vs[1][2]),
+        ] {
+            let amax = src.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert_eq!(scale, amax / 127.0);
+            assert!(
+                codes[..d].iter().any(|&c| c.abs() == 127),
+                "the largest is ±127"
+            );
+            for (x, &c) in src.iter().zip(&codes[..d]) {
+                let err = (x - c as f32 * scale).abs();
+                assert!(err <= amax / 254.0 * 1.0001, "{x} stored as {c} × {scale}");
+            }
+        }
+        // The other rows and layer are untouched; a zero row has scale 0, a NaN row a NaN scale.
+        assert!(k[1][..2 * d].iter().all(|&c| c == 0) && ks[1][..2].iter().all(|&s| s == 0.0));
+        assert_eq!(ks[0][1], 0.0);
+        assert!(vs[0][1].is_nan());
+        assert_eq!("q8".parse::<KvType>().unwrap(), KvType::Q8);
+        assert_eq!(KvType::Q8.to_string(), "q8");
     }
 
     #[test]

@@ -78,6 +78,22 @@ impl KvElem for half::f16 {
     }
 }
 
+/// The codes of an 8-bit cache: a row's numbers are its codes times the row's scale ([`Head::row_scales`]).
+impl KvElem for i8 {
+    const F32: bool = false;
+
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self as f32
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const i8, mask: __mmask16) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)))
+    }
+}
+
 /// e^x in f32 (Cephes' `expf`: x = k·ln2 + r with ln2 in two parts, a degree-6 polynomial for e^r, k added
 /// to the exponent), within 2e-7 of e^x; every step is a fused multiply-add or a plain operation, so
 /// [`exp16`] computes the same bits. Results below e^-86.5 (~2.6e-38, near the smallest normal) are 0,
@@ -239,6 +255,31 @@ pub struct Head<'a, K: KvElem = f32> {
     pub hi: usize,
     /// 1/sqrt(d).
     pub scale: f32,
+    /// An 8-bit cache's scales, one per position of the keys' and of the values' rows (a row's numbers are
+    /// its codes times its scale); `None` where the rows hold the numbers themselves.
+    pub row_scales: Option<(&'a [f32], &'a [f32])>,
+}
+
+impl<K: KvElem> Head<'_, K> {
+    /// Scores of codes to scores of numbers: q·(s k) taken as (q·k) s, the dot product over codes first.
+    #[inline]
+    fn scale_scores(&self, s: &mut [f32]) {
+        if let Some((ks, _)) = self.row_scales {
+            for (v, k) in s[self.lo..=self.hi].iter_mut().zip(&ks[self.lo..=self.hi]) {
+                *v *= k;
+            }
+        }
+    }
+
+    /// Softmax weights to weights of code rows: w (s v) taken as (w s) v.
+    #[inline]
+    fn scale_weights(&self, s: &mut [f32]) {
+        if let Some((_, vs)) = self.row_scales {
+            for (w, v) in s[self.lo..=self.hi].iter_mut().zip(&vs[self.lo..=self.hi]) {
+                *w *= v;
+            }
+        }
+    }
 }
 
 /// softmax(q·K / sqrt(d)) · V for one head into `out` (d values); `scores` is scratch of at least `hi + 1`.
@@ -285,12 +326,22 @@ pub fn attend_many<K: KvElem>(heads: &[Head<K>], scores: &mut [f32], outs: &mut 
             h.keys.len() / d.max(1)
         );
         assert_eq!(out.len(), d, "attention output of the wrong width");
+        if let Some((ks, vs)) = h.row_scales {
+            assert!(
+                h.hi < ks.len() && h.hi < vs.len(),
+                "row scales of {} positions for attention up to position {}",
+                ks.len().min(vs.len()),
+                h.hi
+            );
+        }
         assert!(
             h.q.len() == d
                 && std::ptr::eq(h.keys, first.keys)
                 && std::ptr::eq(h.values, first.values)
-                && h.scale == first.scale,
-            "queries of one attention pass must share their head's keys, values and scale"
+                && h.scale == first.scale
+                && h.row_scales.map(|(k, v)| (k.as_ptr(), v.as_ptr()))
+                    == first.row_scales.map(|(k, v)| (k.as_ptr(), v.as_ptr())),
+            "queries of one attention pass must share their head's keys, values and scales"
         );
     }
     if vector_head() {
@@ -316,14 +367,18 @@ pub fn attend_many<K: KvElem>(heads: &[Head<K>], scores: &mut [f32], outs: &mut 
 /// The definition. A score is a dot product in a fixed order: 16 lane sums (dimension `l`, `l + 16`, ... in
 /// order, zero past `d`), then a halving tree over the lanes (`l + 8`, then `+ 4`, `+ 2`, `+ 1`), as the
 /// vector code adds them; then it is scaled, the softmax taken with `exp` and one sum in position order, and
-/// the values summed in position order, multiply and add rounded separately.
+/// the values summed in position order, multiply and add rounded separately. With an 8-bit cache the dot
+/// product is over the key's codes, then multiplied by the key row's scale; each softmax weight is
+/// multiplied by its value row's scale before it weighs that row's codes.
 pub fn head_scalar<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) {
     let d = h.q.len();
     for (j, s) in scores.iter_mut().enumerate().take(h.hi + 1).skip(h.lo) {
         *s = dot_tree(h.q, &h.keys[j * d..(j + 1) * d]);
     }
-    let sc = &mut scores[h.lo..=h.hi];
-    softmax_weights(sc, h.scale);
+    h.scale_scores(scores);
+    softmax_weights(&mut scores[h.lo..=h.hi], h.scale);
+    h.scale_weights(scores);
+    let sc = &scores[h.lo..=h.hi];
     out.fill(0.0);
     for (j, &w) in (h.lo..=h.hi).zip(sc.iter()) {
         axpy_scalar(out, w, &h.values[j * d..(j + 1) * d]);
@@ -525,7 +580,9 @@ unsafe fn many_fixed<K: KvElem, const NV: usize>(
         for (b, (h, out)) in heads.iter().zip(outs.iter_mut()).enumerate() {
             let s = &mut scores[b * stride..(b + 1) * stride];
             scores_fixed::<K, NV>(h, s, cold);
+            h.scale_scores(s);
             softmax_weights(&mut s[h.lo..=h.hi], h.scale);
+            h.scale_weights(s);
             let alone = std::slice::from_ref(h);
             weighted::<K, NV, 1, NV>(alone, (h.lo, h.hi), s, stride, &mut [out]);
         }
@@ -591,7 +648,13 @@ unsafe fn block<K: KvElem, const NV: usize, const B: usize, const AV: usize>(
     } else {
         scores_widened::<K, NV>(heads, scores, stride);
     }
+    for (b, h) in heads.iter().enumerate() {
+        h.scale_scores(&mut scores[b * stride..(b + 1) * stride]);
+    }
     softmax_block::<B>(heads, shared, scores, stride);
+    for (b, h) in heads.iter().enumerate() {
+        h.scale_weights(&mut scores[b * stride..(b + 1) * stride]);
+    }
     weighted::<K, NV, B, AV>(heads, shared, scores, stride, outs);
 }
 
@@ -784,7 +847,9 @@ unsafe fn head_any<K: KvElem>(h: &Head<K>, scores: &mut [f32], out: &mut [f32]) 
         }
         *score = lane_tree(acc);
     }
+    h.scale_scores(scores);
     softmax_weights(&mut scores[h.lo..=h.hi], h.scale);
+    h.scale_weights(scores);
     // The weighted sum: one pass over the value rows, up to 128 output dimensions held in registers.
     for t0 in (0..d).step_by(128) {
         let width = (d - t0).min(128);
@@ -991,6 +1056,22 @@ mod tests {
         }
     }
 
+    /// Test keys or values as 8-bit codes: the numbers' codes wrapped into -127..=127, all of them used.
+    fn codes(v: &[f32], rows: usize) -> Vec<i8> {
+        let d = v.len() / rows;
+        v.iter()
+            .enumerate()
+            .map(|(i, &x)| ((x * 53.0) as i32 + 3 * (i / d) as i32).rem_euclid(255) as i8)
+            .collect()
+    }
+
+    /// Row scales of varied magnitudes, none of them 1.
+    fn scales(rows: usize, k: usize) -> Vec<f32> {
+        (0..rows)
+            .map(|j| (1 + (j * k) % 17) as f32 / 389.0)
+            .collect()
+    }
+
     #[test]
     fn the_vector_head_equals_the_definition_bit_for_bit() {
         if !vector_head() {
@@ -1013,8 +1094,8 @@ mod tests {
             // (definition, vector) outputs over one cache.
             fn both<K: KvElem>(
                 q: &[f32],
-                keys: &[K],
-                values: &[K],
+                (keys, values): (&[K], &[K]),
+                row_scales: Option<(&[f32], &[f32])>,
                 lo: usize,
                 hi: usize,
             ) -> [Vec<f32>; 2] {
@@ -1025,6 +1106,7 @@ mod tests {
                     lo,
                     hi,
                     scale: 0.125,
+                    row_scales,
                 };
                 let cap = keys.len() / q.len();
                 let (mut s1, mut s2) = (vec![0f32; cap], vec![0f32; cap]);
@@ -1033,7 +1115,7 @@ mod tests {
                 attend(&h, &mut s2, &mut o2);
                 [o1, o2]
             }
-            let [o1, o2] = both(&q, &keys, &values, lo, hi);
+            let [o1, o2] = both(&q, (&keys, &values), None, lo, hi);
             assert_eq!(o1, o2, "d={d} cap={cap} {lo}..={hi}");
 
             // The same cache in f16: the vector head widens exactly what the definition widens, so it
@@ -1042,13 +1124,32 @@ mod tests {
                 v.iter().map(|&x| half::f16::from_f32(x)).collect()
             };
             let (k16, v16) = (half(&keys), half(&values));
-            let [o3, o4] = both(&q, &k16, &v16, lo, hi);
+            let [o3, o4] = both(&q, (&k16, &v16), None, lo, hi);
             assert_eq!(o3, o4, "f16 d={d} cap={cap} {lo}..={hi}");
             let wide = |v: &[half::f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
-            let [ow, _] = both(&q, &wide(&k16), &wide(&v16), lo, hi);
+            let [ow, _] = both(&q, (&wide(&k16), &wide(&v16)), None, lo, hi);
             assert_eq!(ow, o4, "f16 against widened f32, d={d}");
             // And f16 is not f32: the values above are not all exact in f16, so the outputs differ.
             assert_ne!(o2, o4, "d={d}: the f16 cache rounded nothing");
+
+            // 8-bit codes with a scale per row: the vector head takes the scales where the definition does.
+            let (k8, v8) = (codes(&keys, cap), codes(&values, cap));
+            let [o5, o6] = both(
+                &q,
+                (&k8, &v8),
+                Some((&scales(cap, 3), &scales(cap, 5))),
+                lo,
+                hi,
+            );
+            assert_eq!(o5, o6, "8-bit d={d} cap={cap} {lo}..={hi}");
+            // Scales of 1 leave the codes as numbers: the f32 head over the codes widened.
+            let ones = vec![1f32; cap];
+            let [o7, _] = both(&q, (&k8, &v8), Some((&ones, &ones)), lo, hi);
+            let w8 = |v: &[i8]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
+            let [o8, _] = both(&q, (&w8(&k8), &w8(&v8)), None, lo, hi);
+            assert_eq!(o7, o8, "8-bit with unit scales against widened f32, d={d}");
+            // And the scales are used: other scales, another output.
+            assert_ne!(o5, o7, "d={d}: the row scales changed nothing");
         }
     }
 
@@ -1085,9 +1186,9 @@ mod tests {
     #[test]
     fn queries_attended_together_equal_each_alone_bit_for_bit() {
         // Blocks of 1-4 queries as prefill forms them (consecutive positions, hi + 1 each), the same document
-        // start or different ones (a document begins inside the block, or between blocks), in f32 and f16,
-        // for the widths with a fixed-width kernel (64, 128) and one without (48). Every output must be
-        // the definition's for that query alone.
+        // start or different ones (a document begins inside the block, or between blocks), in f32, f16 and
+        // 8-bit codes, for the widths with a fixed-width kernel (64, 128) and one without (48). Every output
+        // must be the definition's for that query alone.
         let f = |i: usize, k: usize| ((i * k % 211) as f32 - 105.0) / 53.0;
         for d in [64, 128, 48] {
             let cap = 70;
@@ -1101,7 +1202,13 @@ mod tests {
                 &[3, 9, 9, 44],
                 &[30, 31, 32, 33],
             ];
-            fn check<K: KvElem>(q: &[f32], keys: &[K], values: &[K], los: &[usize], hi0: usize) {
+            fn check<K: KvElem>(
+                q: &[f32],
+                (keys, values): (&[K], &[K]),
+                row_scales: Option<(&[f32], &[f32])>,
+                los: &[usize],
+                hi0: usize,
+            ) {
                 let d = q.len() / 4;
                 for count in 1..=4 {
                     let heads: Vec<Head<K>> = (0..count)
@@ -1112,6 +1219,7 @@ mod tests {
                             lo: los[b],
                             hi: hi0 + b,
                             scale: 0.125,
+                            row_scales,
                         })
                         .collect();
                     let mut outs = vec![vec![0f32; d]; count];
@@ -1131,11 +1239,14 @@ mod tests {
             }
             for los in los {
                 for hi0 in [los[3].max(33), 47, 66] {
-                    check(&q, &keys, &values, los, hi0);
+                    check(&q, (&keys, &values), None, los, hi0);
                     let half = |v: &[f32]| -> Vec<half::f16> {
                         v.iter().map(|&x| half::f16::from_f32(x)).collect()
                     };
-                    check(&q, &half(&keys), &half(&values), los, hi0);
+                    check(&q, (&half(&keys), &half(&values)), None, los, hi0);
+                    let (ks, vs) = (scales(cap, 3), scales(cap, 5));
+                    let (k8, v8) = (codes(&keys, cap), codes(&values, cap));
+                    check(&q, (&k8, &v8), Some((&ks, &vs)), los, hi0);
                 }
             }
         }
