@@ -94,12 +94,21 @@ fn run(
     (prefill, ids, step_rows)
 }
 
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+/// |a - b| of every logit of two runs' rows.
+fn abs_diffs<'a>(a: &'a [Vec<f32>], b: &'a [Vec<f32>]) -> impl Iterator<Item = f32> + 'a {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
         .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    abs_diffs(a, b).fold(0.0, f32::max)
+}
+
+fn mean_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    let (sum, n) = abs_diffs(a, b).fold((0.0, 0), |(s, n), d| (s + d, n + 1));
+    sum / n as f32
 }
 
 /// The reference checkpoint with f32 weights and lm_head on the chosen kernels.
@@ -242,14 +251,6 @@ fn q8_kv_cache_stays_close_to_the_official_code() {
 fn cache_stays_close_to_the_official_code(kv: KvType, beside: KvType, max: f32, mean: f32) {
     let Some(dir) = dir() else { return };
     let pool = Pool::new(2, None);
-    let mean_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-        let d: Vec<f32> = a
-            .iter()
-            .zip(b)
-            .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-            .collect();
-        d.iter().sum::<f32>() / d.len() as f32
-    };
     for choice in [KernelChoice::Reference, KernelChoice::Fast] {
         let mut model = f32_model(&dir, choice);
         for (ci, case) in cases(&dir).iter().enumerate() {
