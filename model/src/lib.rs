@@ -9,8 +9,10 @@
 //! - [`shards`]: per-rank shard files and their manifest (what `ringlm convert` writes).
 //! - [`gguf`]: llama.cpp's GGUF files (F32, F16, BF16, Q8_0, Q4_0, Q4_1), bounds-checked.
 //! - [`hf`]: Hugging Face checkpoints (safetensors, sharded or not), memory-mapped.
-//! - [`tokenizer`]: the Yuan 2.0 SentencePiece tokenizer, in pure Rust.
-//! - [`arch`]: architectures; [`arch::yuan2`] is Yuan 2.0 with its LFA convolutions.
+//! - [`tokenizer`]: Yuan 2.0's SentencePiece tokenizer and the byte-level BPE of GGUF models, in pure Rust.
+//! - [`arch`]: one decoder ([`arch::Model`]) for Yuan 2.0 (with its LFA convolutions) and the Llama family,
+//!   tensor-parallel and pipelined; loading, converting and random models of real shapes.
+//! - [`rng`]: the seeded generator behind random weights and sampling.
 #![deny(missing_docs)]
 // Slicing APIs take lists of column ranges; a list of one range is the common case, not a mistake.
 #![allow(clippy::single_range_in_vec_init)]
@@ -22,6 +24,7 @@ pub mod hf;
 pub mod kernels;
 pub mod pool;
 pub mod quant;
+pub mod rng;
 pub mod shards;
 pub mod tokenizer;
 pub mod weight;

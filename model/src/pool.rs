@@ -14,7 +14,7 @@ use crossbeam::utils::Backoff;
 /// A job: called as `f(part, parts)` once for each part.
 type Job<'a> = dyn Fn(usize, usize) + Sync + 'a;
 
-struct Shared {
+struct PoolState {
     /// Incremented for every job; workers run a job when they see it change.
     generation: AtomicU64,
     /// Parts finished in the current job (the caller waits for parts - 1).
@@ -26,12 +26,12 @@ struct Shared {
     quit: AtomicUsize,
 }
 
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
+unsafe impl Send for PoolState {}
+unsafe impl Sync for PoolState {}
 
 /// The pool. Dropping it stops the workers.
 pub struct Pool {
-    shared: Arc<Shared>,
+    shared: Arc<PoolState>,
     threads: usize,
     handles: Vec<std::thread::JoinHandle<()>>,
     /// How long a worker spins for the next job before sleeping.
@@ -51,7 +51,7 @@ impl Pool {
     /// A pool of `threads` threads (the caller counts as one), pinned one per CPU of `cpus` when given.
     pub fn new(threads: usize, cpus: Option<&[usize]>) -> Pool {
         let threads = threads.max(1);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(PoolState {
             generation: AtomicU64::new(0),
             done: AtomicUsize::new(0),
             job: Mutex::new(None),
@@ -102,7 +102,7 @@ impl Pool {
             });
         let cpus: Option<Vec<usize>> = std::env::var("RINGLM_CPUSET")
             .ok()
-            .and_then(|s| parse_cpus(&s));
+            .and_then(|s| collective::parse_list(&s));
         Pool::new(threads, cpus.as_deref())
     }
 
@@ -141,21 +141,7 @@ impl Pool {
     }
 }
 
-/// Parses "0-3,8".
-fn parse_cpus(s: &str) -> Option<Vec<usize>> {
-    let mut out = Vec::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                out.extend(a.trim().parse::<usize>().ok()?..=b.trim().parse::<usize>().ok()?)
-            }
-            None => out.push(part.trim().parse().ok()?),
-        }
-    }
-    Some(out)
-}
-
-fn worker(shared: Arc<Shared>, part: usize, parts: usize, cpu: Option<usize>, spin: Duration) {
+fn worker(shared: Arc<PoolState>, part: usize, parts: usize, cpu: Option<usize>, spin: Duration) {
     if let Some(c) = cpu {
         pin_to(c);
     }

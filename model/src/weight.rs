@@ -30,6 +30,16 @@ impl std::str::FromStr for Format {
     }
 }
 
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::F32 => "f32",
+            Format::Nf4 => "nf4",
+            Format::Bf16 => "bf16",
+        })
+    }
+}
+
 /// How a linear layer is split over tensor-parallel ranks (Megatron): a column-parallel layer splits its
 /// outputs (each rank computes a slice of y from all of x), a row-parallel layer splits its inputs (each rank
 /// computes a partial y from its slice of x, summed by an allreduce).

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-use model::arch::yuan2::{KvType, Model};
 use model::arch::{argmax, Shard, Solo};
+use model::arch::{KvType, Model};
 use model::kernels::{KernelChoice, Kernels};
 use model::pool::Pool;
 use model::weight::Format;

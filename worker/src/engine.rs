@@ -1,17 +1,18 @@
 //! Generation shared by `generate`, `chat` and (later) `serve`: every rank runs the same steps; rank 0 owns
 //! the tokenizer and all I/O and tells the others what to run.
 
+use model::rng::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
-use model::arch::yuan2::Profile;
+use model::arch::Profile;
 
 use crate::runtime::Job;
 use model::tokenizer::{StreamDecoder, Tokenizer};
 
 /// How the next token is chosen.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingArgs {
     /// Longest answer in tokens.
     #[arg(long, default_value_t = 256)]
@@ -84,18 +85,6 @@ impl Stats {
     }
 }
 
-/// xorshift64*, seeded per generation so every rank draws the same numbers.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Samples from full-vocabulary logits with temperature, top-k and top-p.
 fn sample(logits: &[f32], s: &SamplingArgs, rng: &mut Rng) -> u32 {
     let mut idx: Vec<usize> = (0..logits.len()).collect();
@@ -162,7 +151,8 @@ pub fn generate(
         prompt_tokens: prompt.len(),
         ..Stats::default()
     };
-    let mut rng = Rng(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    // Seeded per generation, so every rank draws the same numbers.
+    let mut rng = Rng::new(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let t = Instant::now();
     job.model.profile = Profile::default();
     let mut logits = job
@@ -303,7 +293,7 @@ mod tests {
             seed: 5,
         };
         let draw = |seed: u64| {
-            let mut r = Rng(seed | 1);
+            let mut r = Rng::new(seed);
             (0..50)
                 .map(|_| sample(&logits, &s, &mut r))
                 .collect::<Vec<_>>()

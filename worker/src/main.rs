@@ -1,23 +1,20 @@
 //! ringlm: the worker program. Under `ringrun` every rank runs it; alone it is a job of one.
 
-mod bench;
-mod benchk;
-mod commcmd;
-mod convert;
+mod commands;
 mod engine;
-mod logits;
-mod perplexity;
 mod placement;
+mod protocol;
 mod runtime;
 mod selfbind;
 mod serve;
 mod stats;
-mod synth;
-mod textcmd;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use commands::{
+    bench, bench_kernels, chat, comm, convert, generate, logits, perplexity, synth, tokenize,
+};
 
 const AFTER_HELP: &str = "\
 Run it under ringrun to use several sockets, e.g.:
@@ -43,15 +40,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Measure barrier, broadcast, allgather and allreduce between the ranks, beside a memcpy of the same bytes.
-    BenchComm(commcmd::BenchArgs),
+    BenchComm(comm::BenchArgs),
     /// Generate a continuation of a prompt, streamed to stdout (Yuan: the prompt ends with <sep>; Llama: plain text).
-    Generate(textcmd::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Talk with the model in its multi-turn format (Yuan 2.0's <n>/<sep>, or the ChatML of a GGUF chat model).
-    Chat(textcmd::ChatArgs),
+    Chat(chat::ChatArgs),
     /// Print the token ids of a text as a JSON array.
-    Tokenize(textcmd::TokenizeArgs),
+    Tokenize(tokenize::TokenizeArgs),
     /// Print the text of token ids.
-    Detokenize(textcmd::DetokenizeArgs),
+    Detokenize(tokenize::DetokenizeArgs),
     /// Convert a Yuan 2.0 Hugging Face checkpoint or a Llama GGUF file into per-rank shards (NF4 by default) plus a manifest.
     Convert(convert::Args),
     /// Write a seeded random Yuan 2.0 checkpoint (Hugging Face layout) at a preset's shapes.
@@ -77,9 +74,9 @@ enum Command {
     /// a slower socket or core, or another guest on it.
     Bench(bench::Args),
     /// Measure the NF4 and BF16 kernels: GEMV bandwidth beside a streaming read, GEMM beside the FMA peak.
-    BenchKernels(benchk::Args),
+    BenchKernels(bench_kernels::Args),
     /// Check the collectives' results on seeded data (used by the test suite; exits non-zero on a wrong result).
-    CommCheck(commcmd::CheckArgs),
+    CommCheck(comm::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,18 +84,18 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::BenchComm(a) => commcmd::bench(a),
-        Command::CommCheck(a) => commcmd::check(a),
-        Command::BenchKernels(a) => benchk::run(a),
+        Command::BenchComm(a) => comm::bench(a),
+        Command::CommCheck(a) => comm::check(a),
+        Command::BenchKernels(a) => bench_kernels::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Convert(a) => convert::run(a),
-        Command::Generate(a) => textcmd::generate_cmd(a),
-        Command::Chat(a) => textcmd::chat(a),
-        Command::Tokenize(a) => textcmd::tokenize(a),
-        Command::Detokenize(a) => textcmd::detokenize(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::Detokenize(a) => tokenize::run_detokenize(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use collective::{Communicator, Pipeline};
-use model::arch::yuan2::{KvType, Model};
 use model::arch::{Collective, Shard};
+use model::arch::{KvType, Model};
 use model::kernels::{KernelChoice, Kernels};
 use model::pool::Pool;
 use model::weight::Format;
@@ -46,6 +46,10 @@ pub struct ModelArgs {
     /// step and no throughput.
     #[arg(long, default_value_t = 1, value_name = "P")]
     pub pp: usize,
+    /// Ranks: starts them through ringrun, which places one per socket (under ringrun, mpirun or srun the
+    /// job decides, and a different N is an error).
+    #[arg(long, value_name = "N")]
+    pub np: Option<usize>,
 }
 
 /// A command-line value read by the model crate's own parser (weight format, cache type, kernels), its

@@ -19,15 +19,7 @@ pub struct Binding {
 }
 
 fn read_list(path: &str) -> Option<Vec<usize>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut out = Vec::new();
-    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => out.extend(a.parse::<usize>().ok()?..=b.parse::<usize>().ok()?),
-            None => out.push(part.parse().ok()?),
-        }
-    }
-    Some(out)
+    collective::parse_list(std::fs::read_to_string(path).ok()?.trim())
 }
 
 fn allowed_cpus() -> Vec<usize> {

@@ -1,6 +1,39 @@
-//! Model architectures.
+//! Model architectures over one shared decoder.
+//!
+//! | file | what it holds |
+//! | --- | --- |
+//! | `config.rs` | [`Config`] (config.json, checks of np and pipeline stages) and [`Arch`], which answers every question the decoder asks of an architecture |
+//! | `layer.rs` | the table of a layer's tensors (role, shape, how tensor parallelism cuts it) that every loader, the converter and random init read |
+//! | `decoder.rs` | [`Model`], [`State`] and the forward pass |
+//! | `blocks.rs` | q/k/v with RoPE and the cache writes, [`attention`], the MLP (decode's fused passes included) |
+//! | `lfa.rs` | Yuan 2.0's localized filtering |
+//! | `kv_cache.rs` | the key/value cache ([`KvType`]: f32, f16, 8-bit) |
+//! | `yuan2.rs`, `llama.rs` | what is one architecture's alone: presets, file metadata, tensor names, weight re-orderings |
+//! | `load.rs`, `convert.rs`, `random.rs` | building a rank's model from a file, a converted directory or a seed; writing shards |
+//! | `profile.rs` | where the forward pass spends its time ([`Profile`]) |
+//!
+//! ARCHITECTURE.md at the repository's root walks one token through these, and lists the places a new
+//! architecture touches.
 
-pub mod yuan2;
+mod blocks;
+mod config;
+mod convert;
+mod decoder;
+mod kv_cache;
+mod layer;
+mod lfa;
+mod llama;
+mod load;
+mod profile;
+mod random;
+mod yuan2;
+
+pub use blocks::{attention, LayerCache};
+pub use config::{Arch, Config};
+pub use convert::{convert, verify_shards, ConvertOptions};
+pub use decoder::{Model, State};
+pub use kv_cache::KvType;
+pub use profile::Profile;
 
 use crate::error::Result;
 

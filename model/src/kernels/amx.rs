@@ -12,34 +12,10 @@
 
 use std::arch::asm;
 
-/// Linux: ask for the AMX tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`).
-const ARCH_REQ_XCOMP_PERM: libc::c_int = 0x1023;
-const XFEATURE_XTILEDATA: libc::c_ulong = 18;
-
 /// Rows (weight rows or tokens) per tile.
 pub const TILE: usize = 16;
 /// Inputs (bf16 values) per tile row.
 pub const TILE_K: usize = 32;
-
-/// Whether the CPU has AMX-BF16 and the kernel lets this process use it (asked once, process-wide).
-pub fn available() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        if std::env::var("RINGLM_AMX").is_ok_and(|v| v == "0") {
-            return false;
-        }
-        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
-        let cpu = leaf.edx & (1 << 22) != 0 && leaf.edx & (1 << 24) != 0;
-        cpu && unsafe {
-            libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
-            )
-        } == 0
-    })
-}
 
 /// Palette 1 with all 8 tiles at 16 rows × 64 bytes.
 #[repr(C, align(64))]

@@ -32,7 +32,7 @@ fn bf16(x: f32) -> u16 {
 /// one of the core's few L1 fill buffers until its line arrives, so the far one goes to L2 only. Measured on
 /// the Xeon here (BENCHMARKS.md): hardware prefetch alone reads at ~55% of a plain read, one L1 prefetch
 /// 4 KiB ahead at ~77%, this pair at ~85%. On Zen 5 the L1 prefetch costs more than it brings, and on Zen 4
-/// both do (see [`Flavor`]).
+/// both do (see [`Flavor`](super::cpu::Flavor)).
 const PREFETCH_L2: usize = 32 << 10;
 const PREFETCH_L1: usize = 1 << 10;
 /// Bits of the GEMV kernels' `PF` parameter: which of the two prefetches they issue.
@@ -231,80 +231,8 @@ vnni!(
     "vpdpbusd"
 );
 
-/// Two choices in the GEMV that give the same results to the bit but whose speed depends on the core, made
-/// once per process by vendor (BENCHMARKS.md has the measurements):
-/// - `word_shifts`: which shifts bring a word's upper nibbles down for `vpermw` (both give the same low 5
-///   bits). On the Xeon two byte shifts (`vpsrldq`) beside one word shift took 8.1 instead of 9.8 cycles per
-///   super-chunk in L1. On Zen 5 `vpsrldq` competes with `vpdpwssd` for a port and word shifts do not
-///   (`docs/bench/probes/ports.c`).
-/// - `l1_prefetch`: the near prefetch into L1 beside the far one into L2. On the Xeon it took the GEMV from
-///   ~55% to ~85% of a plain read. On Zen 5 the core issues about two loads a cycle, prefetches included, and
-///   without it one core's GEMV from memory went from 0.80 to 0.90 of the read (5 rounds in turn).
-/// - `l2_prefetch`: the far prefetch into L2. On Zen 4 the 8-bit GEMV reads faster from memory with no
-///   software prefetch at all, the hardware prefetchers alone keeping up: one thread at 0.96–0.97 of a plain
-///   read against 0.73–0.77 with both prefetches, two at 0.93–1.05 against 0.70–0.92 (in a phase where the
-///   read gave 50 GB/s, 48 GB/s against 35). BENCHMARKS.md has the runs.
-///
-/// `RINGLM_NF4_SHIFTS=word|byte`, `RINGLM_NF4_L1_PREFETCH=on|off` and `RINGLM_NF4_L2_PREFETCH=on|off` override
-/// the choices (for measurements).
-#[derive(Clone, Copy)]
-struct Flavor {
-    word_shifts: bool,
-    l1_prefetch: bool,
-    l2_prefetch: bool,
-}
-
-impl Flavor {
-    /// The prefetches as the kernels' `PF` bits.
-    fn pf(&self) -> u8 {
-        (if self.l2_prefetch { PF_L2 } else { 0 }) | (if self.l1_prefetch { PF_L1 } else { 0 })
-    }
-}
-
-/// Whether the CPU is AMD's: cpuid leaf 0 exists on every x86-64 CPU, and "AuthenticAMD" is in ebx, edx,
-/// ecx.
-pub(crate) fn amd() -> bool {
-    let id = __cpuid(0);
-    (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
-}
-
-/// The CPU's family (cpuid leaf 1): on AMD 0x19 for Zen 3 and Zen 4 (only Zen 4 has AVX-512), 0x1A for
-/// Zen 5.
-pub(crate) fn amd_family() -> u32 {
-    let eax = __cpuid(1).eax;
-    let base = (eax >> 8) & 0xF;
-    if base == 0xF {
-        base + ((eax >> 20) & 0xFF)
-    } else {
-        base
-    }
-}
-
-fn flavor() -> Flavor {
-    static FLAVOR: std::sync::OnceLock<Flavor> = std::sync::OnceLock::new();
-    *FLAVOR.get_or_init(|| {
-        let amd = amd();
-        let zen4 = amd && amd_family() == 0x19;
-        let env = |name: &str| std::env::var(name).ok();
-        let on_off = |name: &str, default: bool| match env(name).as_deref() {
-            Some("on") => true,
-            Some("off") => false,
-            _ => default,
-        };
-        Flavor {
-            word_shifts: match env("RINGLM_NF4_SHIFTS").as_deref() {
-                Some("word") => true,
-                Some("byte") => false,
-                _ => amd,
-            },
-            l1_prefetch: on_off("RINGLM_NF4_L1_PREFETCH", !amd),
-            l2_prefetch: on_off("RINGLM_NF4_L2_PREFETCH", !zen4),
-        }
-    })
-}
-
 /// The 64 bytes of super-chunk `s` of the chunk at `base`, after asking for the code stream ahead as `PF`
-/// says: into L2 far ahead, into L1 just ahead (see [`Flavor`]). Prefetches never fault past the end, but forming an
+/// says: into L2 far ahead, into L1 just ahead (see [`Flavor`](super::cpu::Flavor)). Prefetches never fault past the end, but forming an
 /// out-of-bounds pointer with `add` would be undefined behaviour: `wrapping_add`.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -331,7 +259,7 @@ unsafe fn super_chunk<const WORD_SHIFTS: bool, const PF: u8>(
 ) {
     let v = load_super::<PF>(base, s);
     // Nibble k of each word, shifted down by 4k bits (the index is the low 5 bits and the table repeats, so
-    // what lies above the nibble does not matter); see [`Flavor`].
+    // what lies above the nibble does not matter); see [`Flavor`](super::cpu::Flavor).
     let t = _mm512_srli_epi16::<4>(v);
     let (n2, n3) = if WORD_SHIFTS {
         (_mm512_srli_epi16::<8>(v), _mm512_srli_epi16::<12>(v))
@@ -362,17 +290,18 @@ pub unsafe fn gemv_nf4_tiles(
     y: &mut [f32],
     tiles: std::ops::Range<usize>,
 ) {
-    let f = flavor();
+    let f = super::cpu::flavor();
+    let pf = (if f.l2_prefetch { PF_L2 } else { 0 }) | (if f.l1_prefetch { PF_L1 } else { 0 });
     if x.bytes.is_some() {
         // 8-bit codes exist only where the CPU has VBMI (QuantX::bytes checks).
-        return match f.pf() {
+        return match pf {
             0 => gemv_nf4_tiles_bytes::<0>(w, x, y, tiles),
             PF_L2 => gemv_nf4_tiles_bytes::<PF_L2>(w, x, y, tiles),
             PF_L1 => gemv_nf4_tiles_bytes::<PF_L1>(w, x, y, tiles),
             _ => gemv_nf4_tiles_bytes::<PF_BOTH>(w, x, y, tiles),
         };
     }
-    match (f.word_shifts, f.pf()) {
+    match (f.word_shifts, pf) {
         (true, 0) => gemv_nf4_tiles_with::<true, 0>(w, x, y, tiles),
         (true, PF_L2) => gemv_nf4_tiles_with::<true, PF_L2>(w, x, y, tiles),
         (true, PF_L1) => gemv_nf4_tiles_with::<true, PF_L1>(w, x, y, tiles),
@@ -969,7 +898,7 @@ mod tests {
     /// scale changes inside a group of four (33 and 600 blocks a row) and groups of 3, 1 and 16 chunks.
     #[test]
     fn four_chunks_of_scales_decode_as_one_chunk_at_a_time() {
-        if !crate::kernels::quantx::vbmi() {
+        if !crate::kernels::cpu::vbmi() {
             eprintln!("SKIPPED: this CPU has no AVX-512 VBMI");
             return;
         }

@@ -74,7 +74,7 @@ impl QuantX {
     /// 8-bit codes of `x` (a multiple of 64 values), with AVX-512 VBMI when the CPU has it, else
     /// [`QuantX::portable_bytes`]; both give the same codes, biases and factors.
     pub fn bytes(x: &[f32]) -> QuantX {
-        if vbmi() {
+        if crate::kernels::cpu::vbmi() {
             let mut q = QuantX::zeroed_bytes(x.len());
             unsafe { avx512_quantize_bytes(x, &mut q) };
             q
@@ -202,13 +202,6 @@ pub fn level_bytes() -> [u8; 64] {
     std::array::from_fn(|i| ((LEVELS[i % 16] * W8_MAX).round_ties_even() as i32 + 128) as u8)
 }
 
-/// Whether the CPU has the byte permutes the 8-bit path needs (with the rest of the AVX-512 kernels' set).
-pub fn vbmi() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vbmi")
-}
-
 /// Largest 8-bit activation code.
 pub const X8_MAX: f32 = 127.0;
 /// Largest 8-bit level code.
@@ -250,7 +243,7 @@ pub(crate) fn fill_chunks_bytes(x: &[f32], q: &mut [i8], bias: &mut [i32], scale
             && scale.len() == chunks * 2,
         "a part of a quantized vector is whole chunks"
     );
-    assert!(vbmi());
+    assert!(crate::kernels::cpu::vbmi());
     unsafe { avx512_chunks_bytes(x, q, bias, scale) };
 }
 
@@ -467,7 +460,7 @@ mod tests {
 
     #[test]
     fn the_vector_byte_quantizer_equals_the_scalar_one() {
-        if !vbmi() {
+        if !crate::kernels::cpu::vbmi() {
             eprintln!("SKIPPED: this CPU lacks AVX-512 VBMI");
             return;
         }
@@ -541,7 +534,7 @@ mod tests {
         x[3] = f32::NAN;
         let qx = QuantX::portable_bytes(&x);
         assert!(qx.scale[0].is_nan() && qx.scale[1].is_finite());
-        if vbmi() {
+        if crate::kernels::cpu::vbmi() {
             let v = QuantX::bytes(&x);
             assert!(v.scale[0].is_nan() && v.scale[1].is_finite());
         }

@@ -1,11 +1,12 @@
 //! `ringlm bench-kernels`: GEMV bandwidth beside a plain streaming read, and GEMM FLOP rate beside the FMA peak,
 //! over the matrix shapes of Yuan2-2B and Yuan2-102B layers.
 
+use model::rng::Rng;
 use std::time::Instant;
 
 use anyhow::Result;
 use half::f16;
-use model::arch::yuan2::{attention, LayerCache};
+use model::arch::{attention, LayerCache};
 use model::kernels::{AlignedBytes, Bf16Matrix, KernelChoice, Kernels, Nf4Matrix};
 use model::pool::Pool;
 
@@ -94,18 +95,6 @@ fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
         return Err(bad());
     }
     Ok((r, c))
-}
-
-struct Rng(u64);
-impl Rng {
-    fn fill(&mut self, out: &mut [u8]) {
-        for c in out.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            c.copy_from_slice(&self.0.to_le_bytes()[..c.len()]);
-        }
-    }
 }
 
 enum Mat {
@@ -232,7 +221,7 @@ pub fn run(a: Args) -> Result<()> {
             )
         );
     }
-    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let mut rng = Rng::new(0x2545_F491_4F6C_DD1D);
     let shapes: Vec<(usize, usize, &str)> = if a.shapes.is_empty() {
         SHAPES.to_vec()
     } else {

@@ -1,23 +1,20 @@
 //! `ringlm synth`: a seeded random Yuan 2.0 checkpoint in the Hugging Face layout, at a preset's real shapes,
 //! so that convert, load, generate and memory can be exercised without downloading weights.
 
+use model::rng::Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use model::arch::yuan2::Config;
+use model::arch::Config;
 use model::hf::{StreamWriter, TensorSpec};
 use safetensors::Dtype;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Shapes: yuan2-2b, yuan2-51b or yuan2-102b.
-    #[arg(long, default_value = "yuan2-2b")]
-    preset: String,
-    /// Fewer layers than the preset (a slice of a large model).
-    #[arg(long)]
-    layers: Option<usize>,
+    #[command(flatten)]
+    shape: super::PresetArgs,
     /// Shape overrides for small test models: hidden size.
     #[arg(long)]
     hidden: Option<usize>,
@@ -47,19 +44,8 @@ pub struct Args {
 /// Files above this size are split; like the official checkpoints, in parts of at most 2 GB.
 const SHARD_BYTES: usize = 2 << 30;
 
-struct Rng(u64);
-impl Rng {
-    fn uniform(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        f32::from_bits(0x3F80_0000 | (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 41) as u32)
-            - 1.5
-    }
-}
-
 pub fn run(a: Args) -> Result<()> {
-    let mut c = Config::preset(&a.preset, a.layers)?;
+    let mut c = Config::preset(&a.shape.preset, a.shape.layers)?;
     if let Some(h) = a.hidden {
         c.hidden = h;
         c.ffn = 4 * h;
@@ -121,8 +107,8 @@ pub fn run(a: Args) -> Result<()> {
         )
         .unwrap(),
     );
-    bar.set_message(format!("synth {}", a.preset));
-    let mut rng = Rng(a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    bar.set_message(format!("synth {}", a.shape.preset));
+    let mut rng = Rng::new(a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut weight_map = serde_json::Map::new();
     let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     for (i, specs) in files.into_iter().enumerate() {

@@ -22,6 +22,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.ids.is_empty() {
         bail!("--ids: at least one token id is needed");
     }
+    if let Some(code) = crate::runtime::relaunch_with_np(a.model.np)? {
+        std::process::exit(code);
+    }
     let mut job = Job::start(&a.model)?;
     let vocab = job.model.config.vocab;
     if let Some(bad) = a.ids.iter().find(|&&i| i as usize >= vocab) {

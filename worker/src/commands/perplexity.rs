@@ -33,13 +33,10 @@ pub struct Args {
     /// Print {"perplexity", "tokens_scored", "chunks", ...} as JSON on stdout instead of the text summary.
     #[arg(long)]
     json: bool,
-    /// Start the ranks through ringrun (under ringrun the job decides).
-    #[arg(long)]
-    np: Option<usize>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if let Some(code) = crate::runtime::relaunch_with_np(a.np)? {
+    if let Some(code) = crate::runtime::relaunch_with_np(a.model.np)? {
         std::process::exit(code);
     }
     if a.ctx < 4 {

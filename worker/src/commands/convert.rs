@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use model::arch::yuan2::{convert, verify_shards, ConvertOptions};
+use model::arch::{convert, verify_shards, ConvertOptions};
 use model::weight::Format;
 
 #[derive(clap::Args, Debug)]

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use model::arch::yuan2::{Config, KvType, Model, Profile};
+use model::arch::{Config, KvType, Model, Profile};
 use model::kernels::{AlignedBytes, KernelChoice, Kernels};
 use model::pool::Pool;
 use model::weight::Format;
@@ -13,12 +13,8 @@ use serde_json::json;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model shapes: yuan2-2b, yuan2-51b or yuan2-102b.
-    #[arg(long, default_value = "yuan2-2b")]
-    preset: String,
-    /// Build and run only this many layers; results are also projected to the full model.
-    #[arg(long)]
-    layers: Option<usize>,
+    #[command(flatten)]
+    shape: super::PresetArgs,
     /// Ranks (starts them through ringrun); under ringrun the job decides.
     #[arg(long)]
     np: Option<usize>,
@@ -151,8 +147,8 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(code) = crate::runtime::relaunch_with_np(a.np)? {
         std::process::exit(code);
     }
-    let full_layers = Config::preset_layers(&a.preset).unwrap_or(0);
-    let config = Config::preset(&a.preset, a.layers)?;
+    let full_layers = Config::preset_layers(&a.shape.preset).unwrap_or(0);
+    let config = Config::preset(&a.shape.preset, a.shape.layers)?;
     if a.prompt == 0 {
         anyhow::bail!("--prompt must be at least 1");
     }
@@ -174,7 +170,7 @@ pub fn run(a: Args) -> Result<()> {
         kernels,
         a.seed,
     )
-    .with_context(|| format!("rank {}: building {}", shard.rank, a.preset))?;
+    .with_context(|| format!("rank {}: building {}", shard.rank, a.shape.preset))?;
     let build_s = build.elapsed().as_secs_f64();
     model.kv_cache = a.kv_cache;
 
@@ -184,7 +180,7 @@ pub fn run(a: Args) -> Result<()> {
     // reading taken once before decode can belong to another phase than the decode it is compared with. One
     // read precedes decode and one follows every step instead, all ranks at once: the roofline comes from
     // reads spread over the same window as the steps, and each step is also set against the reads beside it.
-    let len = (2 * crate::benchk::llc_bytes().unwrap_or(0)).max(256 << 20);
+    let len = (2 * super::bench_kernels::llc_bytes().unwrap_or(0)).max(256 << 20);
     let mut buf = AlignedBytes::zeroed(len);
     for (i, b) in buf.as_mut_slice().iter_mut().enumerate().step_by(4096) {
         *b = i as u8;
@@ -283,7 +279,7 @@ pub fn run(a: Args) -> Result<()> {
     let decode_tps = a.gen as f64 / decode_s;
     let prefill_tps = a.prompt as f64 / prefill_s;
     let mut out = json!({
-        "preset": a.preset, "layers": config.layers, "np": tp * shard.stages, "tp": tp, "pp": shard.stages,
+        "preset": a.shape.preset, "layers": config.layers, "np": tp * shard.stages, "tp": tp, "pp": shard.stages,
         "threads": pool.threads(),
         "quant": a.quant, "lm_head": a.lm_head, "kv_cache": a.kv_cache.to_string(),
         "kernels": kernels.isa().name(),
@@ -345,7 +341,7 @@ pub fn run(a: Args) -> Result<()> {
     let g = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
     println!(
         "{} ({} layers{}), {} weights, {} lm_head, np={}{} × {} threads, {} kernels",
-        a.preset,
+        a.shape.preset,
         config.layers,
         if config.layers < full_layers {
             format!(" of {full_layers}")

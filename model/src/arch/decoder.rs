@@ -1,0 +1,460 @@
+//! The decoder every architecture shares: the model as one rank holds it, a sequence's state, and the
+//! forward pass.
+//!
+//! A pre-norm decoder: `x += attn(rmsnorm(x))`, `x += mlp(rmsnorm(x))`, final RMSNorm, lm_head. What an
+//! architecture changes is asked of [`Arch`](super::Arch): Yuan 2.0 filters q/k's input through LFA
+//! ([`super::lfa`]), pairs RoPE's dimensions half a head apart and puts SiLU on up_proj. The three
+//! allreduces of a layer (after LFA's conv2, o_proj and down_proj, the row-parallel matrices) are in
+//! [`Model::forward`] itself.
+
+use super::kv_cache::{KvCache, KvType};
+use super::layer::{Layer, PartRef};
+use super::lfa::LfaMemory;
+use super::profile::{Op, Profile, Timer};
+use super::{argmax, rms_norm, Collective, Config, Shard};
+use crate::error::{Error, Result};
+use crate::kernels::Kernels;
+use crate::pool::Pool;
+use crate::weight::{Format, Weight};
+
+/// The embedding table, kept whole on every rank of the first stage (one row is read per token).
+#[derive(Clone, Debug)]
+pub(crate) enum Embedding {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl Embedding {
+    /// Kept in f32 with f32 weights, else in bf16.
+    pub fn new(values: Vec<f32>, format: Format) -> Embedding {
+        if format == Format::F32 {
+            Embedding::F32(values)
+        } else {
+            Embedding::Bf16(values.iter().map(|&x| half::bf16::from_f32(x)).collect())
+        }
+    }
+}
+
+/// The model as this rank holds it.
+pub struct Model {
+    /// Hyper-parameters.
+    pub config: Config,
+    /// Which slice this is.
+    pub shard: Shard,
+    /// This stage's layers (all of them without a pipeline).
+    pub(super) layers: Vec<Layer>,
+    /// The token embedding: on the first pipeline stage only.
+    pub(super) embed: Option<Embedding>,
+    pub(super) final_norm: Vec<f32>, // (H,)
+    /// (vocab slice, H): on the last pipeline stage only.
+    pub(super) lm_head: Option<Weight>,
+    pub(super) vocab: std::ops::Range<usize>,
+    /// Kernels the linear layers run.
+    pub kernels: Kernels,
+    /// RoPE inverse frequencies (d/2,).
+    inv_freq: Vec<f32>,
+    /// Time spent per kind of op since the last reset.
+    pub profile: Profile,
+    /// How states made by [`Model::new_state`] keep keys and values.
+    pub kv_cache: KvType,
+    /// Decode's fused pool passes (q, k and v with RoPE and the cache writes; the MLP's input side), where the
+    /// weights and kernels allow them. They give the same bits as the steps one by one; false runs those,
+    /// for tests and A/B measurements.
+    pub fused_decode: bool,
+}
+
+/// The caches of one sequence.
+pub struct State {
+    /// Tokens processed so far (the next position).
+    pub pos: usize,
+    pub(super) capacity: usize,
+    /// Position of the last eod token seen, for the document mask.
+    last_eod: Option<usize>,
+    /// Per layer (key/value heads, capacity, d): a head's positions contiguous, a new token's key one write.
+    pub(super) kv: KvCache,
+    /// Per layer, LFA's memory of the last position (Yuan 2.0).
+    lfa: Vec<LfaMemory>,
+}
+
+impl State {
+    /// The first position each new token may see: with the document mask, nothing at or before the last
+    /// eod before it.
+    fn doc_starts(&mut self, c: &Config, tokens: &[u32]) -> Vec<usize> {
+        let mut starts = Vec::with_capacity(tokens.len());
+        for (i, &id) in tokens.iter().enumerate() {
+            starts.push(if c.reset_attention_mask {
+                self.last_eod.map_or(0, |e| e + 1)
+            } else {
+                0
+            });
+            if c.reset_attention_mask && id == c.eod {
+                self.last_eod = Some(self.pos + i);
+            }
+        }
+        starts
+    }
+}
+
+impl Model {
+    /// A model with no weights yet, for a loader to fill: the RoPE frequencies and the vocabulary slice
+    /// follow from the config and the shard.
+    pub(super) fn empty(config: Config, shard: Shard, kernels: Kernels) -> Model {
+        let d = config.head_dim();
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0 / config.rope_base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        Model {
+            vocab: shard.uneven(config.vocab),
+            config,
+            shard,
+            layers: Vec::new(),
+            embed: None,
+            final_norm: Vec::new(),
+            lm_head: None,
+            kernels,
+            inv_freq,
+            profile: Profile::default(),
+            kv_cache: KvType::F32,
+            fused_decode: true,
+        }
+    }
+
+    /// Fresh caches for a sequence of up to `capacity` tokens.
+    pub fn new_state(&self, capacity: usize) -> State {
+        let c = &self.config;
+        let n = self.layers.first().map(|l| l.wk.rows()).unwrap_or(0);
+        let ch = self
+            .layers
+            .first()
+            .and_then(|l| l.lfa.as_ref())
+            .map(|a| a.conv1.rows())
+            .unwrap_or(0);
+        State {
+            pos: 0,
+            capacity,
+            last_eod: None,
+            kv: KvCache::new(self.kv_cache, self.layers.len(), capacity * n, c.head_dim()),
+            lfa: self
+                .layers
+                .iter()
+                .map(|_| LfaMemory::new(c.hidden, ch))
+                .collect(),
+        }
+    }
+
+    /// Runs `tokens` (appended at `state.pos`) through the model and returns this rank's slice of the
+    /// logits for every token (`all_logits`) or for the last one: `(rows, vocab slice)` row-major.
+    pub fn forward(
+        &mut self,
+        pool: &Pool,
+        comm: &mut dyn Collective,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let m = tokens.len();
+        if m == 0 {
+            return Err(Error::Shape("no tokens to run".into()));
+        }
+        if state.pos + m > state.capacity {
+            return Err(Error::Shape(format!(
+                "sequence of {} tokens exceeds the context of {}",
+                state.pos + m,
+                state.capacity
+            )));
+        }
+        let (h, eps, k) = (self.config.hidden, self.config.eps, &self.kernels);
+        let mut tm = Timer::new(self.profile);
+        let doc_start = state.doc_starts(&self.config, tokens);
+
+        // x = embed_tokens(input_ids), or the previous pipeline stage's output.
+        let mut x = vec![0f32; m * h];
+        if self.shard.first_stage() {
+            tm.time(Op::Other, || self.embed(tokens, &mut x))?;
+        } else {
+            tm.time(Op::Wait, || comm.recv_prev(&mut x))?;
+        }
+        let rot = self.rotations(state.pos, m);
+
+        let mut hn = vec![0f32; m * h];
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (n, nkv, d) = (layer.wq.rows(), layer.wk.rows(), self.config.head_dim());
+            // h = input_layernorm(x)
+            tm.time(Op::Other, || norm_rows(&x, &layer.input_norm, eps, &mut hn));
+
+            // Yuan 2.0: q and k read lf = LFA(h); Llama: h itself.
+            let lf = match &layer.lfa {
+                None => None,
+                Some(lfa) => {
+                    let mut o2 = tm.time(Op::Conv, || {
+                        lfa.convolve(k, pool, &hn, m, &mut state.lfa[li])
+                    })?;
+                    tm.time(Op::Comm, || comm.allreduce_sum(&mut o2))?; // conv2 is row-parallel over the channels
+                    Some(tm.time(Op::Other, || lfa.finish(o2, &hn)))
+                }
+            };
+
+            // q = rope(q_proj(lf)), k = rope(k_proj(lf)), v = v_proj(h); k and v appended to the cache
+            let qk_in = lf.as_deref().unwrap_or(&hn);
+            let q = self.qkv(pool, layer, li, [qk_in, &hn], &rot, state, &mut tm)?;
+
+            // att = softmax(q·kᵀ / sqrt(d)) · v over the cache, per head
+            let mut att = vec![0f32; m * n];
+            let (cap, pos) = (state.capacity, state.pos);
+            let dims = (n, nkv, d);
+            tm.time(Op::Attention, || {
+                state
+                    .kv
+                    .attend(li, pool, &q, cap, pos, &doc_start, dims, &mut att)
+            });
+
+            // x += o_proj(att)
+            let mut a = vec![0f32; m * h];
+            tm.time(Op::Linear, || layer.wo.matmul(k, pool, &att, m, &mut a))?;
+            tm.time(Op::Comm, || comm.allreduce_sum(&mut a))?; // o_proj is row-parallel over the heads
+            add(&mut x, &a);
+
+            // x += mlp(post_attention_layernorm(x))
+            tm.time(Op::Other, || norm_rows(&x, &layer.post_norm, eps, &mut hn));
+            let mut dn = self.mlp(pool, layer, &hn, &mut tm)?;
+            tm.time(Op::Comm, || comm.allreduce_sum(&mut dn))?; // down_proj is row-parallel over the MLP width
+            tm.time(Op::Other, || add(&mut x, &dn));
+        }
+        state.pos += m;
+
+        // A stage before the last hands its output on; only the last stage has logits.
+        let logits = if self.lm_head.is_none() {
+            tm.time(Op::Comm, || comm.send_next(&x))?;
+            Vec::new()
+        } else {
+            self.head(pool, &x, m, all_logits, &mut tm)?
+        };
+        self.profile = tm.profile;
+        Ok(logits)
+    }
+
+    /// logits = lm_head(norm(x)) for the last row of `x` (m × H), or every row.
+    fn head(
+        &self,
+        pool: &Pool,
+        x: &[f32],
+        m: usize,
+        all_logits: bool,
+        tm: &mut Timer,
+    ) -> Result<Vec<f32>> {
+        let h = self.config.hidden;
+        let lm_head = self
+            .lm_head
+            .as_ref()
+            .expect("the last stage has the lm_head");
+        let start = std::time::Instant::now();
+        let rows = if all_logits { 0..m } else { m - 1..m };
+        let mut xn = vec![0f32; rows.len() * h];
+        tm.time(Op::Other, || {
+            norm_rows(
+                &x[rows.start * h..],
+                &self.final_norm,
+                self.config.eps,
+                &mut xn,
+            )
+        });
+        let mut logits = vec![0f32; rows.len() * self.vocab.len()];
+        tm.time(Op::Linear, || {
+            lm_head.matmul(&self.kernels, pool, &xn, rows.len(), &mut logits)
+        })?;
+        tm.profile.head += start.elapsed().as_nanos() as u64;
+        Ok(logits)
+    }
+
+    /// The embedding rows of `tokens` into `x`.
+    fn embed(&self, tokens: &[u32], x: &mut [f32]) -> Result<()> {
+        let (h, vocab) = (self.config.hidden, self.config.vocab);
+        let e = self.embed.as_ref().ok_or_else(|| {
+            Error::Format("the embedding lives on the first pipeline stage".into())
+        })?;
+        for (&id, out) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(Error::Shape(format!(
+                    "token id {id} is outside the vocabulary of {vocab} tokens"
+                )));
+            }
+            match e {
+                Embedding::F32(e) => out.copy_from_slice(&e[id * h..(id + 1) * h]),
+                Embedding::Bf16(e) => {
+                    for (o, v) in out.iter_mut().zip(&e[id * h..(id + 1) * h]) {
+                        *o = v.to_f32();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// cos and sin of every rotation angle of the `m` positions from `pos`, shared by all heads and
+    /// layers: (m, d) as (cos, sin) per frequency.
+    fn rotations(&self, pos: usize, m: usize) -> Vec<f32> {
+        let d = self.config.head_dim();
+        let mut rot = vec![0f32; m * d];
+        for i in 0..m {
+            for (j, f) in self.inv_freq.iter().enumerate() {
+                let (sin, cos) = ((pos + i) as f32 * f).sin_cos();
+                rot[i * d + 2 * j] = cos;
+                rot[i * d + 2 * j + 1] = sin;
+            }
+        }
+        rot
+    }
+
+    /// How the layers' largest matrices (the MLP's) are stored; None for a stage without layers.
+    pub fn layer_format(&self) -> Option<Format> {
+        self.layers.first().map(|l| l.up.format())
+    }
+
+    /// Bytes of weights per decode step in the layers alone (no lm_head): scales with the layer count.
+    pub fn layer_weight_bytes(&self) -> usize {
+        self.weight_bytes() - self.lm_head.as_ref().map_or(0, Weight::bytes)
+    }
+
+    /// The same model with every weight dequantized to f32: the exact-arithmetic twin of a quantized model,
+    /// which the quantized kernels are checked against.
+    pub fn dequantized(&self) -> Model {
+        let f = |w: &Weight| {
+            Weight::new(w.to_f32(), w.rows(), w.cols(), Format::F32)
+                .expect("a valid weight stays valid")
+        };
+        let layers = self.layers.iter().map(|l| {
+            l.map(|_, part| {
+                Ok(match part {
+                    PartRef::Vector(v) => super::layer::Part::Vector(v.to_vec()),
+                    PartRef::Matrix(w) => super::layer::Part::Matrix(f(w)),
+                })
+            })
+            .expect("a valid layer stays valid")
+        });
+        Model {
+            config: self.config.clone(),
+            shard: self.shard,
+            layers: layers.collect(),
+            embed: self.embed.clone(),
+            final_norm: self.final_norm.clone(),
+            lm_head: self.lm_head.as_ref().map(f),
+            vocab: self.vocab.clone(),
+            kernels: self.kernels,
+            inv_freq: self.inv_freq.clone(),
+            profile: Profile::default(),
+            kv_cache: self.kv_cache,
+            fused_decode: self.fused_decode,
+        }
+    }
+
+    /// The vocabulary rows this rank's lm_head produces.
+    pub fn vocab_range(&self) -> std::ops::Range<usize> {
+        self.vocab.clone()
+    }
+
+    /// Bytes of weights one decode step streams on this rank (projections, convolutions, lm_head).
+    pub fn weight_bytes(&self) -> usize {
+        let per_layer = |l: &Layer| l.weights().iter().map(|w| w.bytes()).sum::<usize>();
+        self.layers.iter().map(per_layer).sum::<usize>()
+            + self.lm_head.as_ref().map_or(0, Weight::bytes)
+    }
+
+    /// Every weight's main buffer, for placement reports.
+    pub fn weight_regions(&self) -> Vec<&[u8]> {
+        let layers = self.layers.iter().flat_map(|l| l.weights());
+        layers.chain(&self.lm_head).map(Weight::region).collect()
+    }
+
+    /// Full-vocabulary logits from every rank's slice (tensor parallel) — rows × vocab.
+    pub fn gather_logits(
+        &self,
+        comm: &mut dyn Collective,
+        local: &[f32],
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        // The last stage assembles the rows, then (with pipeline stages) every rank gets them.
+        let mut full = if self.shard.last_stage() {
+            self.assemble_logits(comm, local, rows)?
+        } else {
+            Vec::new()
+        };
+        comm.broadcast_from_last(&mut full)?;
+        Ok(full)
+    }
+
+    /// Full rows from the stage's vocabulary slices.
+    fn assemble_logits(
+        &self,
+        comm: &mut dyn Collective,
+        local: &[f32],
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        if self.shard.size == 1 {
+            return Ok(local.to_vec());
+        }
+        let all = comm.allgather_f32(local)?;
+        // Rank r's slice is rows × its vocab range; reassemble row by row.
+        let vocab = self.config.vocab;
+        let mut out = vec![0f32; rows * vocab];
+        let mut off = 0;
+        for r in 0..self.shard.size {
+            let range = Shard::tensor(r, self.shard.size).uneven(vocab);
+            for row in 0..rows {
+                out[row * vocab + range.start..row * vocab + range.end]
+                    .copy_from_slice(&all[off + row * range.len()..off + (row + 1) * range.len()]);
+            }
+            off += rows * range.len();
+        }
+        Ok(out)
+    }
+
+    /// Greedy next token over the whole vocabulary, from this rank's slice of one logits row: a distributed
+    /// argmax (each rank's best value and index, gathered); ties go to the lowest index, as single-process.
+    pub fn greedy(&self, comm: &mut dyn Collective, local_row: &[f32]) -> Result<u32> {
+        // Token ids travel as f32 like the argmax's indices: exact below 2^24.
+        let mut id = if self.shard.last_stage() {
+            vec![self.stage_greedy(comm, local_row)? as f32]
+        } else {
+            Vec::new()
+        };
+        comm.broadcast_from_last(&mut id)?;
+        match id[..] {
+            [v] => Ok(v as u32),
+            _ => Err(Error::Format(format!(
+                "the last pipeline stage sent {} values for one token id",
+                id.len()
+            ))),
+        }
+    }
+
+    /// The argmax over the stage's vocabulary slices.
+    fn stage_greedy(&self, comm: &mut dyn Collective, local_row: &[f32]) -> Result<u32> {
+        let i = argmax(local_row);
+        let best = [local_row[i], (self.vocab.start + i) as f32];
+        let all = comm.allgather_f32(&best)?;
+        let mut pick = (f32::NEG_INFINITY, u32::MAX);
+        for pair in all.chunks(2) {
+            let (v, id) = (pair[0], pair[1] as u32);
+            if v > pick.0 || (v == pick.0 && id < pick.1) {
+                pick = (v, id);
+            }
+        }
+        Ok(pick.1)
+    }
+}
+
+/// RMSNorm of every H-wide row of `x` into `out`.
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        rms_norm(row, w, eps, o);
+    }
+}
+
+/// x += y.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

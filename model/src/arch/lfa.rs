@@ -1,0 +1,109 @@
+//! Yuan 2.0's Localized Filtering-based Attention (LFA): before q and k, the normed layer input h goes
+//! through two causal convolutions of kernel 2 along time (official `yuan_hf_model.py`, `LocalizedFiltering`):
+//!
+//! ```text
+//! o1[t] = conv1 · [h[t-1]; h[t]] + b1            conv1: H → H/2, column-parallel over the channels
+//! o2[t] = conv2 · [o1[t-1]; o1[t]]               conv2: H/2 → H, row-parallel (allreduce after it)
+//! lf[t] = RMSNorm(eps 1e-6)(o2[t] + b2 + h[t])
+//! ```
+//!
+//! with zeros before the first position. The forward pass calls [`Lfa::convolve`], sums its output over
+//! the ranks, then [`Lfa::finish`].
+
+use super::layer::Lfa;
+use super::rms_norm;
+use crate::error::Result;
+use crate::kernels::Kernels;
+use crate::pool::Pool;
+
+/// eps of the LFA output norm: LlamaRMSNorm's default, which the official code does not override.
+const LFA_EPS: f32 = 1e-6;
+
+/// One layer's memory of the sequence so far: the last normed input h[t-1] and conv1's output for it.
+/// Keeping conv1's output instead of the two last inputs (as the official code does) gives the same
+/// numbers and saves recomputing conv1 for t-1 at every step.
+#[derive(Clone, Debug)]
+pub(crate) struct LfaMemory {
+    h: Vec<f32>,  // (H,)
+    o1: Vec<f32>, // (c,)
+}
+
+impl LfaMemory {
+    /// Zeros: the padding before the first position.
+    pub fn new(hidden: usize, chans: usize) -> LfaMemory {
+        LfaMemory {
+            h: vec![0f32; hidden],
+            o1: vec![0f32; chans],
+        }
+    }
+}
+
+impl Lfa {
+    /// This rank's partial conv2 output for `m` new rows of `hn` (m × H), before the allreduce; the memory
+    /// moves on to the last row.
+    pub fn convolve(
+        &self,
+        k: &Kernels,
+        pool: &Pool,
+        hn: &[f32],
+        m: usize,
+        mem: &mut LfaMemory,
+    ) -> Result<Vec<f32>> {
+        let h = mem.h.len();
+        let ch = self.conv1.rows();
+        // o1[t] = conv1 · [h[t-1]; h[t]] + b1
+        let mut cat1 = vec![0f32; m * 2 * h];
+        for i in 0..m {
+            let prev = if i == 0 {
+                &mem.h[..]
+            } else {
+                &hn[(i - 1) * h..i * h]
+            };
+            cat1[i * 2 * h..i * 2 * h + h].copy_from_slice(prev);
+            cat1[i * 2 * h + h..(i + 1) * 2 * h].copy_from_slice(&hn[i * h..(i + 1) * h]);
+        }
+        let mut o1 = vec![0f32; m * ch];
+        self.conv1.matmul(k, pool, &cat1, m, &mut o1)?;
+        for row in o1.chunks_mut(ch) {
+            for (v, b) in row.iter_mut().zip(&self.bias1) {
+                *v += b;
+            }
+        }
+        // conv2's columns interleave (channel, tap): [o1[t-1][0], o1[t][0], o1[t-1][1], ...]
+        let mut cat2 = vec![0f32; m * 2 * ch];
+        for i in 0..m {
+            let prev = if i == 0 {
+                &mem.o1[..]
+            } else {
+                &o1[(i - 1) * ch..i * ch]
+            };
+            let row = &mut cat2[i * 2 * ch..(i + 1) * 2 * ch];
+            for (j, pair) in row.chunks_exact_mut(2).enumerate() {
+                pair[0] = prev[j];
+                pair[1] = o1[i * ch + j];
+            }
+        }
+        let mut o2 = vec![0f32; m * h];
+        self.conv2.matmul(k, pool, &cat2, m, &mut o2)?;
+        mem.h.copy_from_slice(&hn[(m - 1) * h..m * h]);
+        mem.o1.copy_from_slice(&o1[(m - 1) * ch..m * ch]);
+        Ok(o2)
+    }
+
+    /// lf = output_layernorm(conv2 + b2 + h), from the summed conv2 output `o2` and the normed input `hn`.
+    pub fn finish(&self, mut o2: Vec<f32>, hn: &[f32]) -> Vec<f32> {
+        let h = self.bias2.len();
+        let mut lf = vec![0f32; o2.len()];
+        for ((row, r), out) in o2
+            .chunks_exact_mut(h)
+            .zip(hn.chunks_exact(h))
+            .zip(lf.chunks_exact_mut(h))
+        {
+            for ((v, b), x) in row.iter_mut().zip(&self.bias2).zip(r) {
+                *v += b + x;
+            }
+            rms_norm(row, &self.norm, LFA_EPS, out);
+        }
+        lf
+    }
+}

@@ -1,0 +1,116 @@
+//! `ringlm generate`: one prompt, its continuation streamed to stdout.
+
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use model::tokenizer::Tokenizer;
+
+use super::{load_tokenizer, read_stdin};
+use crate::engine::{self, generate, share_ids, SamplingArgs, TextStream};
+use crate::runtime::{Job, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt (read from stdin when absent). Yuan models: newlines become <n> and <sep> is appended;
+    /// other models continue the text as given.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Send the prompt as is (Yuan: no <n> conversion, no <sep>).
+    #[arg(long)]
+    raw: bool,
+}
+
+/// Streams tokens as text to stdout (rank 0).
+pub(super) struct Printer<'a> {
+    text: TextStream<'a>,
+    out: String,
+}
+
+impl<'a> Printer<'a> {
+    fn new(tok: &'a Tokenizer) -> Printer<'a> {
+        Printer {
+            text: TextStream::new(tok),
+            out: String::new(),
+        }
+    }
+
+    fn push(&mut self, id: u32) -> Result<()> {
+        let text = self.text.push(id)?;
+        self.emit(&text)
+    }
+
+    fn emit(&mut self, text: &str) -> Result<()> {
+        if !text.is_empty() {
+            let mut o = std::io::stdout().lock();
+            o.write_all(text.as_bytes())?;
+            o.flush()?;
+            self.out.push_str(text);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<String> {
+        let text = self.text.finish()?;
+        self.emit(&text)?;
+        Ok(self.out)
+    }
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if let Some(code) = crate::runtime::relaunch_with_np(a.model.np)? {
+        std::process::exit(code);
+    }
+    let mut job = Job::start(&a.model)?;
+    let rank0 = job.rank() == 0;
+    let tok = load_tokenizer(&a.model.model)?;
+    let ids = if rank0 {
+        let text = match &a.prompt {
+            Some(p) => p.clone(),
+            None => read_stdin()?,
+        };
+        let text = if a.raw { text } else { tok.prompt(&text) };
+        let ids = tok.encode(&text);
+        if ids.is_empty() {
+            bail!("the prompt is empty");
+        }
+        ids
+    } else {
+        Vec::new()
+    };
+    let ids = share_ids(&mut job, &ids)?;
+    let (_, stats) = print_answer(&mut job, &tok, &ids, &a.sampling)?;
+    if rank0 {
+        eprintln!("[{}]", stats.summary());
+    }
+    Ok(())
+}
+
+/// Generates on every rank; rank 0 prints the text as it comes (then a newline) and returns it.
+pub(super) fn print_answer(
+    job: &mut Job,
+    tok: &Tokenizer,
+    ids: &[u32],
+    sampling: &SamplingArgs,
+) -> Result<(String, engine::Stats)> {
+    let rank0 = job.rank() == 0;
+    let mut printer = Printer::new(tok);
+    let stats = generate(job, ids, sampling, tok.stop(), &|| false, |id| {
+        if rank0 {
+            printer.push(id)
+        } else {
+            Ok(())
+        }
+    })?;
+    let text = if rank0 {
+        let text = printer.finish()?;
+        println!();
+        text
+    } else {
+        String::new()
+    };
+    Ok((text, stats))
+}

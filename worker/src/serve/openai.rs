@@ -1,0 +1,281 @@
+//! OpenAI's API as types: the requests of /v1/completions and /v1/chat/completions, checked field by field
+//! into Rust values (each refusal a message that names the field), and the responses and stream chunks.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::engine::SamplingArgs;
+
+/// A request refused as invalid (400), with the message the client sees.
+pub struct Invalid(pub String);
+
+fn bad(message: impl Into<String>) -> Invalid {
+    Invalid(message.into())
+}
+
+/// The settings both endpoints share.
+pub struct Options {
+    /// As asked; None lets the endpoint choose.
+    pub max_tokens: Option<usize>,
+    /// `max_tokens` is left 0 here and set once the prompt's length is known.
+    pub sampling: SamplingArgs,
+    pub stops: Vec<String>,
+    pub stream: bool,
+}
+
+/// POST /v1/completions.
+pub struct CompletionRequest {
+    /// Continued as given (Yuan models answer after <sep>, which the caller adds).
+    pub prompt: String,
+    pub options: Options,
+}
+
+/// POST /v1/chat/completions.
+pub struct ChatRequest {
+    pub system: Option<String>,
+    /// User and assistant in turn, the user's last.
+    pub turns: Vec<String>,
+    pub options: Options,
+}
+
+/// The body as a JSON object.
+pub fn parse_body(body: &[u8]) -> Result<Value, Invalid> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(bad("the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+impl CompletionRequest {
+    pub fn from_json(v: &Value) -> Result<CompletionRequest, Invalid> {
+        let prompt = match &v["prompt"] {
+            Value::String(s) => s.clone(),
+            Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+                a[0].as_str().unwrap_or_default().to_string()
+            }
+            Value::Array(_) => return Err(bad("prompt: one string per request is supported")),
+            _ => return Err(bad("prompt must be a string")),
+        };
+        Ok(CompletionRequest {
+            prompt,
+            options: Options::from_json(v)?,
+        })
+    }
+}
+
+impl ChatRequest {
+    pub fn from_json(v: &Value) -> Result<ChatRequest, Invalid> {
+        let msgs = v["messages"]
+            .as_array()
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| bad("messages must be a non-empty array"))?;
+        let mut system = None;
+        let mut turns = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            let role = m["role"].as_str().unwrap_or("");
+            let content = match &m["content"] {
+                Value::String(s) => s.clone(),
+                // The list-of-parts form, text parts only.
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| p["text"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(""),
+                _ => return Err(bad(format!("messages[{i}].content must be a string"))),
+            };
+            match role {
+                "system" | "developer" if i == 0 => system = Some(content),
+                "user" if turns.len() % 2 == 0 => turns.push(content),
+                "assistant" if turns.len() % 2 == 1 => turns.push(content),
+                _ => {
+                    return Err(bad(format!(
+                        "messages[{i}]: expected {} (an optional system message first, then user and assistant in turn)",
+                        if turns.len() % 2 == 0 { "user" } else { "assistant" }
+                    )))
+                }
+            }
+        }
+        if turns.len() % 2 == 0 {
+            return Err(bad("the last message must be the user's"));
+        }
+        Ok(ChatRequest {
+            system,
+            turns,
+            options: Options::from_json(v)?,
+        })
+    }
+}
+
+impl Options {
+    fn from_json(v: &Value) -> Result<Options, Invalid> {
+        let uint = |k: &str| -> Result<Option<u64>, Invalid> {
+            match &v[k] {
+                Value::Null => Ok(None),
+                x => x
+                    .as_u64()
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("{k} must be a non-negative integer"))),
+            }
+        };
+        let num = |k: &str, default: f64, lo: f64, hi: f64| -> Result<f64, Invalid> {
+            match &v[k] {
+                Value::Null => Ok(default),
+                x => x
+                    .as_f64()
+                    .filter(|x| (lo..=hi).contains(x))
+                    .ok_or_else(|| bad(format!("{k} must be a number in [{lo}, {hi}]"))),
+            }
+        };
+        if let Some(n) = uint("n")? {
+            if n != 1 {
+                return Err(bad("n: only one choice per request is supported"));
+            }
+        }
+        let max_tokens = match uint("max_completion_tokens")?.or(uint("max_tokens")?) {
+            Some(0) => return Err(bad("max_tokens must be at least 1")),
+            m => m.map(|m| m as usize),
+        };
+        let temperature = num("temperature", 1.0, 0.0, 2.0)? as f32;
+        let top_p = num("top_p", 1.0, 0.0, 1.0)? as f32;
+        if top_p <= 0.0 {
+            return Err(bad("top_p must be above 0"));
+        }
+        let stops = match &v["stop"] {
+            Value::Null => Vec::new(),
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a
+                .iter()
+                .map(|s| s.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("stop must be a string or an array of strings"))?,
+            _ => return Err(bad("stop must be a string or an array of strings")),
+        };
+        if stops.len() > 4 || stops.iter().any(|s| s.is_empty()) {
+            return Err(bad("stop: at most 4 non-empty strings"));
+        }
+        let stream = match &v["stream"] {
+            Value::Null => false,
+            Value::Bool(b) => *b,
+            _ => return Err(bad("stream must be true or false")),
+        };
+        Ok(Options {
+            max_tokens,
+            sampling: SamplingArgs {
+                max_tokens: 0,
+                temperature,
+                top_k: uint("top_k")?.unwrap_or(0) as usize,
+                top_p,
+                // Without a seed every request draws differently, as OpenAI's API does.
+                seed: uint("seed")?.unwrap_or_else(|| {
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(1)
+                }),
+            },
+            stops,
+            stream,
+        })
+    }
+}
+
+/// Seconds since the epoch, for `created`.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `{"error": {...}}`, OpenAI's error shape.
+#[derive(Serialize)]
+pub struct ErrorResponse<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+pub struct ErrorDetail<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<()>,
+    pub code: u16,
+}
+
+#[derive(Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// A whole answer or one streamed chunk of it (`object` tells which).
+#[derive(Serialize)]
+pub struct Completion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: [Choice; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// A choice: `text` for completions, `message` for a whole chat answer, `delta` for a chat chunk.
+#[derive(Serialize, Default)]
+pub struct Choice {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Delta>,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+pub struct Message {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// What a chat chunk adds; the first names the role, the last is empty.
+#[derive(Serialize, Default)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// GET /v1/models.
+#[derive(Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: [ModelCard; 1],
+}
+
+#[derive(Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub max_model_len: u64,
+}

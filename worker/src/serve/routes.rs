@@ -1,0 +1,385 @@
+//! The HTTP side: axum routes on a small tokio runtime in its own thread. A request is checked
+//! ([`super::openai`]), tokenized, checked against the context and queued for the scheduler; its answer
+//! comes back on a channel, whole or as server-sent events.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+use super::openai::{
+    self, ChatRequest, Choice, Completion, CompletionRequest, Delta, ErrorDetail, ErrorResponse,
+    Invalid, Message, ModelCard, ModelList, Options, Usage,
+};
+use super::scheduler::{Ev, Req};
+use super::AppState;
+
+/// Serves HTTP on `listener` until the process ends.
+pub fn serve_http(listener: std::net::TcpListener, sh: Arc<AppState>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ringlm serve: cannot start the HTTP runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("ringlm serve: {e}");
+                std::process::exit(1);
+            }
+        };
+        let app = Router::new()
+            .route("/health", get(health))
+            .route("/metrics", get(metrics))
+            .route("/v1/models", get(models))
+            .route("/v1/completions", post(completions))
+            .route("/v1/chat/completions", post(chat_completions))
+            .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint", "not_found") })
+            .with_state(sh);
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("ringlm serve: the HTTP server stopped: {e}");
+            std::process::exit(1);
+        }
+    });
+}
+
+/// An error in OpenAI's shape.
+fn error(status: StatusCode, message: &str, kind: &str) -> Response {
+    let body = ErrorResponse {
+        error: ErrorDetail {
+            message,
+            kind,
+            param: None,
+            code: status.as_u16(),
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for Invalid {
+    fn into_response(self) -> Response {
+        error(StatusCode::BAD_REQUEST, &self.0, "invalid_request_error")
+    }
+}
+
+async fn health(State(sh): State<Arc<AppState>>) -> Response {
+    if sh.ready.load(Ordering::SeqCst) {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(sh): State<Arc<AppState>>) -> Response {
+    let text = sh
+        .metrics
+        .lock()
+        .unwrap()
+        .render(sh.queue_rx.len(), sh.started.elapsed().as_secs_f64());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// None when the request may go on; else the 401 to answer.
+fn authorized(sh: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let key = sh.api_key.as_ref()?;
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        return None;
+    }
+    sh.metrics.lock().unwrap().rejected_auth += 1;
+    Some(error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong API key (send Authorization: Bearer KEY)",
+        "authentication_error",
+    ))
+}
+
+async fn models(State(sh): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(r) = authorized(&sh, &headers) {
+        return r;
+    }
+    Json(ModelList {
+        object: "list",
+        data: [ModelCard {
+            id: sh.name.clone(),
+            object: "model",
+            created: openai::now(),
+            owned_by: "ringlm",
+            max_model_len: sh.ctx.load(Ordering::SeqCst),
+        }],
+    })
+    .into_response()
+}
+
+async fn completions(State(sh): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = authorized(&sh, &headers) {
+        return r;
+    }
+    let prepared = openai::parse_body(&body)
+        .and_then(|v| CompletionRequest::from_json(&v))
+        .map(|r| (sh.tok.encode(&r.prompt), r.options));
+    submit(&sh, prepared, "completion", 16).await
+}
+
+async fn chat_completions(
+    State(sh): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = authorized(&sh, &headers) {
+        return r;
+    }
+    let prepared = openai::parse_body(&body).and_then(|v| {
+        if let Some(why) = sh.tok.chat_unsupported() {
+            return Err(Invalid(why.to_string()));
+        }
+        let r = ChatRequest::from_json(&v)?;
+        let prompt = sh
+            .tok
+            .chat_prompt_with_system(r.system.as_deref(), &r.turns);
+        Ok((sh.tok.encode(&prompt), r.options))
+    });
+    submit(&sh, prepared, "chat", usize::MAX).await
+}
+
+/// Checks the request against the context, queues it, and answers (streamed or whole).
+async fn submit(
+    sh: &Arc<AppState>,
+    prepared: Result<(Vec<u32>, Options), Invalid>,
+    kind: &'static str,
+    default_max: usize,
+) -> Response {
+    let (ids, mut c) = match prepared {
+        Ok(p) => p,
+        Err(r) => {
+            sh.metrics.lock().unwrap().rejected_bad += 1;
+            return r.into_response();
+        }
+    };
+    if !sh.ready.load(Ordering::SeqCst) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model is still loading",
+            "server_error",
+        );
+    }
+    let ctx = sh.ctx.load(Ordering::SeqCst) as usize;
+    if ids.is_empty() {
+        sh.metrics.lock().unwrap().rejected_bad += 1;
+        return Invalid("the prompt is empty".into()).into_response();
+    }
+    let room = ctx.saturating_sub(ids.len());
+    let max_tokens = c.max_tokens.unwrap_or(default_max.min(room));
+    if ids.len() + max_tokens > ctx || room == 0 {
+        sh.metrics.lock().unwrap().rejected_bad += 1;
+        return Invalid(format!(
+            "this model's maximum context length is {ctx} tokens, but {} were requested ({} in the prompt, {max_tokens} for the answer)",
+            ids.len() + max_tokens,
+            ids.len()
+        ))
+        .into_response();
+    }
+    c.sampling.max_tokens = max_tokens;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let id = sh.next_id.fetch_add(1, Ordering::SeqCst);
+    let req = Req {
+        id,
+        kind,
+        ids,
+        sampling: c.sampling,
+        stops: c.stops,
+        tx,
+    };
+    if let Err(e) = sh.queue.try_send(req) {
+        let mut m = sh.metrics.lock().unwrap();
+        return match e {
+            crossbeam::channel::TrySendError::Full(_) => {
+                m.rejected_full += 1;
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "the queue is full; retry later",
+                    "rate_limit_error",
+                )
+            }
+            crossbeam::channel::TrySendError::Disconnected(_) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is stopping",
+                "server_error",
+            ),
+        };
+    }
+    let answer = Answer {
+        chat: kind == "chat",
+        id: format!("{}-{id}", if kind == "chat" { "chatcmpl" } else { "cmpl" }),
+        created: openai::now(),
+        model: sh.name.clone(),
+    };
+    if c.stream {
+        return answer.stream(rx);
+    }
+    answer.whole(rx).await
+}
+
+/// What every piece of one request's answer repeats.
+#[derive(Clone)]
+struct Answer {
+    chat: bool,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Answer {
+    fn completion(&self, object: &'static str, choice: Choice, usage: Option<Usage>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object,
+            created: self.created,
+            model: self.model.clone(),
+            choices: [choice],
+            usage,
+        }
+    }
+
+    /// One server-sent event: new text, or the end with its reason and usage.
+    fn chunk(
+        &self,
+        text: Option<String>,
+        finish: Option<&'static str>,
+        usage: Option<Usage>,
+    ) -> Event {
+        let (object, choice) = if self.chat {
+            let delta = Delta {
+                role: None,
+                content: text,
+            };
+            let choice = Choice {
+                delta: Some(delta),
+                finish_reason: finish,
+                ..Choice::default()
+            };
+            ("chat.completion.chunk", choice)
+        } else {
+            let choice = Choice {
+                text: Some(text.unwrap_or_default()),
+                finish_reason: finish,
+                ..Choice::default()
+            };
+            ("text_completion", choice)
+        };
+        event(&self.completion(object, choice, usage))
+    }
+
+    /// Server-sent events: (chat) a chunk naming the role, a chunk per piece of text, the last with the
+    /// finish reason and usage, then `[DONE]`.
+    fn stream(self, rx: mpsc::UnboundedReceiver<Ev>) -> Response {
+        let role_chunk = self.chat.then(|| {
+            let delta = Delta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            };
+            let choice = Choice {
+                delta: Some(delta),
+                ..Choice::default()
+            };
+            event(&self.completion("chat.completion.chunk", choice, None))
+        });
+        // The channel closes after Done, so [DONE] follows the last chunk.
+        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(move |ev| match ev {
+                Ev::Text(t) => self.chunk(Some(t), None, None),
+                Ev::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => self.chunk(
+                    None,
+                    Some(finish),
+                    Some(Usage::new(prompt_tokens, completion_tokens)),
+                ),
+            })
+            .chain(tokio_stream::once(Event::default().data("[DONE]")));
+        let all = tokio_stream::iter(role_chunk)
+            .chain(events)
+            .map(Ok::<_, Infallible>);
+        Sse::new(all)
+            .keep_alive(KeepAlive::default())
+            .into_response()
+    }
+
+    /// The whole answer once it is done.
+    async fn whole(self, mut rx: mpsc::UnboundedReceiver<Ev>) -> Response {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Ev::Text(t) => text.push_str(&t),
+                Ev::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let (object, choice) = if self.chat {
+                        let message = Message {
+                            role: "assistant",
+                            content: text,
+                        };
+                        let choice = Choice {
+                            message: Some(message),
+                            finish_reason: Some(finish),
+                            ..Choice::default()
+                        };
+                        ("chat.completion", choice)
+                    } else {
+                        let choice = Choice {
+                            text: Some(text),
+                            finish_reason: Some(finish),
+                            ..Choice::default()
+                        };
+                        ("text_completion", choice)
+                    };
+                    let usage = Usage::new(prompt_tokens, completion_tokens);
+                    return Json(self.completion(object, choice, Some(usage))).into_response();
+                }
+            }
+        }
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the generation ended without an answer (see the server's log)",
+            "server_error",
+        )
+    }
+}
+
+fn event(c: &Completion) -> Event {
+    Event::default().data(serde_json::to_string(c).unwrap_or_default())
+}
