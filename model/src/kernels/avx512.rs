@@ -29,10 +29,10 @@ fn bf16(x: f32) -> u16 {
 
 /// How far ahead (bytes) the GEMV asks for the code stream, in two steps: into L2 far enough to cover the
 /// memory latency at the rate a core consumes codes, into L1 shortly before use. Each software prefetch holds
-/// one of the core's few L1 fill buffers until its line arrives, so the far one goes to L2 only. Measured on
-/// the Xeon here (BENCHMARKS.md): hardware prefetch alone reads at ~55% of a plain read, one L1 prefetch
-/// 4 KiB ahead at ~77%, this pair at ~85%. On Zen 5 the L1 prefetch costs more than it brings, and on Zen 4
-/// both do (see [`Flavor`](super::cpu::Flavor)).
+/// one of the core's few L1 fill buffers until its line arrives, so the far one goes to L2 only. On the
+/// Xeon this pair reads closest to a plain read, well ahead of hardware prefetch alone or one L1 prefetch;
+/// on Zen 5 the L1 prefetch costs more than it brings, and on Zen 4 both do (see
+/// [`Flavor`](super::cpu::Flavor); BENCHMARKS.md has the measurements).
 const PREFETCH_L2: usize = 32 << 10;
 const PREFETCH_L1: usize = 1 << 10;
 /// Bits of the GEMV kernels' `PF` parameter: which of the two prefetches they issue.
@@ -165,7 +165,7 @@ unsafe fn plane_lookup(plane: &[u8; 256], v: __m512i, high: __mmask64) -> __m512
 
 /// `map[code]` for 16 codes (0..=255 in 32-bit lanes), from the folded map ([`super::matrix::folded_map`]): four two-table
 /// permutes cover the 128 magnitudes, bits 5 and 6 of `|code - 127|` pick among them, code 255 is 1 and codes
-/// below 127 take the sign. Same bits as the table; ~16 vector operations against a gather's ~20 cycles.
+/// below 127 take the sign. Same bits as the table, in fewer cycles than a gather.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn map_lookup(codes: __m512i, folded: &[f32; 128]) -> __m512 {
@@ -518,7 +518,7 @@ pub unsafe fn decode_tile_bytes(w: &Nf4Matrix, t: usize, codes: &mut [u8], scale
 /// · token j. Per chunk and token, 16 `vpdpbusd` sum a lane's products exactly in 32 bits, then one
 /// multiply-add weighs them with the lane's scale and the token's factor, as in the GEMV. Each weight vector
 /// loaded serves `T` tokens and each broadcast of a token's codes serves `N` tiles: the broadcasts cost as
-/// much as the multiply-adds on Zen 4 (one tile at a time ran at 250 GFLOP/s, two at 320, BENCHMARKS.md).
+/// much as the multiply-adds on Zen 4, so two tiles at a time run faster than one (BENCHMARKS.md).
 ///
 /// # Safety
 /// avx512f, avx512bw, avx512vnni; `codes`/`scales` of tiles of `w`'s shape, every `xs[j]` 8-bit codes of
@@ -552,7 +552,7 @@ pub unsafe fn tiles_tokens_bytes<const N: usize, const T: usize>(
             let s16 = _mm512_loadu_ps(scales[n].as_ptr().add(16 * c));
             for j in 0..T {
                 // A token's bias and factor are broadcast again for each tile: held across the tiles, the
-                // 2·T vectors crowd the accumulators out of registers (2–6% slower).
+                // 2·T vectors crowd the accumulators out of registers (measured slower).
                 let bias = _mm512_set1_epi64(std::ptr::read_unaligned(
                     b8[j].bias.as_ptr().add(2 * c) as *const i64,
                 ));
@@ -763,7 +763,7 @@ pub unsafe fn gemv_bf16_rows(
 pub unsafe fn tile_4x4_bf16(tile: &[u16], kp: usize, xs: [*const u16; 4], out: &mut [[f32; 4]; 4]) {
     // One flat array of accumulators, indexed by constants only: as `[[_; 4]; 4]` LLVM kept one of the 16 on
     // the stack, and its store and reload each step put a store-forwarding delay on that accumulator's chain,
-    // which set the pace of the whole loop (~19 instead of ~8 cycles a step on Zen 5).
+    // which set the pace of the whole loop (more than twice the cycles a step on Zen 5).
     let mut acc = [_mm512_setzero_ps(); 16];
     let t = tile.as_ptr();
     let [x0, x1, x2, x3] = xs;

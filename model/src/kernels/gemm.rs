@@ -219,7 +219,7 @@ impl Kernels {
     /// needs 32; on Zen 4 a 512-bit one of either kind issues at most once a cycle (BENCHMARKS.md).
     fn gemm_nf4_bytes(&self, pool: &Pool, w: &Nf4Matrix, x: &[f32], m: usize, yp: SharedMut<f32>) {
         let (rows, cols) = (w.rows(), w.cols());
-        // The tokens are quantized in parallel too: on one thread this took ~12% of a 2048×8192 GEMM.
+        // The tokens are quantized in parallel too: on one thread it took a noticeable share of a GEMM.
         let mut xq: Vec<Option<QuantX>> = (0..m).map(|_| None).collect();
         let slots = SharedMut(xq.as_mut_ptr());
         pool.run(&|p, n| {

@@ -10,7 +10,7 @@ fn shared_map() -> &'static [f32; 256] {
 }
 
 /// The dynamic map folded on its symmetry, for kernels that look codes up with register permutes rather
-/// than a gather (a 16-lane gather takes ~20 cycles on Zen 5, as long as 3-4 of the GEMV's 64-byte loads):
+/// than a gather (a 16-lane gather costs as long as several of the GEMV's 64-byte loads):
 /// `map[127 + j] = folded[j]` and `map[127 - j] = -folded[j]` for j in 1..=127, `map[127] = folded[0] = 0`,
 /// and `map[255] = 1`, the one code without a mirror. The map's values come in ± pairs, sorted, with 0 and 1
 /// added (bitsandbytes' signed dynamic map), which gives this shape; a unit test checks it bit for bit.
@@ -37,7 +37,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// A 64-byte aligned byte buffer: vector loads never split a cache line at the start of a row. Large buffers
 /// (weights) are anonymous mappings aligned to 2 MiB with `MADV_HUGEPAGE`: decode reads every weight once per
 /// token, and with 4 KiB pages the hardware prefetchers stop at every page boundary and the TLB misses on
-/// each one (the GEMV streams ~8% faster on huge pages here, BENCHMARKS.md). Pages are touched first by the
+/// each one (BENCHMARKS.md has what huge pages gain). Pages are touched first by the
 /// thread that fills them, so they land on the NUMA node the rank's memory policy names.
 pub struct AlignedBytes {
     ptr: std::ptr::NonNull<u8>,
@@ -264,7 +264,7 @@ pub const GROUP_CHUNKS: usize = 16;
 const GROUP_BYTES: usize = GROUP_CHUNKS * (CHUNK_SCALES + CHUNK_BYTES);
 
 /// Bytes of the scale codes of a group of `n` chunks, padded to a cache line (a short last group takes
-/// only the lines it needs: on 1024-column rows a full group's lines would add 3% to what a GEMV reads).
+/// only the lines it needs: on short rows a full group's lines would add measurably to what a GEMV reads).
 fn group_head(n: usize) -> usize {
     (n * CHUNK_SCALES).next_multiple_of(64)
 }

@@ -607,7 +607,7 @@ fn shared_positions<K: KvElem>(heads: &[Head<K>]) -> Option<(usize, usize)> {
 /// in `queries` (one alone before and after the shared positions, all of them at a shared one). Each query
 /// still meets its positions in order: its earlier ones, the shared ones, its later ones. A step should
 /// test its `B` queries against `queries` rather than index by it: a constant index keeps the queries'
-/// accumulators in registers (indexed at run time they went to memory and attention ran 1.5× slower).
+/// accumulators in registers (indexed at run time they went to memory and attention ran far slower).
 #[inline(always)]
 fn in_position_order<K: KvElem>(
     heads: &[Head<K>],
@@ -753,7 +753,7 @@ unsafe fn scores_fixed<K: KvElem, const NV: usize>(h: &Head<K>, s: &mut [f32], p
             let j = j0 + r.min(n - 1);
             if prefetch {
                 // Row by row, as each row is scored: asked for all at once, a group's 64 lines arrive
-                // no sooner (decode at ~1,000 positions measured 2% slower).
+                // no sooner (decode at long contexts measured slower).
                 let ahead = kp.wrapping_add((j + KV_AHEAD) * d) as *const i8;
                 let vrow = vp.wrapping_add(j * d) as *const i8;
                 for l in 0..row_lines {
