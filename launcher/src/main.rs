@@ -9,6 +9,7 @@ mod plan;
 mod run;
 mod topo;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -62,17 +63,20 @@ struct Args {
     /// End the job (SIGTERM, then SIGKILL) if it runs longer than this.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
+    /// Start more than 8 ranks per CPU (refused otherwise: a few per CPU already share cores).
+    #[arg(long)]
+    oversubscribe: bool,
     /// Remove shared-memory segments of dead jobs (alone: only that).
     #[arg(long)]
     cleanup: bool,
-    /// The program and its arguments (after --).
-    #[arg(trailing_var_arg = true, value_name = "PROGRAM [ARGS]")]
-    program: Vec<String>,
+    /// The program and its arguments (after --), passed on byte for byte (they need not be UTF-8).
+    #[arg(trailing_var_arg = true, value_name = "PROGRAM [ARGS]", value_parser = clap::value_parser!(OsString))]
+    program: Vec<OsString>,
 }
 
 /// mpirun spells the rank count `-np`; clap only knows single-letter short options. Only ringrun's own options
 /// are rewritten: everything from the program name on is passed through untouched.
-fn normalise_args(args: impl Iterator<Item = String>) -> Vec<String> {
+fn normalise_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     const TAKES_VALUE: &[&str] = &[
         "-np",
         "-n",
@@ -95,15 +99,18 @@ fn normalise_args(args: impl Iterator<Item = String>) -> Vec<String> {
             value_next = false;
             out.push(a);
             continue;
-        } else if a == "--" || !a.starts_with('-') {
+        }
+        // An option of ringrun's own is ASCII; anything else (the program, a value) may be any bytes.
+        let text = a.to_str().unwrap_or("");
+        if a == "--" || !a.as_encoded_bytes().starts_with(b"-") {
             rest = true;
         } else {
-            value_next = TAKES_VALUE.contains(&a.as_str());
+            value_next = TAKES_VALUE.contains(&text);
         }
-        match a.as_str() {
-            "-np" if !rest => out.push("--np".to_string()),
-            _ => match a.strip_prefix("-np=") {
-                Some(v) if !rest => out.push(format!("--np={v}")),
+        match text {
+            "-np" if !rest => out.push("--np".into()),
+            _ => match text.strip_prefix("-np=") {
+                Some(v) if !rest => out.push(format!("--np={v}").into()),
                 _ => out.push(a),
             },
         }
@@ -112,7 +119,7 @@ fn normalise_args(args: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse_from(normalise_args(std::env::args())) {
+    let args = match Args::try_parse_from(normalise_args(std::env::args_os())) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
@@ -131,9 +138,11 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::normalise_args;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
 
-    fn norm(args: &[&str]) -> Vec<String> {
-        normalise_args(args.iter().map(|s| s.to_string()))
+    fn norm(args: &[&str]) -> Vec<OsString> {
+        normalise_args(args.iter().map(OsString::from))
     }
 
     #[test]
@@ -150,5 +159,17 @@ mod tests {
             norm(&["ringrun", "-np=4", "--", "-np"]),
             ["ringrun", "--np=4", "--", "-np"]
         );
+        // Bytes that are not UTF-8 pass through as they are, wherever they stand.
+        let latin1 = OsString::from_vec(vec![0xe9]);
+        let args = [
+            OsString::from("ringrun"),
+            "-np".into(),
+            "2".into(),
+            "/bin/echo".into(),
+            latin1.clone(),
+        ];
+        let out = normalise_args(args.into_iter());
+        assert_eq!(out[1], "--np");
+        assert_eq!(out[4], latin1);
     }
 }

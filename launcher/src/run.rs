@@ -17,6 +17,9 @@ use crate::{bind, Args};
 
 /// How long the other ranks get to end by themselves after one fails, before SIGTERM.
 const SETTLE: Duration = Duration::from_millis(300);
+/// Ranks per CPU past which ringrun refuses to start a job without --oversubscribe.
+const MAX_RANKS_PER_CPU: usize = 8;
+
 /// How long ranks get between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(3);
 
@@ -45,6 +48,15 @@ pub fn main(args: Args) -> Result<u8, String> {
         .unwrap_or(Source::ThisSystem);
     let machine = topo::load(&source).map_err(|e| e.to_string())?;
     let plan = plan(&machine, args.np, args.map_by, args.bind_to)?;
+    // Far more ranks than CPUs is a typo or a script's runaway value, not a job: starting them all would
+    // take minutes before the first of them fails. A few per CPU stays allowed (tests, small machines).
+    let pus: usize = machine.cores().map(|(_, c)| c.pus.len()).sum();
+    if plan.ranks.len() > MAX_RANKS_PER_CPU * pus.max(1) && !args.oversubscribe && !args.dry_run {
+        return Err(format!(
+            "{} ranks on {pus} CPUs is more than {MAX_RANKS_PER_CPU} per CPU; pass --oversubscribe to start them anyway",
+            plan.ranks.len()
+        ));
+    }
     if plan.oversubscribed {
         warn(&format!(
             "{} ranks on {} cores: ranks share cores and will slow each other down",
@@ -63,6 +75,7 @@ pub fn main(args: Args) -> Result<u8, String> {
             "no program given: ringrun [OPTIONS] -- PROGRAM [ARGS...] (see ringrun --help)".into(),
         );
     }
+
     for x in &args.export {
         let name = x.split('=').next().unwrap_or("");
         if name.is_empty() || name.contains(char::is_whitespace) {
@@ -255,7 +268,11 @@ fn launch(args: &Args, machine: &Machine, plan: &Plan) -> Result<u8, String> {
                     126
                 };
                 failure = Some(Failure {
-                    message: format!("cannot start rank {} ({}): {e}", r.rank, args.program[0]),
+                    message: format!(
+                        "cannot start rank {} ({}): {e}",
+                        r.rank,
+                        args.program[0].to_string_lossy()
+                    ),
                     code,
                 });
                 break;

@@ -68,12 +68,34 @@ fn map_file(path: &Path) -> Result<File> {
     // Safety: the file is opened read-only; a concurrent writer would be a user error, as for every mmap reader.
     let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::Io(e).file(path))?;
     // Validates the header and that every tensor's bytes lie inside the file (catches truncation).
-    SafeTensors::deserialize(&map)
-        .map_err(|e| Error::Format(format!("not a valid safetensors file: {e}")).file(path))?;
+    SafeTensors::deserialize(&map).map_err(|e| {
+        let err = Error::Format(format!("not a valid safetensors file: {e}"));
+        match bad_dtype(&map) {
+            Some((name, dtype)) => Error::Format(format!(
+                "dtype {dtype} is not a type safetensors defines (not a valid safetensors file)"
+            ))
+            .tensor(name),
+            None => err,
+        }
+        .file(path)
+    })?;
     Ok(File {
         path: path.to_path_buf(),
         map,
         file: f,
+    })
+}
+
+/// The first tensor whose dtype the safetensors crate does not know, read from the header alone: the
+/// crate's own error names neither the tensor nor the value.
+fn bad_dtype(bytes: &[u8]) -> Option<(String, String)> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    header.as_object()?.iter().find_map(|(name, t)| {
+        let dtype = t.get("dtype")?;
+        let known = serde_json::from_value::<safetensors::Dtype>(dtype.clone()).is_ok();
+        (name != "__metadata__" && !known).then(|| (name.clone(), dtype.to_string()))
     })
 }
 

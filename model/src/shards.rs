@@ -61,6 +61,8 @@ pub struct ShardWriter {
     reserve: usize,
     entries: Vec<(String, Dtype, Vec<usize>, usize, usize)>,
     offset: usize,
+    /// Which rank of how many the file is for, recorded in its header.
+    rank: Option<(usize, usize)>,
 }
 
 impl ShardWriter {
@@ -77,7 +79,15 @@ impl ShardWriter {
             reserve,
             entries: Vec::new(),
             offset: 0,
+            rank: None,
         })
+    }
+
+    /// Records in the header that this file is rank `rank` of `np`, so that a file moved to another
+    /// rank's name is refused even when the manifest's checksums were made to match.
+    pub fn for_rank(mut self, rank: usize, np: usize) -> ShardWriter {
+        self.rank = Some((rank, np));
+        self
     }
 
     /// Appends a tensor.
@@ -145,7 +155,13 @@ impl ShardWriter {
     /// Writes the header, syncs, and returns (bytes, SHA-256 hex) of the file.
     pub fn finish(mut self) -> Result<(u64, String)> {
         let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), serde_json::json!({"format": FORMAT}));
+        let mut meta = serde_json::json!({"format": FORMAT});
+        if let Some((rank, np)) = self.rank {
+            // safetensors metadata values are strings.
+            meta["rank"] = rank.to_string().into();
+            meta["np"] = np.to_string().into();
+        }
+        header.insert("__metadata__".into(), meta);
         for (name, dtype, shape, a, b) in &self.entries {
             header.insert(name.clone(), serde_json::json!({"dtype": dtype_name(*dtype), "shape": shape, "data_offsets": [a, b]}));
         }
@@ -207,6 +223,8 @@ pub struct ShardReader {
     file: std::fs::File,
     path: PathBuf,
     entries: Vec<(String, Dtype, Vec<usize>, usize, usize)>,
+    /// (rank, np) from the header, in files that record it.
+    rank: Option<(usize, usize)>,
     next: usize,
     hasher: Sha256,
     /// Bytes read so far.
@@ -244,6 +262,9 @@ impl ShardReader {
             .as_object()
             .ok_or_else(|| bad("corrupt header: not an object".into()))?;
         let mut entries = Vec::new();
+        let meta =
+            |k: &str| -> Option<usize> { obj.get("__metadata__")?.get(k)?.as_str()?.parse().ok() };
+        let rank = meta("rank").zip(meta("np"));
         for (name, e) in obj {
             if name == "__metadata__" {
                 continue;
@@ -297,12 +318,18 @@ impl ShardReader {
             file,
             path: path.to_path_buf(),
             entries,
+            rank,
             next: 0,
             hasher,
             read: (8 + hlen) as u64,
             since_drop: 0,
             buf: Vec::new(),
         })
+    }
+
+    /// Which rank of how many the file says it is for (files written before it was recorded say nothing).
+    pub fn rank(&self) -> Option<(usize, usize)> {
+        self.rank
     }
 
     /// The next tensor, which must be `name`: (dtype, shape, bytes in the reader's buffer).

@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: locating the built binaries, running them with a deadline, and the shared
 //! reference data.
 
+pub mod server;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -5,7 +5,7 @@ use model::rng::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use model::arch::Profile;
 
 use crate::runtime::Job;
@@ -31,6 +31,39 @@ pub struct SamplingArgs {
     pub seed: u64,
 }
 
+impl SamplingArgs {
+    /// The one check of sampling settings, for the command line and the server alike: a NaN or an
+    /// out-of-range value would otherwise sample from nonsense without a word.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(format!(
+                "temperature must be a number in [0, 2], not {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!(
+                "top_p must be a number in (0, 1], not {}",
+                self.top_p
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that a prompt and the answer asked for fit the context, before any work: past it a generation
+/// could only stop early, and a short answer must not pass for a whole one.
+pub fn check_context(prompt: usize, max_tokens: usize, ctx: usize) -> Result<()> {
+    if prompt + max_tokens > ctx {
+        bail!(
+            "the prompt has {prompt} tokens and {max_tokens} more are asked for (--max-tokens): {} do not fit \
+             the model's context of {ctx} tokens; shorten the prompt or lower --max-tokens",
+            prompt + max_tokens
+        );
+    }
+    Ok(())
+}
+
 /// Set by SIGINT; a generation checks it between tokens.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -42,6 +75,13 @@ extern "C" fn on_sigint(_: libc::c_int) {
 pub fn catch_sigint() {
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
+/// SIGTERM as Ctrl-C: a server stops at the next token instead of dying mid-answer.
+pub fn catch_sigterm() {
+    unsafe {
+        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
     }
 }
 
@@ -144,8 +184,9 @@ pub fn generate(
     cancel: &dyn Fn() -> bool,
     mut emit: impl FnMut(u32) -> Result<()>,
 ) -> Result<Stats> {
-    let cap =
-        (prompt.len() + s.max_tokens + 1).min(job.model.config.max_positions.max(prompt.len() + 1));
+    s.check().map_err(anyhow::Error::msg)?;
+    check_context(prompt.len(), s.max_tokens, job.model.config.max_positions)?;
+    let cap = prompt.len() + s.max_tokens + 1;
     let mut state = job.model.new_state(cap);
     let mut stats = Stats {
         prompt_tokens: prompt.len(),

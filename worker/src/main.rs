@@ -104,7 +104,8 @@ fn main() -> ExitCode {
             let rank = std::env::var("RINGLM_RANK")
                 .map(|r| format!(" (rank {r})"))
                 .unwrap_or_default();
-            eprintln!("ringlm{rank}: error: {e:#}");
+            // One write: the ranks share one stream, where a line written in pieces interleaves.
+            runtime::rank_line(&format!("ringlm{rank}: error: {e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -52,6 +52,46 @@ pub struct ModelArgs {
     pub np: Option<usize>,
 }
 
+impl ModelArgs {
+    /// [`relaunch_with_np`] for this model, after checking what can be checked before any rank starts:
+    /// a converted directory made for another np, or a model that np does not split, fails here with one
+    /// line instead of in every rank.
+    pub fn relaunch(&self) -> Result<Option<i32>> {
+        let Some(np) = self.np else { return Ok(None) };
+        if collective::JobEnv::from_env()?.launcher == "none" {
+            self.check_np(np)
+                .with_context(|| format!("--np {np} for {}", self.model.display()))?;
+        }
+        relaunch_with_np(Some(np))
+    }
+
+    fn check_np(&self, np: usize) -> Result<()> {
+        if self.pp == 0 || !np.is_multiple_of(self.pp) {
+            anyhow::bail!("--np {np} does not split into --pp {} stages", self.pp);
+        }
+        let tp = np / self.pp;
+        let manifest = self.model.join("manifest.json");
+        if manifest.exists() {
+            let m = model::shards::Manifest::load(&self.model)?;
+            if m.np != tp {
+                anyhow::bail!(
+                    "these shards are for {} ranks per stage, not {tp}: run with --np {} or convert again with --np {tp}",
+                    m.np,
+                    m.np * self.pp
+                );
+            }
+            return Ok(());
+        }
+        let config = if self.model.extension().is_some_and(|e| e == "gguf") {
+            model::arch::Config::from_gguf(&model::gguf::Gguf::open(&self.model)?)?
+        } else {
+            model::arch::Config::load(&self.model)?
+        };
+        config.check_np(tp)?;
+        Ok(())
+    }
+}
+
 /// A command-line value read by the model crate's own parser (weight format, cache type, kernels), its
 /// error message as clap prints it.
 pub fn parse_arg<T: std::str::FromStr<Err = model::Error>>(
@@ -242,9 +282,10 @@ pub fn relaunch_with_np(np: Option<usize>) -> Result<Option<i32>> {
         .map(|d| d.join("ringrun"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("ringrun"));
-    let mut args: Vec<String> = Vec::new();
+    // Arguments pass through as bytes: a path need not be UTF-8.
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
     let mut skip = false;
-    for a in std::env::args().skip(1) {
+    for a in std::env::args_os().skip(1) {
         if skip {
             skip = false;
             continue;
@@ -253,18 +294,40 @@ pub fn relaunch_with_np(np: Option<usize>) -> Result<Option<i32>> {
             skip = true;
             continue;
         }
-        if a.starts_with("--np=") {
+        if a.as_encoded_bytes().starts_with(b"--np=") {
             continue;
         }
         args.push(a);
     }
-    let status = std::process::Command::new(&ringrun)
-        .arg("-np")
+    let mut cmd = std::process::Command::new(&ringrun);
+    cmd.arg("-np")
         .arg(np.to_string())
         .arg("--")
         .arg(&exe)
-        .args(&args)
-        .status()
+        .args(&args);
+    let parent = std::process::id() as libc::pid_t;
+    // The job belongs to this process: when it dies, by a service manager's SIGTERM or by SIGKILL, the
+    // kernel sends ringrun SIGTERM and ringrun ends the ranks. (PR_SET_PDEATHSIG fires on the death of the
+    // thread that forked, here the main thread, which waits for the job.)
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
         .with_context(|| format!("starting {} (needed for --np)", ringrun.display()))?;
-    Ok(Some(status.code().unwrap_or(1)))
+    // Ctrl-C reaches ringrun from the terminal as it reaches this process; ringrun passes it on to the ranks
+    // (chat stops its answer, serve stops) and decides when the job ends. Dying of it here would end the
+    // job at once through the death signal above.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {}", ringrun.display()))?;
+    let signal = std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0);
+    Ok(Some(status.code().unwrap_or(128 + signal)))
 }

@@ -162,7 +162,47 @@ impl Config {
                 c.hidden, c.heads
             )));
         }
+        c.check_ranges("config.json")?;
         Ok(c)
+    }
+
+    /// Numbers a file may hold but no model has: sizes that would ask for terabytes before any tensor is
+    /// read, and norms or rotations that turn every number into NaN. `source` names the file's kind.
+    pub fn check_ranges(&self, source: &str) -> Result<()> {
+        // Token ids travel between ranks as f32 (the distributed argmax), exact below 2^24.
+        let limits = [
+            ("vocabulary size", self.vocab, 1 << 24),
+            ("hidden size", self.hidden, 1 << 20),
+            ("MLP width", self.ffn, 1 << 22),
+            ("layer count", self.layers, 10_000),
+            ("head count", self.heads, 1 << 14),
+            ("context length", self.max_positions, 1 << 24),
+        ];
+        for (what, v, most) in limits {
+            if v > most {
+                return Err(Error::Format(format!(
+                    "{source}: {what} {v} is past any model's (at most {most}): the file is damaged"
+                )));
+            }
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 1.0) {
+            return Err(Error::Format(format!(
+                "{source}: RoPE base {} must be a finite number above 1",
+                self.rope_base
+            )));
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0 && self.eps < 1.0) {
+            return Err(Error::Format(format!(
+                "{source}: RMSNorm epsilon {} must be a finite number in [0, 1)",
+                self.eps
+            )));
+        }
+        if self.max_positions == 0 {
+            return Err(Error::Format(format!(
+                "{source}: the context length must be positive"
+            )));
+        }
+        Ok(())
     }
 
     /// config.json for this configuration (the keys the official checkpoints carry).

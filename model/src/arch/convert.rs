@@ -26,13 +26,16 @@ pub struct ConvertOptions {
 /// Converts a Hugging Face checkpoint into one shard file per rank plus manifest.json, streaming layer by
 /// layer: each matrix is read, quantized once and cut into the ranks' parts, so memory holds one layer, never
 /// the model. Everything is written into a temporary directory renamed to `out` at the very end: an
-/// interrupted convert leaves nothing that loads. `progress(done, total)` is called in source bytes.
+/// interrupted convert leaves nothing that loads. `progress(done, total)` is called in source bytes after
+/// every layer; an error from it (the user's Ctrl-C, say) stops the conversion and removes the partial
+/// output. Partial outputs of converters that died without cleaning up (SIGKILL) are removed first.
 pub fn convert(
     src: &Path,
     out: &Path,
     o: ConvertOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<Manifest> {
+    remove_dead_partials(out);
     if out.exists() {
         return Err(
             Error::Format("already exists; remove it or choose another --out".into()).file(out),
@@ -54,11 +57,7 @@ pub fn convert(
     } else {
         Some(Checkpoint::open(src)?)
     };
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let tmp = partial_name(out, std::process::id());
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::Io(e).file(&tmp))?;
     let (source, total) = match (&gguf, &ck) {
@@ -85,13 +84,16 @@ fn convert_into(
     c: &Config,
     dir: &Path,
     o: ConvertOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<Manifest> {
     let h = c.hidden;
     let per_layer = total / (c.layers as u64 + 2);
     let file_name = |r: usize| format!("rank-{r}-of-{}.safetensors", o.np);
     let mut writers: Vec<ShardWriter> = (0..o.np)
-        .map(|r| ShardWriter::create(&dir.join(file_name(r)), c.layers * 40 + 16))
+        .map(|r| {
+            ShardWriter::create(&dir.join(file_name(r)), c.layers * 40 + 16)
+                .map(|w| w.for_rank(r, o.np))
+        })
         .collect::<Result<_>>()?;
     let cuts: Vec<Cut> = (0..o.np)
         .map(|r| Cut::new(c, Shard::tensor(r, o.np)))
@@ -107,7 +109,7 @@ fn convert_into(
                 }
             }
         }
-        progress((l as u64 + 1) * per_layer, total);
+        progress((l as u64 + 1) * per_layer, total)?;
     }
     let super::load::Head {
         embed,
@@ -132,7 +134,7 @@ fn convert_into(
         w.put_f32("final_norm", &[h], &final_norm)?;
         w.put_weight("lm_head", &head.slice(cut.vocab.clone(), &[0..h])?)?;
     }
-    progress(total, total);
+    progress(total, total)?;
     let mut files = Vec::with_capacity(o.np);
     for (r, w) in writers.into_iter().enumerate() {
         let (bytes, sha256) = w.finish()?;
@@ -198,6 +200,44 @@ fn convert_into(
             .save(&dir.join(crate::tokenizer::bpe::FILE))?,
     }
     Ok(m)
+}
+
+/// The name a conversion into `out` writes under until it is complete: `.NAME.partial-PID`.
+fn partial_name(out: &Path, pid: u32) -> std::path::PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "out".into());
+    out.with_file_name(format!(".{name}.partial-{pid}"))
+}
+
+/// Removes `.NAME.partial-PID` beside `out` whose converter (PID) is no longer running, as ringrun removes
+/// the segments of dead jobs. A running converter's partial output is left alone.
+fn remove_dead_partials(out: &Path) {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|n| n.rsplit_once(".partial-"))
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+            .filter(|&pid| pid > 0)
+        else {
+            continue;
+        };
+        // kill(pid, 0) fails with ESRCH when no such process exists.
+        let dead = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if dead {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Re-reads every shard of a converted directory and checks its size and SHA-256 against the manifest.

@@ -219,6 +219,15 @@ impl Model {
             let mut dn = self.mlp(pool, layer, &hn, &mut tm)?;
             tm.time(Op::Comm, || comm.allreduce_sum(&mut dn))?; // down_proj is row-parallel over the MLP width
             tm.time(Op::Other, || add(&mut x, &dn));
+            // Broken weights or metadata make NaN or infinity, which would reach every logit: stop here,
+            // at the layer where it first shows (x is the same on every rank of the stage).
+            if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+                let layer = self.shard.layers(self.config.layers).start + li;
+                return Err(not_finite(
+                    &format!("layer {layer}'s output"),
+                    state.pos + i / h,
+                ));
+            }
         }
         state.pos += m;
 
@@ -227,22 +236,23 @@ impl Model {
             tm.time(Op::Comm, || comm.send_next(&x))?;
             Vec::new()
         } else {
-            self.head(pool, &x, m, all_logits, &mut tm)?
+            self.head(pool, &x, state.pos - m, all_logits, &mut tm)?
         };
         self.profile = tm.profile;
         Ok(logits)
     }
 
-    /// logits = lm_head(norm(x)) for the last row of `x` (m × H), or every row.
+    /// logits = lm_head(norm(x)) for the last row of `x` (positions `pos0..`, rows of H), or every row.
     fn head(
         &self,
         pool: &Pool,
         x: &[f32],
-        m: usize,
+        pos0: usize,
         all_logits: bool,
         tm: &mut Timer,
     ) -> Result<Vec<f32>> {
         let h = self.config.hidden;
+        let m = x.len() / h;
         let lm_head = self
             .lm_head
             .as_ref()
@@ -263,6 +273,10 @@ impl Model {
             lm_head.matmul(&self.kernels, pool, &xn, rows.len(), &mut logits)
         })?;
         tm.profile.head += start.elapsed().as_nanos() as u64;
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            let row = rows.start + i / self.vocab.len();
+            return Err(not_finite("the logits", pos0 + row));
+        }
         Ok(logits)
     }
 
@@ -442,6 +456,14 @@ impl Model {
         }
         Ok(pick.1)
     }
+}
+
+/// The error for a NaN or infinity in `what` at sequence position `pos`.
+fn not_finite(what: &str, pos: usize) -> Error {
+    Error::Format(format!(
+        "{what} is not finite (NaN or infinity) at position {pos}: the weights or the model's \
+         metadata are broken"
+    ))
 }
 
 /// RMSNorm of every H-wide row of `x` into `out`.

@@ -72,6 +72,8 @@ impl Config {
                 Error::Format(format!("GGUF metadata: inconsistent sizes ({c:?})")).file(g.path()),
             );
         }
+        c.check_ranges("GGUF metadata")
+            .map_err(|e| e.file(g.path()))?;
         Ok(c)
     }
 }

@@ -101,6 +101,16 @@ impl Source<'_> {
     }
 }
 
+/// Whether `dir` holds files named as `ringlm convert` names shards.
+fn has_shard_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.starts_with("rank-") && name.ends_with(".safetensors") && name.contains("-of-")
+        })
+    })
+}
+
 impl Model {
     /// Loads this rank's slice of a Hugging Face checkpoint. `format` is how the projections and
     /// convolutions are kept; the lm_head is kept in `head_format`.
@@ -111,9 +121,22 @@ impl Model {
         head_format: Format,
         kernels: Kernels,
     ) -> Result<Model> {
+        if has_shard_files(dir) {
+            return Err(Error::Format(
+                "holds `ringlm convert` shard files but no manifest.json: the converted directory is \
+                 incomplete; convert again"
+                    .into(),
+            )
+            .file(dir));
+        }
         let config = Config::load(dir)?;
         if config.arch != Arch::Yuan2 {
-            return Err(Error::Format("a Llama config.json without shard files: Llama models load from GGUF files or from `ringlm convert` output".into()).file(dir));
+            return Err(Error::Format(
+                "config.json describes a Llama model as `ringlm convert` writes it, but manifest.json is \
+                 missing: the converted directory is incomplete (convert again), or pass the GGUF file itself"
+                    .into(),
+            )
+            .file(dir));
         }
         let ck = Checkpoint::open(dir)?;
         Model::from_source(
@@ -220,6 +243,16 @@ impl Model {
         let entry = m.file_of(shard.rank).clone();
         let path = dir.join(&entry.file);
         let mut r = ShardReader::open(&path)?;
+        if let Some((rank, np)) = r.rank() {
+            if (rank, np) != (shard.rank, m.np) {
+                return Err(Error::Format(format!(
+                    "this file holds rank {rank} of {np}, but the manifest gives it to rank {} of {}: the \
+                     shard files were moved or mixed up; convert again",
+                    shard.rank, m.np
+                ))
+                .file(&path));
+            }
+        }
         let cut = Cut::new(&config, shard);
         let mut model = Model::empty(config, shard, kernels);
         let c = &model.config;

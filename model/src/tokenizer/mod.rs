@@ -203,7 +203,8 @@ impl Tokenizer {
     /// The tokenizer of a model: a .gguf file's metadata, a converted directory's bpe_tokenizer.json, or a
     /// tokenizer.model (file, or in the directory).
     pub fn for_model(path: &Path) -> Result<Tokenizer> {
-        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        // A .gguf path is a GGUF file, or an error naming it (not a directory missing config.json).
+        if !path.is_dir() && path.extension().is_some_and(|e| e == "gguf") {
             return Ok(Tokenizer::Bpe(bpe::Bpe::from_gguf(
                 &crate::gguf::Gguf::open(path)?,
             )?));

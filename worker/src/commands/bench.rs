@@ -144,6 +144,10 @@ fn sum_stage_profiles(all: &[Vec<u8>], tp: usize) -> Result<Profile> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let (Some(np), "none") = (a.np, collective::JobEnv::from_env()?.launcher) {
+        let pp = a.pp.max(1);
+        Config::preset(&a.shape.preset, a.shape.layers)?.check_np(np / pp)?;
+    }
     if let Some(code) = crate::runtime::relaunch_with_np(a.np)? {
         std::process::exit(code);
     }

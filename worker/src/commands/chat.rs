@@ -22,10 +22,11 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    if let Some(code) = crate::runtime::relaunch_with_np(a.model.np)? {
+    if let Some(code) = a.model.relaunch()? {
         std::process::exit(code);
     }
     engine::catch_sigint();
+    a.sampling.check().map_err(anyhow::Error::msg)?;
     let mut job = Job::start(&a.model)?;
     let rank0 = job.rank() == 0;
     let tok = load_tokenizer(&a.model.model)?;

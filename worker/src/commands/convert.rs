@@ -21,9 +21,9 @@ pub struct Args {
     /// Format of the layers' weights.
     #[arg(long, default_value = "nf4", value_parser = ["nf4", "bf16", "f32"])]
     quant: String,
-    /// Format of the lm_head.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "nf4", "f32"])]
-    lm_head: String,
+    /// Format of the lm_head (default: f32 with --quant f32, else bf16).
+    #[arg(long, value_parser = ["bf16", "nf4", "f32"])]
+    lm_head: Option<String>,
     /// Re-read the written shards and check their SHA-256 against the manifest.
     #[arg(long)]
     verify: bool,
@@ -31,11 +31,20 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let f = |s: &str| s.parse::<Format>().map_err(anyhow::Error::from);
+    let format = f(&a.quant)?;
+    let head_format = match &a.lm_head {
+        Some(h) => f(h)?,
+        None if format == Format::F32 => Format::F32,
+        None => Format::Bf16,
+    };
     let o = ConvertOptions {
         np: a.np,
-        format: f(&a.quant)?,
-        head_format: f(&a.lm_head)?,
+        format,
+        head_format,
     };
+    // Ctrl-C or SIGTERM stops at the next layer; convert then removes what it wrote.
+    crate::engine::catch_sigint();
+    crate::engine::catch_sigterm();
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template(
             "convert [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -44,8 +53,14 @@ pub fn run(a: Args) -> Result<()> {
     );
     let start = std::time::Instant::now();
     let m = convert(&a.model, &a.out, o, &mut |done, total| {
+        if crate::engine::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(model::Error::Format(
+                "interrupted (Ctrl-C or SIGTERM); the partial output was removed".into(),
+            ));
+        }
         bar.set_length(total);
         bar.set_position(done);
+        Ok(())
     })
     .with_context(|| format!("converting {} for np={}", a.model.display(), a.np))?;
     bar.finish_and_clear();

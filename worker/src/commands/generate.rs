@@ -61,9 +61,10 @@ impl<'a> Printer<'a> {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if let Some(code) = crate::runtime::relaunch_with_np(a.model.np)? {
+    if let Some(code) = a.model.relaunch()? {
         std::process::exit(code);
     }
+    a.sampling.check().map_err(anyhow::Error::msg)?;
     let mut job = Job::start(&a.model)?;
     let rank0 = job.rank() == 0;
     let tok = load_tokenizer(&a.model.model)?;
@@ -77,6 +78,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if ids.is_empty() {
             bail!("the prompt is empty");
         }
+        let ctx = job.model.config.max_positions;
+        engine::check_context(ids.len(), a.sampling.max_tokens, ctx)?;
         ids
     } else {
         Vec::new()

@@ -22,7 +22,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.ids.is_empty() {
         bail!("--ids: at least one token id is needed");
     }
-    if let Some(code) = crate::runtime::relaunch_with_np(a.model.np)? {
+    if let Some(code) = a.model.relaunch()? {
         std::process::exit(code);
     }
     let mut job = Job::start(&a.model)?;

@@ -36,7 +36,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if let Some(code) = crate::runtime::relaunch_with_np(a.model.np)? {
+    if let Some(code) = a.model.relaunch()? {
         std::process::exit(code);
     }
     if a.ctx < 4 {

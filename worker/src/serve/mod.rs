@@ -22,7 +22,7 @@ mod scheduler;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use model::tokenizer::Tokenizer;
@@ -64,13 +64,34 @@ pub struct AppState {
     next_id: AtomicU64,
     metrics: Mutex<metrics::Metrics>,
     started: Instant,
+    /// Responses still being written; the process waits for them before it exits.
+    open: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one response as open while it lives.
+pub struct OpenResponse(Arc<AppState>);
+
+impl OpenResponse {
+    fn new(sh: &Arc<AppState>) -> OpenResponse {
+        sh.open.fetch_add(1, Ordering::SeqCst);
+        OpenResponse(sh.clone())
+    }
+}
+
+impl Drop for OpenResponse {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if let Some(code) = crate::runtime::relaunch_with_np(a.model.np)? {
+    if let Some(code) = a.model.relaunch()? {
         std::process::exit(code);
     }
+    // Ctrl-C and a service manager's SIGTERM both stop the server cleanly: the running answer ends with an
+    // error, the queue is emptied the same way, and every rank leaves together.
     engine::catch_sigint();
+    engine::catch_sigterm();
     let env = collective::JobEnv::from_env()?;
     if env.rank != 0 {
         let mut job = Job::start(&a.model)?;
@@ -107,6 +128,7 @@ pub fn run(a: Args) -> Result<()> {
         next_id: AtomicU64::new(1),
         metrics: Mutex::new(metrics::Metrics::default()),
         started: Instant::now(),
+        open: std::sync::atomic::AtomicUsize::new(0),
     });
     let http = {
         let shared = shared.clone();
@@ -126,9 +148,16 @@ pub fn run(a: Args) -> Result<()> {
         job.comm.0.size(),
         a.max_queue
     );
+    let result = scheduler::schedule(&mut job, &shared);
+    // Every answer has been ended (whole, or with an error); let the HTTP thread write those endings out
+    // before the process goes, so that no client is left guessing.
+    let start = Instant::now();
+    while shared.open.load(Ordering::SeqCst) > 0 && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // On an error the other ranks may be in the middle of a step: rank 0's exit ends them (ringrun), while
     // a QUIT now would meet them in another collective.
-    scheduler::schedule(&mut job, &shared)?;
+    result?;
     Order::share(&mut job, Some(&Order::Quit))?;
     drop(http);
     Ok(())

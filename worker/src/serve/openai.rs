@@ -121,13 +121,13 @@ impl Options {
                     .ok_or_else(|| bad(format!("{k} must be a non-negative integer"))),
             }
         };
-        let num = |k: &str, default: f64, lo: f64, hi: f64| -> Result<f64, Invalid> {
+        // Numbers here; their ranges are SamplingArgs::check's, as on the command line.
+        let num = |k: &str, default: f64| -> Result<f64, Invalid> {
             match &v[k] {
                 Value::Null => Ok(default),
                 x => x
                     .as_f64()
-                    .filter(|x| (lo..=hi).contains(x))
-                    .ok_or_else(|| bad(format!("{k} must be a number in [{lo}, {hi}]"))),
+                    .ok_or_else(|| bad(format!("{k} must be a number"))),
             }
         };
         if let Some(n) = uint("n")? {
@@ -139,11 +139,8 @@ impl Options {
             Some(0) => return Err(bad("max_tokens must be at least 1")),
             m => m.map(|m| m as usize),
         };
-        let temperature = num("temperature", 1.0, 0.0, 2.0)? as f32;
-        let top_p = num("top_p", 1.0, 0.0, 1.0)? as f32;
-        if top_p <= 0.0 {
-            return Err(bad("top_p must be above 0"));
-        }
+        let temperature = num("temperature", 1.0)? as f32;
+        let top_p = num("top_p", 1.0)? as f32;
         let stops = match &v["stop"] {
             Value::Null => Vec::new(),
             Value::String(s) => vec![s.clone()],
@@ -162,21 +159,23 @@ impl Options {
             Value::Bool(b) => *b,
             _ => return Err(bad("stream must be true or false")),
         };
+        let sampling = SamplingArgs {
+            max_tokens: 0,
+            temperature,
+            top_k: uint("top_k")?.unwrap_or(0) as usize,
+            top_p,
+            // Without a seed every request draws differently, as OpenAI's API does.
+            seed: uint("seed")?.unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            }),
+        };
+        sampling.check().map_err(Invalid)?;
         Ok(Options {
             max_tokens,
-            sampling: SamplingArgs {
-                max_tokens: 0,
-                temperature,
-                top_k: uint("top_k")?.unwrap_or(0) as usize,
-                top_p,
-                // Without a seed every request draws differently, as OpenAI's API does.
-                seed: uint("seed")?.unwrap_or_else(|| {
-                    SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_nanos() as u64)
-                        .unwrap_or(1)
-                }),
-            },
+            sampling,
             stops,
             stream,
         })

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -22,7 +23,7 @@ use super::openai::{
     Invalid, Message, ModelCard, ModelList, Options, Usage,
 };
 use super::scheduler::{Ev, Req};
-use super::AppState;
+use super::{AppState, OpenResponse};
 
 /// Serves HTTP on `listener` until the process ends.
 pub fn serve_http(listener: std::net::TcpListener, sh: Arc<AppState>) {
@@ -112,7 +113,10 @@ fn authorized(sh: &AppState, headers: &HeaderMap) -> Option<Response> {
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme is case-insensitive (RFC 9110, 11.1); the key is not.
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim_start());
     if given == Some(key.as_str()) {
         return None;
     }
@@ -141,10 +145,32 @@ async fn models(State(sh): State<Arc<AppState>>, headers: HeaderMap) -> Response
     .into_response()
 }
 
-async fn completions(State(sh): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+/// A body that could not be read (413 past the size limit), answered in OpenAI's shape like every other
+/// error rather than axum's plain text.
+struct Unreadable(StatusCode, String);
+
+impl IntoResponse for Unreadable {
+    fn into_response(self) -> Response {
+        error(self.0, &self.1, "invalid_request_error")
+    }
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Unreadable> {
+    body.map_err(|e| Unreadable(e.status(), e.body_text()))
+}
+
+async fn completions(
+    State(sh): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     if let Some(r) = authorized(&sh, &headers) {
         return r;
     }
+    let body = match body_or_error(body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
     let prepared = openai::parse_body(&body)
         .and_then(|v| CompletionRequest::from_json(&v))
         .map(|r| (sh.tok.encode(&r.prompt), r.options));
@@ -154,11 +180,15 @@ async fn completions(State(sh): State<Arc<AppState>>, headers: HeaderMap, body: 
 async fn chat_completions(
     State(sh): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if let Some(r) = authorized(&sh, &headers) {
         return r;
     }
+    let body = match body_or_error(body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
     let prepared = openai::parse_body(&body).and_then(|v| {
         if let Some(why) = sh.tok.chat_unsupported() {
             return Err(Invalid(why.to_string()));
@@ -239,6 +269,7 @@ async fn submit(
         };
     }
     let answer = Answer {
+        open: Arc::new(OpenResponse::new(sh)),
         chat: kind == "chat",
         id: format!("{}-{id}", if kind == "chat" { "chatcmpl" } else { "cmpl" }),
         created: openai::now(),
@@ -253,6 +284,8 @@ async fn submit(
 /// What every piece of one request's answer repeats.
 #[derive(Clone)]
 struct Answer {
+    /// Held until the response is written.
+    open: Arc<OpenResponse>,
     chat: bool,
     id: String,
     created: u64,
@@ -301,7 +334,8 @@ impl Answer {
     }
 
     /// Server-sent events: (chat) a chunk naming the role, a chunk per piece of text, the last with the
-    /// finish reason and usage, then `[DONE]`.
+    /// finish reason and usage, then `[DONE]`. An answer the server cut short ends with an error event
+    /// instead, and no `[DONE]`: a client can always tell it from a whole one.
     fn stream(self, rx: mpsc::UnboundedReceiver<Ev>) -> Response {
         let role_chunk = self.chat.then(|| {
             let delta = Delta {
@@ -314,21 +348,43 @@ impl Answer {
             };
             event(&self.completion("chat.completion.chunk", choice, None))
         });
-        // The channel closes after Done, so [DONE] follows the last chunk.
+        // The channel closes after Done or Failed; the last event depends on which came, or on neither.
+        let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (w, f) = (whole.clone(), failed.clone());
+        let this = self.clone();
         let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
             .map(move |ev| match ev {
-                Ev::Text(t) => self.chunk(Some(t), None, None),
+                Ev::Text(t) => this.chunk(Some(t), None, None),
                 Ev::Done {
                     finish,
                     prompt_tokens,
                     completion_tokens,
-                } => self.chunk(
-                    None,
-                    Some(finish),
-                    Some(Usage::new(prompt_tokens, completion_tokens)),
-                ),
+                } => {
+                    w.store(true, Ordering::SeqCst);
+                    this.chunk(
+                        None,
+                        Some(finish),
+                        Some(Usage::new(prompt_tokens, completion_tokens)),
+                    )
+                }
+                Ev::Failed(why) => {
+                    f.store(true, Ordering::SeqCst);
+                    error_event(&why)
+                }
             })
-            .chain(tokio_stream::once(Event::default().data("[DONE]")));
+            .chain(tokio_stream::iter([()]).filter_map(move |()| {
+                let _open = &self.open;
+                if whole.load(Ordering::SeqCst) {
+                    Some(Event::default().data("[DONE]"))
+                } else if failed.load(Ordering::SeqCst) {
+                    None
+                } else {
+                    Some(error_event(
+                        "the server ended the answer early (see its log)",
+                    ))
+                }
+            }));
         let all = tokio_stream::iter(role_chunk)
             .chain(events)
             .map(Ok::<_, Infallible>);
@@ -337,12 +393,15 @@ impl Answer {
             .into_response()
     }
 
-    /// The whole answer once it is done.
+    /// The whole answer once it is done (or a 503 if the server cut it short).
     async fn whole(self, mut rx: mpsc::UnboundedReceiver<Ev>) -> Response {
         let mut text = String::new();
         while let Some(ev) = rx.recv().await {
             match ev {
                 Ev::Text(t) => text.push_str(&t),
+                Ev::Failed(why) => {
+                    return error(StatusCode::SERVICE_UNAVAILABLE, &why, "server_error")
+                }
                 Ev::Done {
                     finish,
                     prompt_tokens,
@@ -378,6 +437,19 @@ impl Answer {
             "server_error",
         )
     }
+}
+
+/// An error in the middle of a stream, in OpenAI's error shape.
+fn error_event(message: &str) -> Event {
+    let body = ErrorResponse {
+        error: ErrorDetail {
+            message,
+            kind: "server_error",
+            param: None,
+            code: 503,
+        },
+    };
+    Event::default().data(serde_json::to_string(&body).unwrap_or_default())
 }
 
 fn event(c: &Completion) -> Event {

@@ -12,7 +12,8 @@ use crate::engine::{self, generate, SamplingArgs, TextStream};
 use crate::protocol::Order;
 use crate::runtime::Job;
 
-/// What a request's channel receives.
+/// What a request's channel receives: pieces of text, then `Done` when the answer is whole, or `Failed`
+/// when it was cut short by the server (a channel that closes with neither was cut short too).
 pub enum Ev {
     Text(String),
     Done {
@@ -20,6 +21,7 @@ pub enum Ev {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
+    Failed(String),
 }
 
 /// A request as the scheduler sees it.
@@ -34,6 +36,20 @@ pub struct Req {
 
 /// Rank 0's main loop: one request at a time, in arrival order, until Ctrl-C/SIGTERM.
 pub fn schedule(job: &mut Job, sh: &AppState) -> Result<()> {
+    let result = serve_queue(job, sh);
+    // Whatever ended the loop, no request still waiting may look answered.
+    let why = match &result {
+        Ok(()) => "the server is stopping".to_string(),
+        Err(e) => format!("the server failed: {e:#}"),
+    };
+    for req in sh.queue_rx.try_iter() {
+        let _ = req.tx.send(Ev::Failed(why.clone()));
+    }
+    result
+}
+
+/// Takes requests in arrival order until Ctrl-C/SIGTERM or an error.
+fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
     loop {
         let req = match sh.queue_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(r) => r,
@@ -57,8 +73,17 @@ pub fn schedule(job: &mut Job, sh: &AppState) -> Result<()> {
             sampling: req.sampling.clone(),
             stop: stop_token,
         };
-        Order::share(job, Some(&order))?;
-        let outcome = run_one(job, sh, &req, stop_token)?;
+        let outcome =
+            Order::share(job, Some(&order)).and_then(|_| run_one(job, sh, &req, stop_token));
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = req.tx.send(Ev::Failed(format!(
+                    "the server failed while answering: {e:#}"
+                )));
+                return Err(e);
+            }
+        };
         let mut m = sh.metrics.lock().unwrap();
         m.busy = false;
         m.requests += 1;
@@ -153,15 +178,24 @@ fn run_one(job: &mut Job, sh: &AppState, req: &Req, stop_token: u32) -> Result<O
     };
     let finish = if stop_hit.get() || stats.finished {
         "stop"
+    } else if stats.interrupted && engine::INTERRUPTED.load(Ordering::SeqCst) {
+        "interrupted"
     } else {
         "length"
     };
-    let done = Ev::Done {
-        finish,
-        prompt_tokens: stats.prompt_tokens,
-        completion_tokens: stats.tokens,
+    let end = if finish == "interrupted" {
+        Ev::Failed(format!(
+            "the server is stopping (Ctrl-C or SIGTERM): the answer was cut short after {} tokens",
+            stats.tokens
+        ))
+    } else {
+        Ev::Done {
+            finish,
+            prompt_tokens: stats.prompt_tokens,
+            completion_tokens: stats.tokens,
+        }
     };
-    let gone = gone.get() || req.tx.send(done).is_err();
+    let gone = gone.get() || req.tx.send(end).is_err();
     Ok(Outcome {
         stats,
         finish,
