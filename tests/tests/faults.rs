@@ -587,14 +587,35 @@ fn small_faults_have_clear_errors() {
     }
 }
 
-/// 10, the server's: a body past the limit gets a JSON 413, `bearer` in lower case is a bearer token.
+/// 10, the server's: idle connections are closed, a body past the limit gets a JSON 413, `bearer` in lower
+/// case is a bearer token.
 #[test]
 fn the_server_speaks_json_and_reads_any_case() {
     let dir = TempDir::new("faults-http");
     let Some(model) = tiny_yuan(&dir.0) else {
         return;
     };
-    let server = Server::start(&model, &["--api-key", "sesame"]);
+    let server = Server::start(&model, &["--api-key", "sesame", "--idle-timeout", "1"]);
+    // Idle connections are closed: one that never sends a request, one kept alive after its answer.
+    let addr = server.base.trim_start_matches("http://").to_string();
+    for send_first in [false, true] {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 4096];
+        if send_first {
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            assert!(std::io::Read::read(&mut c, &mut buf).unwrap() > 0);
+        }
+        let start = Instant::now();
+        let n = std::io::Read::read(&mut c, &mut buf).expect("closed, not timed out");
+        assert_eq!(n, 0, "request sent first: {send_first}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+    }
     let big = dir.0.join("big.json");
     let mut f = std::fs::File::create(&big).unwrap();
     write!(f, "{{\"prompt\":\"{}\"}}", "a".repeat(3 << 20)).unwrap();

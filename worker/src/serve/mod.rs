@@ -47,6 +47,10 @@ pub struct Args {
     /// Requests that may wait behind the running one; more get 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Close a connection that sends no request for this many seconds (a fresh one, or one kept alive
+    /// after its last answer).
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    idle_timeout: f64,
     /// Name reported by /v1/models and in responses (default: the model path's last component).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -130,11 +134,15 @@ pub fn run(a: Args) -> Result<()> {
         started: Instant::now(),
         open: std::sync::atomic::AtomicUsize::new(0),
     });
+    if !(a.idle_timeout.is_finite() && a.idle_timeout > 0.0) {
+        anyhow::bail!("--idle-timeout must be a positive number of seconds");
+    }
+    let idle = Duration::from_secs_f64(a.idle_timeout);
     let http = {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("http".into())
-            .spawn(move || routes::serve_http(listener, shared))?
+            .spawn(move || routes::serve_http(listener, shared, idle))?
     };
     let mut job = Job::start(&a.model)?;
     shared.ctx.store(

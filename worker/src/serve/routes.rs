@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -25,8 +26,10 @@ use super::openai::{
 use super::scheduler::{Ev, Req};
 use super::{AppState, OpenResponse};
 
-/// Serves HTTP on `listener` until the process ends.
-pub fn serve_http(listener: std::net::TcpListener, sh: Arc<AppState>) {
+/// Serves HTTP on `listener` until the process ends. A connection that sends no request for `idle` (a
+/// fresh one, or one kept alive after its last answer) is closed: a client that never closes would
+/// otherwise hold a socket and a task for good.
+pub fn serve_http(listener: std::net::TcpListener, sh: Arc<AppState>, idle: Duration) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -53,9 +56,26 @@ pub fn serve_http(listener: std::net::TcpListener, sh: Arc<AppState>) {
             .route("/v1/chat/completions", post(chat_completions))
             .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint", "not_found") })
             .with_state(sh);
-        if let Err(e) = axum::serve(listener, app).await {
-            eprintln!("ringlm serve: the HTTP server stopped: {e}");
-            std::process::exit(1);
+        // hyper's own HTTP/1 connection loop rather than axum::serve, which sets no header-read timeout.
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait for some to close rather than spin.
+                    eprintln!("ringlm serve: accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(idle);
+                // A connection's end, by the client or by the timeout, is no error of the server's.
+                let _ = http.serve_connection(io, service).await;
+            });
         }
     });
 }
