@@ -147,16 +147,25 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
-/// SmolLM2's GGUF (fetched once), or None with a loud message.
+/// SmolLM2's GGUF (fetched once by scripts/fetch-smollm2), or None with a loud message when it cannot be
+/// fetched on this machine.
 pub fn smollm2() -> Option<PathBuf> {
-    let o = Command::new(root().join("scripts/fetch-smollm2"))
-        .output()
-        .ok()?;
-    if !o.status.success() {
-        eprintln!("\n*** SKIPPED: scripts/fetch-smollm2 failed (no PyPI?) ***\n");
-        return None;
+    match Command::new(root().join("scripts/fetch-smollm2")).output() {
+        Ok(o) if o.status.success() => Some(PathBuf::from(
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        )),
+        Ok(o) => {
+            eprintln!(
+                "\n*** SKIPPED: scripts/fetch-smollm2 failed (no PyPI?): {} ***\n",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("\n*** SKIPPED: cannot run scripts/fetch-smollm2: {e} ***\n");
+            None
+        }
     }
-    Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
 }
 
 /// A one-layer random Yuan 2.0 with the real tokenizer and vocabulary.

@@ -3,37 +3,15 @@
 //! are the facts any correct Llama forward gets right: greedy text that names Paris, the ChatML answer, the
 //! same logits at every np, and clear errors on a damaged file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use e2e::server::smollm2;
 use e2e::{bin, max_logit_diff, run, TempDir};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-/// The model file, or None (with a loud message) when it cannot be fetched on this machine.
-fn smollm2() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(root.join("scripts/fetch-smollm2")).output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string());
-            Some(p)
-        }
-        Ok(o) => {
-            eprintln!(
-                "\n*** SKIPPED: scripts/fetch-smollm2 failed (no PyPI?): {} ***\n",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("\n*** SKIPPED: cannot run scripts/fetch-smollm2: {e} ***\n");
-            None
-        }
-    }
-}
 
 fn ringlm(np: usize, args: &[&str], model: &Path, stdin_text: Option<&str>) -> e2e::Finished {
     let mut cmd = Command::new(bin("ringrun"));

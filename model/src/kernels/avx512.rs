@@ -11,6 +11,10 @@
 //! With 8-bit activation codes ([`super::quantx::Bytes`], AVX-512 VBMI) `vpermb` maps a byte's low nibble
 //! to its level byte and `vpdpbusd` takes 4 products per lane: per 64-byte load 1 shift, 2 permutes and 2
 //! multiply-adds instead of 3, 4 and 4, which is what bounds the 16-bit GEMV on Zen 4.
+//!
+//! Longer than the house's ~800 lines, on purpose: it is the one file of AVX-512 intrinsics, as ggml keeps
+//! one file per instruction set, and its last ~150 lines are the tests that hold each kernel to the
+//! scalar reference.
 
 use std::arch::x86_64::*;
 

@@ -1,4 +1,7 @@
 //! Weight matrices in the layouts the kernels read.
+//!
+//! Longer than the house's ~800 lines, on purpose: the NF4 tiled layout, its slicing for tensor
+//! parallelism and its scale decoding are one format, tested together (the last ~100 lines).
 
 use crate::error::{Error, Result};
 use crate::quant::nf4::{dynamic_map, Nf4Tensor, BLOCK, NESTED_BLOCK};

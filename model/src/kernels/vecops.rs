@@ -5,6 +5,10 @@
 //! Every version computes exactly what the scalar definition does — 16 running sums (or one per element),
 //! multiply and add rounded separately, the 16 sums added in order — so the results do not depend on the
 //! CPU: the SIMD lanes simply are the scalar code's 16 sums.
+//!
+//! Longer than the house's ~800 lines, on purpose: attention's kernels share private lane-tree and
+//! softmax helpers with the dot products, and the bit-for-bit tests (a third of the file) must see them;
+//! split, those helpers would become crate API for the tests' sake.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;

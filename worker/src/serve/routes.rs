@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -127,9 +126,33 @@ async fn metrics(State(sh): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// None when the request may go on; else the 401 to answer.
-fn authorized(sh: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let key = sh.api_key.as_ref()?;
+/// Why a request was turned away before its body was even parsed.
+enum Refused {
+    /// 401: no key, or the wrong one.
+    Unauthorized,
+    /// A body that could not be read (413 past the size limit), answered in OpenAI's shape like every
+    /// other error rather than axum's plain text.
+    Unreadable(StatusCode, String),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Unauthorized => error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key (send Authorization: Bearer KEY)",
+                "authentication_error",
+            ),
+            Refused::Unreadable(status, why) => error(status, &why, "invalid_request_error"),
+        }
+    }
+}
+
+/// Checks the key, when the server has one.
+fn authorized(sh: &AppState, headers: &HeaderMap) -> Result<(), Refused> {
+    let Some(key) = sh.api_key.as_ref() else {
+        return Ok(());
+    };
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -138,19 +161,31 @@ fn authorized(sh: &AppState, headers: &HeaderMap) -> Option<Response> {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim_start());
     if given == Some(key.as_str()) {
-        return None;
+        return Ok(());
     }
     sh.metrics.lock().unwrap().rejected_auth += 1;
-    Some(error(
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong API key (send Authorization: Bearer KEY)",
-        "authentication_error",
-    ))
+    Err(Refused::Unauthorized)
+}
+
+/// A request's body, once its key is checked and the body read (an extractor, so that every endpoint
+/// that takes a body refuses the same way).
+struct Admitted(Bytes);
+
+impl FromRequest<Arc<AppState>> for Admitted {
+    type Rejection = Refused;
+
+    async fn from_request(req: Request, sh: &Arc<AppState>) -> Result<Admitted, Refused> {
+        authorized(sh, req.headers())?;
+        Bytes::from_request(req, sh)
+            .await
+            .map(Admitted)
+            .map_err(|e| Refused::Unreadable(e.status(), e.body_text()))
+    }
 }
 
 async fn models(State(sh): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(r) = authorized(&sh, &headers) {
-        return r;
+    if let Err(r) = authorized(&sh, &headers) {
+        return r.into_response();
     }
     Json(ModelList {
         object: "list",
@@ -165,50 +200,14 @@ async fn models(State(sh): State<Arc<AppState>>, headers: HeaderMap) -> Response
     .into_response()
 }
 
-/// A body that could not be read (413 past the size limit), answered in OpenAI's shape like every other
-/// error rather than axum's plain text.
-struct Unreadable(StatusCode, String);
-
-impl IntoResponse for Unreadable {
-    fn into_response(self) -> Response {
-        error(self.0, &self.1, "invalid_request_error")
-    }
-}
-
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Unreadable> {
-    body.map_err(|e| Unreadable(e.status(), e.body_text()))
-}
-
-async fn completions(
-    State(sh): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    if let Some(r) = authorized(&sh, &headers) {
-        return r;
-    }
-    let body = match body_or_error(body) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
+async fn completions(State(sh): State<Arc<AppState>>, Admitted(body): Admitted) -> Response {
     let prepared = openai::parse_body(&body)
         .and_then(|v| CompletionRequest::from_json(&v))
         .map(|r| (sh.tok.encode(&r.prompt), r.options));
     submit(&sh, prepared, "completion", 16).await
 }
 
-async fn chat_completions(
-    State(sh): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    if let Some(r) = authorized(&sh, &headers) {
-        return r;
-    }
-    let body = match body_or_error(body) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
+async fn chat_completions(State(sh): State<Arc<AppState>>, Admitted(body): Admitted) -> Response {
     let prepared = openai::parse_body(&body).and_then(|v| {
         if let Some(why) = sh.tok.chat_unsupported() {
             return Err(Invalid(why.to_string()));
