@@ -112,6 +112,10 @@ fn the_np_shortcut_takes_its_job_along() {
         unsafe { libc::kill(parent as i32, signal) };
         let _ = server.child.wait();
         let left = wait_gone(&job, Duration::from_secs(10));
+        // A failure must not leave the job behind for the rest of the suite.
+        for &p in &left {
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
         assert!(left.is_empty(), "signal {signal}: still running: {left:?}");
         assert_eq!(
             curl(&[&format!("{}/health", server.base)]).0,
@@ -260,12 +264,22 @@ fn answers_cut_short_do_not_look_whole() {
     };
     let long = r#"{"prompt":"hello","max_tokens":8000,"temperature":0.9,"stream":true}"#;
     // Ctrl-C: ringrun passes it to the ranks, rank 0 ends the answer with an error and stops.
+    // A whole (not streamed) request waiting in the queue meanwhile gets 503, not a short answer.
     let server = Server::start(&model, &[]);
     let launcher = server.child.id() as i32;
-    let lines = stream_completion(&server.base, long, || unsafe {
-        libc::kill(launcher, libc::SIGINT);
+    let url = format!("{}/v1/completions", server.base);
+    let mut queued = None;
+    let lines = stream_completion(&server.base, long, || {
+        queued = Some(std::thread::spawn(move || {
+            curl(&["-d", r#"{"prompt":"hi","max_tokens":8000}"#, &url])
+        }));
+        std::thread::sleep(Duration::from_millis(300));
+        unsafe { libc::kill(launcher, libc::SIGINT) };
     });
     assert_cut_short(&lines);
+    let (code, body) = queued.unwrap().join().unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("stopping"), "{body}");
     assert!(
         lines.last().unwrap().contains("\"error\""),
         "no error event at the end: {:?}",

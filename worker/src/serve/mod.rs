@@ -70,6 +70,8 @@ pub struct AppState {
     started: Instant,
     /// Responses still being written; the process waits for them before it exits.
     open: std::sync::atomic::AtomicUsize,
+    /// Why the scheduler stopped taking requests, once it has: new ones get 503 with it.
+    closed: Mutex<Option<String>>,
 }
 
 /// Counts one response as open while it lives.
@@ -133,6 +135,7 @@ pub fn run(a: Args) -> Result<()> {
         metrics: Mutex::new(metrics::Metrics::default()),
         started: Instant::now(),
         open: std::sync::atomic::AtomicUsize::new(0),
+        closed: Mutex::new(None),
     });
     if !(a.idle_timeout.is_finite() && a.idle_timeout > 0.0) {
         anyhow::bail!("--idle-timeout must be a positive number of seconds");
@@ -161,6 +164,8 @@ pub fn run(a: Args) -> Result<()> {
     // before the process goes, so that no client is left guessing.
     let start = Instant::now();
     while shared.open.load(Ordering::SeqCst) > 0 && start.elapsed() < Duration::from_secs(2) {
+        // A request that slipped into the queue as it closed is refused too.
+        scheduler::refuse_waiting(&shared);
         std::thread::sleep(Duration::from_millis(10));
     }
     // On an error the other ranks may be in the middle of a step: rank 0's exit ends them (ringrun), while

@@ -242,6 +242,9 @@ async fn submit(
             "server_error",
         );
     }
+    if let Some(why) = sh.closed.lock().unwrap().clone() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &why, "server_error");
+    }
     let ctx = sh.ctx.load(Ordering::SeqCst) as usize;
     if ids.is_empty() {
         sh.metrics.lock().unwrap().rejected_bad += 1;

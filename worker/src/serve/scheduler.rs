@@ -37,15 +37,22 @@ pub struct Req {
 /// Rank 0's main loop: one request at a time, in arrival order, until Ctrl-C/SIGTERM.
 pub fn schedule(job: &mut Job, sh: &AppState) -> Result<()> {
     let result = serve_queue(job, sh);
-    // Whatever ended the loop, no request still waiting may look answered.
+    // Whatever ended the loop, no request waiting now or arriving later may look answered.
     let why = match &result {
         Ok(()) => "the server is stopping".to_string(),
         Err(e) => format!("the server failed: {e:#}"),
     };
+    *sh.closed.lock().unwrap() = Some(why);
+    refuse_waiting(sh);
+    result
+}
+
+/// Ends every queued request with the reason the server closed (see [`AppState::closed`]).
+pub fn refuse_waiting(sh: &AppState) {
+    let why = sh.closed.lock().unwrap().clone().unwrap_or_default();
     for req in sh.queue_rx.try_iter() {
         let _ = req.tx.send(Ev::Failed(why.clone()));
     }
-    result
 }
 
 /// Takes requests in arrival order until Ctrl-C/SIGTERM or an error.
