@@ -101,6 +101,22 @@ pub fn finish(mut child: Child, limit: Duration) -> Finished {
     }
 }
 
+/// Waits for `child` to end by itself (`what` it was asked to do, for the failure message), failing the
+/// test after `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "did not exit within {limit:?} after {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `cmd` to completion within `limit`.
 pub fn run(cmd: &mut Command, limit: Duration) -> Finished {
     finish(spawn(cmd), limit)

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e::server::{curl, smollm2, tiny_yuan, Server, LIMIT};
-use e2e::{bin, read_tensors, run, shared_dir, write_tensors, TempDir};
+use e2e::{bin, read_tensors, run, shared_dir, wait_exit, write_tensors, TempDir};
 
 /// Every process whose parent chain leads to `pid` (not `pid` itself).
 fn descendants(pid: u32) -> Vec<u32> {
@@ -287,17 +287,7 @@ fn answers_cut_short_do_not_look_whole() {
     );
     // The one Ctrl-C stops the whole server, cleanly.
     let mut server = server;
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the server did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut server.child, Duration::from_secs(20), "Ctrl-C");
     assert_eq!(status.code(), Some(0), "{status:?}");
     // A rank killed: the job ends, and the client sees no finish.
     let server = Server::start(&model, &[]);

@@ -11,6 +11,14 @@ fn ringrun() -> Command {
     Command::new(bin("ringrun"))
 }
 
+/// `ringrun -np 2 -- sh -c SCRIPT`, finished.
+fn two_ranks_sh(script: &str) -> e2e::Finished {
+    run(
+        ringrun().args(["-np", "2", "--", "sh", "-c", script]),
+        LIMIT,
+    )
+}
+
 #[test]
 fn ranks_get_their_environment_and_disjoint_cpusets() {
     let out = run(
@@ -48,17 +56,7 @@ fn ranks_get_their_environment_and_disjoint_cpusets() {
 
 #[test]
 fn memory_is_bound_to_the_ranks_numa_node() {
-    let out = run(
-        ringrun().args([
-            "-np",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            "grep -c bind: /proc/self/numa_maps",
-        ]),
-        LIMIT,
-    );
+    let out = two_ranks_sh("grep -c bind: /proc/self/numa_maps");
     assert_eq!(out.code(), 0, "{out:?}");
     for l in out.stdout.lines() {
         assert!(
@@ -179,17 +177,7 @@ fn exit_codes_and_signals_propagate() {
         out.stderr
     );
 
-    let out = run(
-        ringrun().args([
-            "-np",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            "if [ $RINGLM_RANK = 1 ]; then kill -SEGV $$; fi; sleep 30",
-        ]),
-        LIMIT,
-    );
+    let out = two_ranks_sh("if [ $RINGLM_RANK = 1 ]; then kill -SEGV $$; fi; sleep 30");
     assert_eq!(out.code(), 128 + 11, "{out:?}");
     assert!(
         out.stderr.contains("rank 1") && out.stderr.contains("SIGSEGV"),

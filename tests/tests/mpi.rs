@@ -55,6 +55,14 @@ fn mpirun_with(np: usize, mpi_args: &[&str], args: &[&str]) -> Option<e2e::Finis
     Some(out)
 }
 
+/// `logits --model <the shared tiny Yuan 2.0> --ids IDS EXTRA...`, or None (loudly) without the shared data.
+fn tiny_logits(ids: &str, extra: &[&str]) -> Option<Vec<String>> {
+    let dir = shared_dir("golden/yuan-tiny-a")?;
+    let model = dir.to_str().unwrap();
+    let head = ["logits", "--model", model, "--ids", ids];
+    Some(head.iter().chain(extra).map(|s| s.to_string()).collect())
+}
+
 #[test]
 fn collectives_over_mpi_match_serial_sums() {
     for np in [2, 3, 4] {
@@ -125,22 +133,12 @@ fn hierarchical_allreduce_across_two_fake_nodes() {
 #[test]
 fn pipeline_stages_across_two_fake_nodes() {
     golden_case_matches_with(2, &["--pp", "2"], |args| mpirun_two_nodes(4, args));
-    let Some(dir) = shared_dir("golden/yuan-tiny-a") else {
+    let extra = ["--steps", "6", "--kernels", "reference"];
+    let Some(args) = tiny_logits("3,1,4,1,5", &extra) else {
         return;
     };
-    let model = dir.to_str().unwrap();
-    let args = [
-        "logits",
-        "--model",
-        model,
-        "--ids",
-        "3,1,4,1,5",
-        "--steps",
-        "6",
-        "--kernels",
-        "reference",
-    ];
-    let one = run(Command::new(bin("ringlm")).args(args), LIMIT);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let one = run(Command::new(bin("ringlm")).args(&args), LIMIT);
     assert_eq!(one.code(), 0, "{one:?}");
     let Some(two) = mpirun_two_nodes(4, &[&args[..], &["--pp", "2"]].concat()) else {
         return;
@@ -298,23 +296,15 @@ fn golden_case_matches_with(
 /// each, disjoint; told to bind, they keep the launcher's choice.
 #[test]
 fn ranks_bind_themselves_when_mpirun_does_not() {
-    let Some(dir) = shared_dir("golden/yuan-tiny-a") else {
+    let Some(args) = tiny_logits("1,2", &["--report-placement"]) else {
         return;
     };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     if online.trim() == "0" {
         eprintln!("\n*** SKIPPED: one CPU, nothing to spread over ***\n");
         return;
     }
-    let model = dir.to_str().unwrap();
-    let args = [
-        "logits",
-        "--model",
-        model,
-        "--ids",
-        "1,2",
-        "--report-placement",
-    ];
     let Some(out) = mpirun_with(
         2,
         &["--bind-to", "none", "-x", "RINGLM_TRANSPORT=shm"],

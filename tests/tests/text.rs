@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e::{bin, run, shared_dir, TempDir};
+use e2e::{bin, run, shared_dir, wait_exit, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -218,14 +218,7 @@ fn chat_through_a_terminal_with_two_ranks() {
     pty.send("/reset\n");
     pty.wait_for("[conversation cleared]", 1);
     pty.send("/quit\n");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < LIMIT, "chat did not exit after /quit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut child, LIMIT, "/quit");
     assert!(status.success(), "{status:?}\n{}", pty.seen.lock().unwrap());
 }
 
@@ -258,13 +251,6 @@ fn ctrl_c_stops_the_answer_not_the_chat() {
     pty.wait_for("[stopped]", 1);
     pty.wait_for("> ", 2);
     pty.send("/quit\n");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < LIMIT, "chat did not exit after /quit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut child, LIMIT, "/quit");
     assert!(status.success(), "{status:?}\n{}", pty.seen.lock().unwrap());
 }
