@@ -565,6 +565,26 @@ impl Manifest {
             .map_err(|e| Error::Io(e).file(&p))
     }
 
+    /// Checks that these shards suit a job of `tp` tensor-parallel ranks in each of `pp` pipeline stages.
+    pub fn check_np(&self, tp: usize, pp: usize) -> Result<()> {
+        if self.np == tp {
+            return Ok(());
+        }
+        Err(Error::Shape(if pp > 1 {
+            format!(
+                "these shards are for {} tensor-parallel ranks; the job has {tp} per pipeline stage ({} ranks, --pp {pp}): run with -np {} or convert again with --np {tp}",
+                self.np,
+                tp * pp,
+                self.np * pp
+            )
+        } else {
+            format!(
+                "these shards are for np={}, the job has {tp} ranks: run with -np {} or convert again with --np {tp}",
+                self.np, self.np
+            )
+        }))
+    }
+
     /// The entry of `rank`.
     pub fn file_of(&self, rank: usize) -> &FileEntry {
         self.files

@@ -70,17 +70,9 @@ impl ModelArgs {
             anyhow::bail!("--np {np} does not split into --pp {} stages", self.pp);
         }
         let tp = np / self.pp;
-        let manifest = self.model.join("manifest.json");
-        if manifest.exists() {
+        if self.model.join("manifest.json").exists() {
             let m = model::shards::Manifest::load(&self.model)?;
-            if m.np != tp {
-                anyhow::bail!(
-                    "these shards are for {} ranks per stage, not {tp}: run with --np {} or convert again with --np {tp}",
-                    m.np,
-                    m.np * self.pp
-                );
-            }
-            return Ok(());
+            return Ok(m.check_np(tp, self.pp)?);
         }
         let config = if self.model.extension().is_some_and(|e| e == "gguf") {
             model::arch::Config::from_gguf(&model::gguf::Gguf::open(&self.model)?)?

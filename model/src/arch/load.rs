@@ -212,23 +212,8 @@ impl Model {
     /// memory, and checks its SHA-256.
     pub fn load_shards(dir: &Path, shard: Shard, kernels: Kernels) -> Result<Model> {
         let m = Manifest::load(dir)?;
-        if m.np != shard.size {
-            let (tp, pp) = (shard.size, shard.stages);
-            return Err(Error::Shape(if pp > 1 {
-                format!(
-                    "these shards are for {} tensor-parallel ranks; the job has {tp} per pipeline stage ({} ranks, --pp {pp}): run with -np {} or convert again with --np {tp}",
-                    m.np,
-                    tp * pp,
-                    m.np * pp
-                )
-            } else {
-                format!(
-                    "these shards are for np={}, the job has {tp} ranks: run with -np {} or convert again with --np {tp}",
-                    m.np, m.np
-                )
-            })
-            .file(dir.join("manifest.json")));
-        }
+        m.check_np(shard.size, shard.stages)
+            .map_err(|e| e.file(dir.join("manifest.json")))?;
         let config = Config::load(dir)?;
         // Manifests written before Llama had its own name say "yuan2" for every model.
         if m.architecture != config.arch.name() && m.architecture != Arch::Yuan2.name() {
