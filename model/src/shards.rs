@@ -23,6 +23,19 @@ pub const FORMAT: &str = "ringlm-shards";
 /// Version of the layout.
 pub const VERSION: u64 = 1;
 
+/// The file a converted directory keeps rank `rank` of `np` in.
+pub fn file_name(rank: usize, np: usize) -> String {
+    format!("rank-{rank}-of-{np}.safetensors")
+}
+
+/// Whether `name` is named as [`file_name`] names shard files.
+pub fn is_file_name(name: &str) -> bool {
+    name.strip_prefix("rank-")
+        .and_then(|n| n.strip_suffix(".safetensors"))
+        .and_then(|n| n.split_once("-of-"))
+        .is_some_and(|(r, np)| r.parse::<usize>().is_ok() && np.parse::<usize>().is_ok())
+}
+
 fn dtype_name(d: Dtype) -> &'static str {
     match d {
         Dtype::F32 => "F32",
@@ -591,5 +604,24 @@ impl Manifest {
             .iter()
             .find(|f| f.rank == rank)
             .expect("checked at load")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_file_names_are_recognised_and_nothing_else() {
+        assert_eq!(file_name(1, 4), "rank-1-of-4.safetensors");
+        assert!(is_file_name(&file_name(3, 8)));
+        for other in [
+            "rank-x-of-2.safetensors",
+            "rank-1-of-2.bin",
+            "model.safetensors",
+            "rank-1.safetensors",
+        ] {
+            assert!(!is_file_name(other), "{other}");
+        }
     }
 }

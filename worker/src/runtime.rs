@@ -1,7 +1,7 @@
 //! What every model-running command shares: the job (communicator, pool, kernels) and loading a model
 //! shard for this rank.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use collective::{Communicator, Pipeline};
@@ -52,6 +52,29 @@ pub struct ModelArgs {
     pub np: Option<usize>,
 }
 
+/// What `--model` names, by which the model is loaded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ModelKind {
+    /// A directory written by `ringlm convert` (it has manifest.json).
+    Shards,
+    /// A GGUF file.
+    Gguf,
+    /// A Hugging Face checkpoint directory.
+    Checkpoint,
+}
+
+impl ModelKind {
+    fn of(path: &Path) -> ModelKind {
+        if path.join("manifest.json").exists() {
+            ModelKind::Shards
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            ModelKind::Gguf
+        } else {
+            ModelKind::Checkpoint
+        }
+    }
+}
+
 impl ModelArgs {
     /// [`relaunch_with_np`] for this model, after checking what can be checked before any rank starts:
     /// a converted directory made for another np, or a model that np does not split, fails here with one
@@ -70,14 +93,15 @@ impl ModelArgs {
             anyhow::bail!("--np {np} does not split into --pp {} stages", self.pp);
         }
         let tp = np / self.pp;
-        if self.model.join("manifest.json").exists() {
-            let m = model::shards::Manifest::load(&self.model)?;
-            return Ok(m.check_np(tp, self.pp)?);
-        }
-        let config = if self.model.extension().is_some_and(|e| e == "gguf") {
-            model::arch::Config::from_gguf(&model::gguf::Gguf::open(&self.model)?)?
-        } else {
-            model::arch::Config::load(&self.model)?
+        let config = match ModelKind::of(&self.model) {
+            ModelKind::Shards => {
+                let m = model::shards::Manifest::load(&self.model)?;
+                return Ok(m.check_np(tp, self.pp)?);
+            }
+            ModelKind::Gguf => {
+                model::arch::Config::from_gguf(&model::gguf::Gguf::open(&self.model)?)?
+            }
+            ModelKind::Checkpoint => model::arch::Config::load(&self.model)?,
         };
         config.check_np(tp)?;
         Ok(())
@@ -186,14 +210,11 @@ impl Job {
             Format::Bf16
         });
         let start = std::time::Instant::now();
-        let shards = a.model.join("manifest.json").exists();
-        let gguf = a.model.extension().is_some_and(|e| e == "gguf");
-        let mut model = if shards {
-            Model::load_shards(&a.model, shard, kernels)
-        } else if gguf {
-            Model::load_gguf(&a.model, shard, a.weights, head, kernels)
-        } else {
-            Model::load(&a.model, shard, a.weights, head, kernels)
+        let kind = ModelKind::of(&a.model);
+        let mut model = match kind {
+            ModelKind::Shards => Model::load_shards(&a.model, shard, kernels),
+            ModelKind::Gguf => Model::load_gguf(&a.model, shard, a.weights, head, kernels),
+            ModelKind::Checkpoint => Model::load(&a.model, shard, a.weights, head, kernels),
         }
         .with_context(|| format!("rank {}: loading {}", shard.rank, a.model.display()))?;
         let secs = start.elapsed().as_secs_f64();
@@ -203,7 +224,7 @@ impl Job {
             _ => KvType::F16,
         });
         let mut job = Job { comm, pool, model };
-        if shards || a.report_placement {
+        if kind == ModelKind::Shards || a.report_placement {
             let bytes = job.model.weight_bytes() as f64;
             rank_line(&format!(
                 "[rank {}] loaded {:.2} GB of weights in {:.2} s ({:.2} GB/s); resident {:.2} GB",

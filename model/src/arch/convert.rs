@@ -88,7 +88,7 @@ fn convert_into(
 ) -> Result<Manifest> {
     let h = c.hidden;
     let per_layer = total / (c.layers as u64 + 2);
-    let file_name = |r: usize| format!("rank-{r}-of-{}.safetensors", o.np);
+    let file_name = |r: usize| crate::shards::file_name(r, o.np);
     let mut writers: Vec<ShardWriter> = (0..o.np)
         .map(|r| {
             ShardWriter::create(&dir.join(file_name(r)), c.layers * 40 + 16)

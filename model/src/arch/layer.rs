@@ -196,6 +196,21 @@ pub(crate) fn cuts_on_blocks(c: &Config, cols: Dim) -> bool {
     })
 }
 
+/// A whole matrix of `spec` read from a file (`name` for errors), prepared in `format` as [`FullWeight`]
+/// does: a row-parallel matrix is cut along its input, and NF4 needs every cut on a block boundary.
+pub(crate) fn prepare(
+    c: &Config,
+    spec: &Spec,
+    values: Vec<f32>,
+    (rows, cols): (usize, usize),
+    format: crate::weight::Format,
+    name: &str,
+) -> Result<Part<FullWeight>> {
+    let nf4_ok = cuts_on_blocks(c, spec.cols);
+    let w = FullWeight::new(values, rows, cols, format, nf4_ok).map_err(|e| e.tensor(name))?;
+    Ok(Part::Matrix(w))
+}
+
 /// A tensor of a layer: a vector (norm weights, biases) or a matrix `W` (a rank's [`Weight`], or a
 /// [`FullWeight`] to be cut).
 pub(crate) enum Part<W> {

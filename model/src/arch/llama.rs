@@ -4,7 +4,7 @@
 //! This file holds what is Llama's alone: the configuration from GGUF metadata and llama.cpp's tensor
 //! names. The decoder itself is [`super::decoder`].
 
-use super::layer::{cuts_on_blocks, Cut, Layer, Part, Role, Spec};
+use super::layer::{prepare, Cut, Layer, Part, Role, Spec};
 use super::{Arch, Config, Shard};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
@@ -123,10 +123,7 @@ pub(crate) fn read_layer(
         if spec.rows.is_none() {
             return Ok(Part::Vector(values));
         }
-        // Row-parallel matrices are cut along their input; NF4 needs every cut on a block boundary.
-        let nf4_ok = cuts_on_blocks(c, spec.cols);
-        let w = FullWeight::new(values, rows, cols, format, nf4_ok).map_err(|e| e.tensor(&name))?;
-        Ok(Part::Matrix(w))
+        prepare(c, spec, values, (rows, cols), format, &name)
     })
 }
 

@@ -104,10 +104,9 @@ impl Source<'_> {
 /// Whether `dir` holds files named as `ringlm convert` names shards.
 fn has_shard_files(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            name.starts_with("rank-") && name.ends_with(".safetensors") && name.contains("-of-")
-        })
+        entries
+            .flatten()
+            .any(|e| crate::shards::is_file_name(&e.file_name().to_string_lossy()))
     })
 }
 

@@ -14,7 +14,7 @@
 //! This file holds what is Yuan's alone: the released shapes, the checkpoint's tensor names and the
 //! re-ordering of its q/k and convolution weights. The decoder itself is [`super::decoder`].
 
-use super::layer::{cuts_on_blocks, Layer, Part, Role, Spec};
+use super::layer::{prepare, Layer, Part, Role, Spec};
 use super::{Arch, Config};
 use crate::error::{Error, Result};
 use crate::hf::Checkpoint;
@@ -162,10 +162,7 @@ pub(crate) fn read_layer(
             Role::Conv2 => ck.take(&n, &[h, h / 2, 2, 1])?,
             _ => ck.take(&n, &[rows, cols])?,
         };
-        // Row-parallel matrices are cut along their input; NF4 needs every cut on a block boundary.
-        let nf4_ok = cuts_on_blocks(c, spec.cols);
-        let w = FullWeight::new(values, rows, cols, format, nf4_ok).map_err(|e| e.tensor(&n))?;
-        Ok(Part::Matrix(w))
+        prepare(c, spec, values, (rows, cols), format, &n)
     })
 }
 
