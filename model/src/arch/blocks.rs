@@ -1,7 +1,7 @@
 //! The blocks of a decoder layer: q/k/v with RoPE and the cache writes, causal attention over the cache,
 //! and the MLP, each with decode's fused pool pass where the weights and kernels allow one.
 
-use super::decoder::{Model, State};
+use super::decoder::{Model, Seq, State};
 use super::layer::Layer;
 use super::profile::{Op, Timer};
 use crate::error::{Error, Result};
@@ -13,8 +13,9 @@ use crate::weight::Weight;
 pub use super::kv_cache::LayerCache;
 
 impl Model {
-    /// The new tokens' queries (m × n), with their keys and values appended to the cache at `state.pos`;
-    /// q and k read `qk_in`, v reads `v_in`, and RoPE turns q and k by the positions' angles `rot`.
+    /// The step's queries (m × n), with the new keys and values appended to each sequence's cache at its
+    /// `pos`; q and k read `qk_in`, v reads `v_in`, and RoPE turns q and k by the rows' angles `rot`. The
+    /// first `solo` rows take the decode GEMV's path ([`Model::project`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn qkv(
         &self,
@@ -23,25 +24,26 @@ impl Model {
         li: usize,
         [qk_in, v_in]: [&[f32]; 2],
         rot: &[f32],
-        state: &mut State,
+        seqs: &mut [Seq],
+        solo: usize,
         tm: &mut Timer,
     ) -> Result<Vec<f32>> {
         let (k, d) = (&self.kernels, self.config.head_dim());
         let (n, nkv) = (layer.wq.rows(), layer.wk.rows());
         let m = qk_in.len() / self.config.hidden;
         let mut q = vec![0f32; m * n];
-        let fusable = match (&layer.wq, &layer.wk, &layer.wv) {
-            (Weight::Nf4(wq), Weight::Nf4(wk), Weight::Nf4(wv))
+        let fusable = match (&layer.wq, &layer.wk, &layer.wv, &mut seqs[..]) {
+            (Weight::Nf4(wq), Weight::Nf4(wk), Weight::Nf4(wv), [one])
                 if m == 1
                     && self.fused_decode
                     && k.isa() == Isa::Avx512
                     && d.is_multiple_of(TILE_ROWS) =>
             {
-                Some([wq, wk, wv])
+                Some(([wq, wk, wv], &mut *one.state))
             }
             _ => None,
         };
-        if let Some(w) = fusable {
+        if let Some((w, state)) = fusable {
             tm.time(Op::Linear, || {
                 self.qkv_rope_put(pool, w, [qk_in, v_in], &rot[..d], state, li, &mut q)
             })?;
@@ -50,23 +52,25 @@ impl Model {
         let mut kk = vec![0f32; m * nkv];
         let mut v = vec![0f32; m * nkv];
         tm.time(Op::Linear, || -> Result<()> {
-            layer.wq.matmul(k, pool, qk_in, m, &mut q)?;
-            layer.wk.matmul(k, pool, qk_in, m, &mut kk)?;
-            layer.wv.matmul(k, pool, v_in, m, &mut v)
+            self.project(pool, &layer.wq, qk_in, solo, &mut q)?;
+            self.project(pool, &layer.wk, qk_in, solo, &mut kk)?;
+            self.project(pool, &layer.wv, v_in, solo, &mut v)
         })?;
-        // RoPE, then append k and v to the cache (charged to attention, which reads them).
+        // RoPE, then append k and v to the caches (charged to attention, which reads them).
         tm.time(Op::Attention, || -> Result<()> {
             for i in 0..m {
                 let rot = &rot[i * d..(i + 1) * d];
                 self.rope(&mut q[i * n..(i + 1) * n], rot, d);
                 self.rope(&mut kk[i * nkv..(i + 1) * nkv], rot, d);
             }
-            let cap = state.capacity;
-            for i in 0..m {
-                for g in 0..nkv / d {
-                    let at = (g * cap + state.pos + i) * d;
-                    let src = i * nkv + g * d..i * nkv + (g + 1) * d;
-                    state.kv.put(li, at, &kk[src.clone()], &v[src])?;
+            for s in seqs.iter_mut() {
+                let (cap, pos) = (s.state.capacity, s.state.pos);
+                for (j, i) in s.rows.clone().enumerate() {
+                    for g in 0..nkv / d {
+                        let at = (g * cap + pos + j) * d;
+                        let src = i * nkv + g * d..i * nkv + (g + 1) * d;
+                        s.state.kv.put(li, at, &kk[src.clone()], &v[src])?;
+                    }
                 }
             }
             Ok(())
@@ -75,12 +79,13 @@ impl Model {
     }
 
     /// The MLP's output before its allreduce, for m rows of the normed `hn`: `down(gate(h) · silu(up(h)))`
-    /// (Yuan 2.0) or `down(silu(gate(h)) · up(h))` (Llama).
+    /// (Yuan 2.0) or `down(silu(gate(h)) · up(h))` (Llama); the first `solo` rows as the decode GEMV.
     pub(super) fn mlp(
         &self,
         pool: &Pool,
         layer: &Layer,
         hn: &[f32],
+        solo: usize,
         tm: &mut Timer,
     ) -> Result<Vec<f32>> {
         let k = &self.kernels;
@@ -106,11 +111,13 @@ impl Model {
         let mut g = vec![0f32; m * f];
         let mut u = vec![0f32; m * f];
         tm.time(Op::Linear, || -> Result<()> {
-            layer.gate.matmul(k, pool, hn, m, &mut g)?;
-            layer.up.matmul(k, pool, hn, m, &mut u)
+            self.project(pool, &layer.gate, hn, solo, &mut g)?;
+            self.project(pool, &layer.up, hn, solo, &mut u)
         })?;
         tm.time(Op::Other, || silu_mul(&mut g, &u, silu_on_up));
-        tm.time(Op::Linear, || layer.down.matmul(k, pool, &g, m, &mut dn))?;
+        tm.time(Op::Linear, || {
+            self.project(pool, &layer.down, &g, solo, &mut dn)
+        })?;
         Ok(dn)
     }
 

@@ -63,6 +63,38 @@ pub struct Model {
     pub fused_decode: bool,
 }
 
+/// Which of a chunk's rows get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prompt's chunk before its last).
+    None,
+    /// The last token's: the next token's distribution.
+    Last,
+    /// Every token's (perplexity, reference comparisons); only for a step of one chunk.
+    All,
+}
+
+/// One sequence's part of a step: its new tokens, appended at `state.pos`.
+pub struct Chunk<'a> {
+    /// The sequence's caches.
+    pub state: &'a mut State,
+    /// Its new tokens.
+    pub tokens: &'a [u32],
+    /// Which of their rows get logits.
+    pub logits: Logits,
+}
+
+/// A chunk inside [`Model::forward_batch`]: its rows of the step and its document-mask starts.
+pub(super) struct Seq<'a> {
+    /// The chunk's place in the caller's order.
+    index: usize,
+    pub rows: std::ops::Range<usize>,
+    tokens: &'a [u32],
+    logits: Logits,
+    pub doc_start: Vec<usize>,
+    pub state: &'a mut State,
+}
+
 /// The caches of one sequence.
 pub struct State {
     /// Tokens processed so far (the next position).
@@ -152,33 +184,94 @@ impl Model {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        let m = tokens.len();
-        if m == 0 {
-            return Err(Error::Shape("no tokens to run".into()));
+        let logits = if all_logits {
+            Logits::All
+        } else {
+            Logits::Last
+        };
+        self.forward_batch(
+            pool,
+            comm,
+            &mut [Chunk {
+                state,
+                tokens,
+                logits,
+            }],
+        )
+    }
+
+    /// One step of several sequences: each chunk's tokens appended to its own state, all of them through
+    /// each weight matrix together, attention and Yuan's LFA per sequence, still three allreduces per
+    /// layer. Returns this rank's logits slice for the rows the chunks ask for, chunk by chunk in the
+    /// given order.
+    ///
+    /// A sequence's numbers do not depend on its neighbours, bit for bit: a one-token chunk goes through
+    /// [`Kernels::gemv_many`] (the decode GEMV's arithmetic) and a longer one through the prefill GEMM,
+    /// whose rows are independent of each other, exactly as each would run alone.
+    pub fn forward_batch(
+        &mut self,
+        pool: &Pool,
+        comm: &mut dyn Collective,
+        chunks: &mut [Chunk],
+    ) -> Result<Vec<f32>> {
+        let (h, eps) = (self.config.hidden, self.config.eps);
+        let all = chunks.iter().any(|c| c.logits == Logits::All);
+        if chunks.is_empty() || (all && chunks.len() > 1) {
+            return Err(Error::Shape(
+                "a step needs one chunk or more, and every row's logits only with one".into(),
+            ));
         }
-        if state.pos + m > state.capacity {
-            return Err(Error::Shape(format!(
-                "sequence of {} tokens exceeds the context of {}",
-                state.pos + m,
-                state.capacity
-            )));
+        // One-token chunks first: their rows take the GEMV path, the rest the GEMM.
+        let mut order: Vec<usize> = (0..chunks.len()).collect();
+        order.sort_by_key(|&i| chunks[i].tokens.len() > 1);
+        let mut seqs = Vec::with_capacity(chunks.len());
+        let mut slots: Vec<Option<&mut Chunk>> = chunks.iter_mut().map(Some).collect();
+        let mut m = 0;
+        for &i in &order {
+            let c = slots[i].take().expect("each chunk once");
+            let len = c.tokens.len();
+            if len == 0 {
+                return Err(Error::Shape("no tokens to run".into()));
+            }
+            if c.state.pos + len > c.state.capacity {
+                return Err(Error::Shape(format!(
+                    "sequence of {} tokens exceeds the context of {}",
+                    c.state.pos + len,
+                    c.state.capacity
+                )));
+            }
+            let doc_start = c.state.doc_starts(&self.config, c.tokens);
+            seqs.push(Seq {
+                index: i,
+                rows: m..m + len,
+                tokens: c.tokens,
+                logits: c.logits,
+                doc_start,
+                state: &mut *c.state,
+            });
+            m += len;
         }
-        let (h, eps, k) = (self.config.hidden, self.config.eps, &self.kernels);
+        let solo = seqs.iter().filter(|s| s.rows.len() == 1).count();
         let mut tm = Timer::new(self.profile);
-        let doc_start = state.doc_starts(&self.config, tokens);
 
         // x = embed_tokens(input_ids), or the previous pipeline stage's output.
         let mut x = vec![0f32; m * h];
         if self.shard.first_stage() {
-            tm.time(Op::Other, || self.embed(tokens, &mut x))?;
+            tm.time(Op::Other, || -> Result<()> {
+                for s in &seqs {
+                    self.embed(s.tokens, &mut x[s.rows.start * h..s.rows.end * h])?;
+                }
+                Ok(())
+            })?;
         } else {
             tm.time(Op::Wait, || comm.recv_prev(&mut x))?;
         }
-        let rot = self.rotations(state.pos, m);
+        let rot = self.rotations(&seqs);
 
         let mut hn = vec![0f32; m * h];
         for (li, layer) in self.layers.iter().enumerate() {
             let (n, nkv, d) = (layer.wq.rows(), layer.wk.rows(), self.config.head_dim());
+            let proj = |w: &Weight, x: &[f32], y: &mut [f32]| self.project(pool, w, x, solo, y);
             // h = input_layernorm(x)
             tm.time(Op::Other, || norm_rows(&x, &layer.input_norm, eps, &mut hn));
 
@@ -186,96 +279,173 @@ impl Model {
             let lf = match &layer.lfa {
                 None => None,
                 Some(lfa) => {
-                    let mut o2 = tm.time(Op::Conv, || {
-                        lfa.convolve(k, pool, &hn, m, &mut state.lfa[li])
-                    })?;
+                    let mut mems: Vec<(usize, &mut LfaMemory)> = seqs
+                        .iter_mut()
+                        .map(|s| (s.rows.len(), &mut s.state.lfa[li]))
+                        .collect();
+                    let mut o2 = tm.time(Op::Conv, || lfa.convolve(&proj, &hn, &mut mems))?;
                     tm.time(Op::Comm, || comm.allreduce_sum(&mut o2))?; // conv2 is row-parallel over the channels
                     Some(tm.time(Op::Other, || lfa.finish(o2, &hn)))
                 }
             };
 
-            // q = rope(q_proj(lf)), k = rope(k_proj(lf)), v = v_proj(h); k and v appended to the cache
+            // q = rope(q_proj(lf)), k = rope(k_proj(lf)), v = v_proj(h); k and v appended to the caches
             let qk_in = lf.as_deref().unwrap_or(&hn);
-            let q = self.qkv(pool, layer, li, [qk_in, &hn], &rot, state, &mut tm)?;
+            let q = self.qkv(
+                pool,
+                layer,
+                li,
+                [qk_in, &hn],
+                &rot,
+                &mut seqs,
+                solo,
+                &mut tm,
+            )?;
 
-            // att = softmax(q·kᵀ / sqrt(d)) · v over the cache, per head
+            // att = softmax(q·kᵀ / sqrt(d)) · v over each sequence's cache, per head
             let mut att = vec![0f32; m * n];
-            let (cap, pos) = (state.capacity, state.pos);
             let dims = (n, nkv, d);
             tm.time(Op::Attention, || {
-                state
-                    .kv
-                    .attend(li, pool, &q, cap, pos, &doc_start, dims, &mut att)
+                for s in &seqs {
+                    let (st, r) = (&s.state, s.rows.start * n..s.rows.end * n);
+                    st.kv.attend(
+                        li,
+                        pool,
+                        &q[r.clone()],
+                        st.capacity,
+                        st.pos,
+                        &s.doc_start,
+                        dims,
+                        &mut att[r],
+                    );
+                }
             });
 
             // x += o_proj(att)
             let mut a = vec![0f32; m * h];
-            tm.time(Op::Linear, || layer.wo.matmul(k, pool, &att, m, &mut a))?;
+            tm.time(Op::Linear, || proj(&layer.wo, &att, &mut a))?;
             tm.time(Op::Comm, || comm.allreduce_sum(&mut a))?; // o_proj is row-parallel over the heads
             add(&mut x, &a);
 
             // x += mlp(post_attention_layernorm(x))
             tm.time(Op::Other, || norm_rows(&x, &layer.post_norm, eps, &mut hn));
-            let mut dn = self.mlp(pool, layer, &hn, &mut tm)?;
+            let mut dn = self.mlp(pool, layer, &hn, solo, &mut tm)?;
             tm.time(Op::Comm, || comm.allreduce_sum(&mut dn))?; // down_proj is row-parallel over the MLP width
             tm.time(Op::Other, || add(&mut x, &dn));
             // Broken weights or metadata make NaN or infinity, which would reach every logit: stop here,
             // at the layer where it first shows (x is the same on every rank of the stage).
             if let Some(i) = x.iter().position(|v| !v.is_finite()) {
                 let layer = self.shard.layers(self.config.layers).start + li;
+                let s = seqs
+                    .iter()
+                    .find(|s| s.rows.contains(&(i / h)))
+                    .expect("a row of a sequence");
                 return Err(not_finite(
                     &format!("layer {layer}'s output"),
-                    state.pos + i / h,
+                    s.state.pos + i / h - s.rows.start,
                 ));
             }
         }
-        state.pos += m;
+        for s in &mut seqs {
+            s.state.pos += s.rows.len();
+        }
 
         // A stage before the last hands its output on; only the last stage has logits.
         let logits = if self.lm_head.is_none() {
             tm.time(Op::Comm, || comm.send_next(&x))?;
             Vec::new()
         } else {
-            self.head(pool, &x, state.pos - m, all_logits, &mut tm)?
+            seqs.sort_by_key(|s| s.index);
+            let rows: Vec<(usize, usize)> = seqs
+                .iter()
+                .flat_map(|s| {
+                    let pos0 = s.state.pos - s.rows.len();
+                    let r = match s.logits {
+                        Logits::None => s.rows.end..s.rows.end,
+                        Logits::Last => s.rows.end - 1..s.rows.end,
+                        Logits::All => s.rows.clone(),
+                    };
+                    r.map(move |i| (i, pos0 + i - s.rows.start))
+                })
+                .collect();
+            self.head(pool, &x, &rows, all, &mut tm)?
         };
         self.profile = tm.profile;
         Ok(logits)
     }
 
-    /// logits = lm_head(norm(x)) for the last row of `x` (positions `pos0..`, rows of H), or every row.
+    /// y = W·x for the step's rows: the first `solo` rows (one-token chunks) as the decode GEMV computes
+    /// each, the others through the GEMM.
+    pub(super) fn project(
+        &self,
+        pool: &Pool,
+        w: &Weight,
+        x: &[f32],
+        solo: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let (rows, cols) = (w.rows(), w.cols());
+        let m = x.len() / cols;
+        let s = solo.min(m);
+        if s > 0 {
+            self.kernels
+                .gemv_many(pool, w, &x[..s * cols], s, &mut y[..s * rows])?;
+        }
+        if m > s {
+            w.matmul(
+                &self.kernels,
+                pool,
+                &x[s * cols..],
+                m - s,
+                &mut y[s * rows..],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// logits = lm_head(norm(x)) for the rows of `x` (rows of H) that `rows` names, each with its sequence
+    /// position (for errors): through the GEMM when `all` of one sequence's rows are asked for, else as
+    /// the decode GEMV computes each row.
     fn head(
         &self,
         pool: &Pool,
         x: &[f32],
-        pos0: usize,
-        all_logits: bool,
+        rows: &[(usize, usize)],
+        all: bool,
         tm: &mut Timer,
     ) -> Result<Vec<f32>> {
         let h = self.config.hidden;
-        let m = x.len() / h;
         let lm_head = self
             .lm_head
             .as_ref()
             .expect("the last stage has the lm_head");
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let start = std::time::Instant::now();
-        let rows = if all_logits { 0..m } else { m - 1..m };
         let mut xn = vec![0f32; rows.len() * h];
         tm.time(Op::Other, || {
-            norm_rows(
-                &x[rows.start * h..],
-                &self.final_norm,
-                self.config.eps,
-                &mut xn,
-            )
+            for (&(r, _), out) in rows.iter().zip(xn.chunks_exact_mut(h)) {
+                rms_norm(
+                    &x[r * h..(r + 1) * h],
+                    &self.final_norm,
+                    self.config.eps,
+                    out,
+                );
+            }
         });
         let mut logits = vec![0f32; rows.len() * self.vocab.len()];
         tm.time(Op::Linear, || {
-            lm_head.matmul(&self.kernels, pool, &xn, rows.len(), &mut logits)
+            if all {
+                lm_head.matmul(&self.kernels, pool, &xn, rows.len(), &mut logits)
+            } else {
+                self.kernels
+                    .gemv_many(pool, lm_head, &xn, rows.len(), &mut logits)
+            }
         })?;
         tm.profile.head += start.elapsed().as_nanos() as u64;
         if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
-            let row = rows.start + i / self.vocab.len();
-            return Err(not_finite("the logits", pos0 + row));
+            return Err(not_finite("the logits", rows[i / self.vocab.len()].1));
         }
         Ok(logits)
     }
@@ -305,16 +475,20 @@ impl Model {
         Ok(())
     }
 
-    /// cos and sin of every rotation angle of the `m` positions from `pos`, shared by all heads and
-    /// layers: (m, d) as (cos, sin) per frequency.
-    fn rotations(&self, pos: usize, m: usize) -> Vec<f32> {
+    /// cos and sin of every rotation angle of the step's rows (each sequence's positions from its own
+    /// `pos`), shared by all heads and layers: (m, d) as (cos, sin) per frequency.
+    fn rotations(&self, seqs: &[Seq]) -> Vec<f32> {
         let d = self.config.head_dim();
+        let m = seqs.last().map_or(0, |s| s.rows.end);
         let mut rot = vec![0f32; m * d];
-        for i in 0..m {
-            for (j, f) in self.inv_freq.iter().enumerate() {
-                let (sin, cos) = ((pos + i) as f32 * f).sin_cos();
-                rot[i * d + 2 * j] = cos;
-                rot[i * d + 2 * j + 1] = sin;
+        for s in seqs {
+            for (i, row) in s.rows.clone().enumerate() {
+                let pos = s.state.pos + i;
+                for (j, f) in self.inv_freq.iter().enumerate() {
+                    let (sin, cos) = (pos as f32 * f).sin_cos();
+                    rot[row * d + 2 * j] = cos;
+                    rot[row * d + 2 * j + 1] = sin;
+                }
             }
         }
         rot

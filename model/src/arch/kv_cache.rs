@@ -296,7 +296,7 @@ fn quantize_row(src: &[f32], dst: &mut [i8]) -> f32 {
     scale
 }
 
-/// Whether a row-parallel matrix of `width` input columns, split over any np the model allows, keeps
+/// One layer's keys and values as attention reads them.
 #[derive(Clone, Copy)]
 pub struct LayerCache<'a, K> {
     /// `nkv / d` heads of `capacity` rows of `d`, one head after the other.
@@ -321,12 +321,6 @@ impl<'a, K> LayerCache<'a, K> {
     }
 }
 
-/// Causal attention of the new tokens' queries over the cache, the query heads spread over the pool's
-/// threads (each head's softmax and weighted sum is independent of the others); a head's queries go in
-/// blocks of [`MAX_QUERIES`], which share the loads of the head's value rows.
-///
-/// `dims` is `(n, nkv, d)`: `q` holds `m` rows of `n` values (query heads of `d`), query `i` at position
-/// `pos + i` attending to `doc_start[i]..=pos + i`; `out` gets `m` rows of `n`. Public so that
 #[cfg(test)]
 mod tests {
     use super::*;

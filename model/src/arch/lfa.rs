@@ -7,14 +7,17 @@
 //! lf[t] = RMSNorm(eps 1e-6)(o2[t] + b2 + h[t])
 //! ```
 //!
-//! with zeros before the first position. The forward pass calls [`Lfa::convolve`], sums its output over
+//! with zeros before the first position. The forward pass calls [`Lfa::convolve`] (for all of a step's
+//! sequences at once), sums its output over
 //! the ranks, then [`Lfa::finish`].
 
 use super::layer::Lfa;
 use super::rms_norm;
 use crate::error::Result;
-use crate::kernels::Kernels;
-use crate::pool::Pool;
+use crate::weight::Weight;
+
+/// y = W·x over a step's rows, as the forward pass computes it.
+pub(super) type Project<'a> = dyn Fn(&Weight, &[f32], &mut [f32]) -> Result<()> + 'a;
 
 /// eps of the LFA output norm: LlamaRMSNorm's default, which the official code does not override.
 const LFA_EPS: f32 = 1e-6;
@@ -39,31 +42,35 @@ impl LfaMemory {
 }
 
 impl Lfa {
-    /// This rank's partial conv2 output for `m` new rows of `hn` (m × H), before the allreduce; the memory
-    /// moves on to the last row.
+    /// This rank's partial conv2 output for the new rows of `hn` (m × H), before the allreduce. The rows
+    /// belong to sequences one after another, `(rows, memory)` each: a sequence's first row reads its own
+    /// memory, which then moves on to its last row. `proj` computes y = W·x for the step's rows.
     pub fn convolve(
         &self,
-        k: &Kernels,
-        pool: &Pool,
+        proj: &Project,
         hn: &[f32],
-        m: usize,
-        mem: &mut LfaMemory,
+        seqs: &mut [(usize, &mut LfaMemory)],
     ) -> Result<Vec<f32>> {
-        let h = mem.h.len();
+        let h = self.bias2.len();
+        let m = hn.len() / h;
         let ch = self.conv1.rows();
         // o1[t] = conv1 · [h[t-1]; h[t]] + b1
         let mut cat1 = vec![0f32; m * 2 * h];
-        for i in 0..m {
-            let prev = if i == 0 {
-                &mem.h[..]
-            } else {
-                &hn[(i - 1) * h..i * h]
-            };
-            cat1[i * 2 * h..i * 2 * h + h].copy_from_slice(prev);
-            cat1[i * 2 * h + h..(i + 1) * 2 * h].copy_from_slice(&hn[i * h..(i + 1) * h]);
+        let mut r0 = 0;
+        for (len, mem) in seqs.iter() {
+            for i in r0..r0 + len {
+                let prev = if i == r0 {
+                    &mem.h[..]
+                } else {
+                    &hn[(i - 1) * h..i * h]
+                };
+                cat1[i * 2 * h..i * 2 * h + h].copy_from_slice(prev);
+                cat1[i * 2 * h + h..(i + 1) * 2 * h].copy_from_slice(&hn[i * h..(i + 1) * h]);
+            }
+            r0 += len;
         }
         let mut o1 = vec![0f32; m * ch];
-        self.conv1.matmul(k, pool, &cat1, m, &mut o1)?;
+        proj(&self.conv1, &cat1, &mut o1)?;
         for row in o1.chunks_mut(ch) {
             for (v, b) in row.iter_mut().zip(&self.bias1) {
                 *v += b;
@@ -71,22 +78,27 @@ impl Lfa {
         }
         // conv2's columns interleave (channel, tap): [o1[t-1][0], o1[t][0], o1[t-1][1], ...]
         let mut cat2 = vec![0f32; m * 2 * ch];
-        for i in 0..m {
-            let prev = if i == 0 {
-                &mem.o1[..]
-            } else {
-                &o1[(i - 1) * ch..i * ch]
-            };
-            let row = &mut cat2[i * 2 * ch..(i + 1) * 2 * ch];
-            for (j, pair) in row.chunks_exact_mut(2).enumerate() {
-                pair[0] = prev[j];
-                pair[1] = o1[i * ch + j];
+        let mut r0 = 0;
+        for (len, mem) in seqs.iter_mut() {
+            for i in r0..r0 + *len {
+                let prev = if i == r0 {
+                    &mem.o1[..]
+                } else {
+                    &o1[(i - 1) * ch..i * ch]
+                };
+                let row = &mut cat2[i * 2 * ch..(i + 1) * 2 * ch];
+                for (j, pair) in row.chunks_exact_mut(2).enumerate() {
+                    pair[0] = prev[j];
+                    pair[1] = o1[i * ch + j];
+                }
             }
+            let last = r0 + *len - 1;
+            mem.h.copy_from_slice(&hn[last * h..(last + 1) * h]);
+            mem.o1.copy_from_slice(&o1[last * ch..(last + 1) * ch]);
+            r0 += *len;
         }
         let mut o2 = vec![0f32; m * h];
-        self.conv2.matmul(k, pool, &cat2, m, &mut o2)?;
-        mem.h.copy_from_slice(&hn[(m - 1) * h..m * h]);
-        mem.o1.copy_from_slice(&o1[(m - 1) * ch..m * ch]);
+        proj(&self.conv2, &cat2, &mut o2)?;
         Ok(o2)
     }
 

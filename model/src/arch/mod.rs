@@ -31,7 +31,7 @@ mod yuan2;
 pub use blocks::{attention, LayerCache};
 pub use config::{Arch, Config};
 pub use convert::{convert, verify_shards, ConvertOptions};
-pub use decoder::{Model, State};
+pub use decoder::{Chunk, Logits, Model, State};
 pub use kv_cache::KvType;
 pub use profile::Profile;
 

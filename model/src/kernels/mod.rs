@@ -15,6 +15,7 @@ mod avx2;
 mod avx512;
 pub mod cpu;
 mod gemm;
+mod many;
 pub mod matrix;
 mod probe;
 pub mod quantx;
