@@ -3,6 +3,8 @@
 //! per-sequence memory included) and on a Llama-shaped model, for every kernel family and cache type.
 //! The tolerance is zero: the server promises this bit for bit.
 
+mod common;
+
 use std::path::PathBuf;
 
 use model::arch::{argmax, Arch, Chunk, Config, Logits, Shard, Solo, State};
@@ -12,13 +14,7 @@ use model::pool::Pool;
 use model::weight::Format;
 
 fn golden() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/yuan-tiny-a");
-    if d.exists() {
-        Some(d)
-    } else {
-        eprintln!("\n*** SKIPPED: {} is absent ***\n", d.display());
-        None
-    }
+    common::shared("golden/yuan-tiny-a")
 }
 
 /// A sequence of the schedule: arrives at step `arrive`, prompt, tokens to generate.

@@ -1,17 +1,13 @@
 //! The Yuan tokenizer against the official recipe's ids and decoded text (../shared/tokenizer/golden_a.json).
 
+mod common;
+
 use std::path::PathBuf;
 
 use model::tokenizer::{StreamDecoder, Tokenizer, Yuan};
 
 fn dir() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tokenizer");
-    if d.exists() {
-        Some(d)
-    } else {
-        eprintln!("\n*** SKIPPED: {} is absent ***\n", d.display());
-        None
-    }
+    common::shared("tokenizer")
 }
 
 #[test]

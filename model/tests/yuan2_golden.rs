@@ -4,6 +4,8 @@
 //! f32 sums in another order move the logits by ~1e-6; 2e-4 leaves room for that and nothing structural
 //! (a wrong interleave or mask moves logits by O(0.1)).
 
+mod common;
+
 use std::path::PathBuf;
 
 use model::arch::{argmax, Shard, Solo};
@@ -15,13 +17,7 @@ use model::weight::Format;
 const TOL: f32 = 2e-4;
 
 fn dir() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/yuan-tiny-a");
-    if d.exists() {
-        Some(d)
-    } else {
-        eprintln!("\n*** SKIPPED: {} is absent ***\n", d.display());
-        None
-    }
+    common::shared("golden/yuan-tiny-a")
 }
 
 struct Case {

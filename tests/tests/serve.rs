@@ -1,6 +1,6 @@
 //! `ringlm serve` at np=2: the official OpenAI Python client against SmolLM2 (real words, checked) and a tiny
 //! random Yuan 2.0 with the real vocabulary (shapes only), then the error cases with curl, a full queue,
-//! and a clean stop on Ctrl-C.
+//! and a clean stop on Ctrl-C; and batch invariance: 16 requests at once answer exactly as each alone.
 
 use std::process::Command;
 
@@ -52,7 +52,10 @@ fn errors_keys_and_a_full_queue() {
     let Some(model) = tiny_yuan(&dir.0) else {
         return;
     };
-    let server = Server::start(&model, &["--api-key", "sesame", "--max-queue", "1"]);
+    let server = Server::start(
+        &model,
+        &["--api-key", "sesame", "--max-queue", "1", "--max-seqs", "1"],
+    );
     let url = |p: &str| format!("{}{p}", server.base);
     let auth = "Authorization: Bearer sesame";
     let post = |path: &str, body: &str, key: Option<&str>| {
@@ -107,7 +110,8 @@ fn errors_keys_and_a_full_queue() {
         "{metrics}"
     );
 
-    // One request runs and one waits; with 6 long ones at once the others must get 429, none a 5xx.
+    // One request runs (--max-seqs 1), one waits for its place and one in the queue; of 6 long ones at
+    // once the others must get 429, none a 5xx.
     let long = r#"{"prompt":"hello","max_tokens":600,"temperature":0.8}"#.to_string();
     let handles: Vec<_> = (0..6)
         .map(|_| {
@@ -132,5 +136,81 @@ fn errors_keys_and_a_full_queue() {
     assert!(codes.contains(&200), "{codes:?}");
     assert!(codes.iter().all(|c| *c == 200 || *c == 429), "{codes:?}");
     assert_eq!(curl(&[&url("/health")]).0, 200);
+    assert_eq!(server.stop(), 0);
+}
+
+/// 16 requests of different lengths, greedy and seeded sampling, each `(body, label)`.
+fn sixteen() -> Vec<String> {
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea,",
+        "def fibonacci(n):",
+        "List three colors:",
+        "The meaning of life is",
+        "Water boils at",
+        "In 1969, the first person to walk on the moon was",
+        "Q: What is 12 times 12? A:",
+    ];
+    (0..16)
+        .map(|i| {
+            let p = prompts[i % prompts.len()];
+            let max = 8 + (i * 7) % 40;
+            if i % 3 == 2 {
+                format!(r#"{{"prompt":"{p}","max_tokens":{max},"temperature":0.9,"seed":{i}}}"#)
+            } else {
+                format!(r#"{{"prompt":"{p}","max_tokens":{max},"temperature":0}}"#)
+            }
+        })
+        .collect()
+}
+
+/// Posts every body alone, one after the other, then all at once; every answer must be the same text
+/// with the same finish reason and token counts (the batch changes no sequence's numbers).
+fn same_alone_and_together(server: &Server) {
+    let url = format!("{}/v1/completions", server.base);
+    let post = |body: &str| {
+        let (code, out) = curl(&["-H", "Content-Type: application/json", "-d", body, &url]);
+        assert_eq!(code, 200, "{body}: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let c = &v["choices"][0];
+        (
+            c["text"].clone(),
+            c["finish_reason"].clone(),
+            v["usage"].clone(),
+        )
+    };
+    let bodies = sixteen();
+    let alone: Vec<_> = bodies.iter().map(|b| post(b)).collect();
+    let together: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = bodies.iter().map(|b| s.spawn(|| post(b))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(
+            a, t,
+            "request {i} ({}) answered differently in a batch",
+            bodies[i]
+        );
+    }
+    let (_, metrics) = curl(&[&format!("{}/metrics", server.base)]);
+    assert!(metrics.contains("ringlm_requests_total 32"), "{metrics}");
+}
+
+#[test]
+fn sixteen_at_once_answer_as_each_alone_smollm2() {
+    let Some(model) = smollm2() else { return };
+    let server = Server::start(&model, &[]);
+    same_alone_and_together(&server);
+    assert_eq!(server.stop(), 0);
+}
+
+#[test]
+fn sixteen_at_once_answer_as_each_alone_tiny_yuan() {
+    let dir = TempDir::new("serve-batch-yuan");
+    let Some(model) = tiny_yuan(&dir.0) else {
+        return;
+    };
+    let server = Server::start(&model, &["--prefill-chunk", "4"]);
+    same_alone_and_together(&server);
     assert_eq!(server.stop(), 0);
 }

@@ -126,7 +126,7 @@ impl Stats {
 }
 
 /// Samples from full-vocabulary logits with temperature, top-k and top-p.
-fn sample(logits: &[f32], s: &SamplingArgs, rng: &mut Rng) -> u32 {
+pub fn sample(logits: &[f32], s: &SamplingArgs, rng: &mut Rng) -> u32 {
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     // Highest first; ties by id so every rank sorts the same way.
     idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));

@@ -1,5 +1,6 @@
 //! ringlm: the worker program. Under `ringrun` every rank runs it; alone it is a job of one.
 
+mod batch;
 mod commands;
 mod engine;
 mod placement;

@@ -1,6 +1,6 @@
 //! The rank protocol: what rank 0, which owns the tokenizer and all I/O, tells the other ranks to run next.
-//! One [`Order`] travels per request or chat turn, as one broadcast of its bincode encoding; every rank
-//! then runs the same generation, step by step, through the model's own collectives.
+//! One [`Order`] travels per chat turn or server step, as one broadcast of its bincode encoding; every rank
+//! then runs the same work through the model's own collectives.
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,41 @@ pub enum Order {
         sampling: SamplingArgs,
         stop: u32,
     },
+    /// One step of the server's batch (see [`crate::batch`]).
+    Step(Plan),
+}
+
+/// A server step: which sequences end, and each running sequence's chunk of new tokens.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    /// Sequences whose caches are dropped before the step.
+    pub free: Vec<u32>,
+    /// The step's chunks.
+    pub chunks: Vec<PlanChunk>,
+}
+
+/// One sequence's part of a step.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PlanChunk {
+    /// The sequence's slot, the same number on every rank.
+    pub seq: u32,
+    /// On its first chunk: the positions its cache holds (prompt plus answer).
+    pub new: Option<u32>,
+    /// Its new tokens.
+    pub tokens: Vec<u32>,
+    /// What the ranks compute from the last token's logits.
+    pub pick: Pick,
+}
+
+/// What a chunk's last logits row is for.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Nothing: a prompt chunk before the last.
+    None,
+    /// The greedy next token (a distributed argmax).
+    Greedy,
+    /// The full row on rank 0, to sample from.
+    Sample,
 }
 
 impl Order {
@@ -56,7 +91,16 @@ mod tests {
             },
             stop: 2,
         };
-        for o in [o, Order::Quit] {
+        let step = Order::Step(Plan {
+            free: vec![3, 9],
+            chunks: vec![PlanChunk {
+                seq: 4,
+                new: Some(300),
+                tokens: vec![5, 6, 7],
+                pick: Pick::Sample,
+            }],
+        });
+        for o in [o, step, Order::Quit] {
             let bytes = bincode::serialize(&o).unwrap();
             assert_eq!(bincode::deserialize::<Order>(&bytes).unwrap(), o);
         }

@@ -494,6 +494,59 @@ impl Model {
         rot
     }
 
+    /// Bytes of key/value cache one position of one sequence takes on this rank (all its layers).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let nkv = self.layers.first().map_or(0, |l| l.wk.rows());
+        let d = self.config.head_dim().max(1);
+        let per_plane = match self.kv_cache {
+            KvType::F32 => 4 * nkv,
+            KvType::F16 => 2 * nkv,
+            KvType::Q8 => nkv + 4 * nkv / d,
+        };
+        2 * per_plane * self.layers.len()
+    }
+
+    /// Greedy next tokens for `rows` rows of this rank's logits slices (one allgather for all of them):
+    /// the batched [`Model::greedy`].
+    pub fn greedy_rows(
+        &self,
+        comm: &mut dyn Collective,
+        local: &[f32],
+        rows: usize,
+    ) -> Result<Vec<u32>> {
+        let mut ids = if self.shard.last_stage() && rows > 0 {
+            let v = self.vocab.len();
+            let mut best = Vec::with_capacity(2 * rows);
+            for row in local.chunks_exact(v) {
+                let i = argmax(row);
+                best.extend([row[i], (self.vocab.start + i) as f32]);
+            }
+            let all = comm.allgather_f32(&best)?;
+            (0..rows)
+                .map(|r| {
+                    let mut pick = (f32::NEG_INFINITY, u32::MAX);
+                    for rank in all.chunks_exact(2 * rows) {
+                        let (v, id) = (rank[2 * r], rank[2 * r + 1] as u32);
+                        if v > pick.0 || (v == pick.0 && id < pick.1) {
+                            pick = (v, id);
+                        }
+                    }
+                    pick.1 as f32
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        comm.broadcast_from_last(&mut ids)?;
+        if ids.len() != rows {
+            return Err(Error::Format(format!(
+                "the last pipeline stage sent {} token ids for {rows} rows",
+                ids.len()
+            )));
+        }
+        Ok(ids.into_iter().map(|v| v as u32).collect())
+    }
+
     /// How the layers' largest matrices (the MLP's) are stored; None for a stage without layers.
     pub fn layer_format(&self) -> Option<Format> {
         self.layers.first().map(|l| l.up.format())
@@ -599,36 +652,9 @@ impl Model {
 
     /// Greedy next token over the whole vocabulary, from this rank's slice of one logits row: a distributed
     /// argmax (each rank's best value and index, gathered); ties go to the lowest index, as single-process.
+    /// Token ids travel as f32 like the argmax's indices: exact below 2^24.
     pub fn greedy(&self, comm: &mut dyn Collective, local_row: &[f32]) -> Result<u32> {
-        // Token ids travel as f32 like the argmax's indices: exact below 2^24.
-        let mut id = if self.shard.last_stage() {
-            vec![self.stage_greedy(comm, local_row)? as f32]
-        } else {
-            Vec::new()
-        };
-        comm.broadcast_from_last(&mut id)?;
-        match id[..] {
-            [v] => Ok(v as u32),
-            _ => Err(Error::Format(format!(
-                "the last pipeline stage sent {} values for one token id",
-                id.len()
-            ))),
-        }
-    }
-
-    /// The argmax over the stage's vocabulary slices.
-    fn stage_greedy(&self, comm: &mut dyn Collective, local_row: &[f32]) -> Result<u32> {
-        let i = argmax(local_row);
-        let best = [local_row[i], (self.vocab.start + i) as f32];
-        let all = comm.allgather_f32(&best)?;
-        let mut pick = (f32::NEG_INFINITY, u32::MAX);
-        for pair in all.chunks(2) {
-            let (v, id) = (pair[0], pair[1] as u32);
-            if v > pick.0 || (v == pick.0 && id < pick.1) {
-                pick = (v, id);
-            }
-        }
-        Ok(pick.1)
+        Ok(self.greedy_rows(comm, local_row, 1)?[0])
     }
 }
 

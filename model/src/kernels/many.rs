@@ -102,14 +102,7 @@ type TokenRows<'a> = dyn Fn(usize, &mut [f32], std::ops::Range<usize>) + Sync + 
 
 /// Runs `f(token, out, rows)` for every token over every block of rows, each pool thread over its own
 /// tile-aligned share of the rows, and puts `out` (one value per row of the block) into token's row of `y`.
-fn blocks(
-    pool: &Pool,
-    rows: usize,
-    row_bytes: usize,
-    m: usize,
-    y: &mut [f32],
-    f: &TokenRows,
-) {
+fn blocks(pool: &Pool, rows: usize, row_bytes: usize, m: usize, y: &mut [f32], f: &TokenRows) {
     let block = (BLOCK_BYTES / row_bytes.max(1) / TILE_ROWS).max(1) * TILE_ROWS;
     let yp = SharedMut(y.as_mut_ptr());
     pool.run(&|p, n| {

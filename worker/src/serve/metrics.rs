@@ -12,20 +12,85 @@ pub struct Metrics {
     pub cancelled: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    pub prefill_s: f64,
-    pub decode_s: f64,
-    pub busy: bool,
     pub profile: Profile,
-    pub last_decode_tps: f64,
+    /// Sequences in the batch, and waiting for a place in it.
+    pub running: usize,
+    pub waiting: usize,
+    /// Cache positions reserved by the running sequences, and the cache's size.
+    pub kv_used: usize,
+    pub kv_total: usize,
+    pub steps: u64,
+    pub step_s: f64,
+    pub step_tokens: u64,
+    /// Tokens (rows) of the last step.
+    pub last_batch: usize,
+    /// Seconds from queueing to the first token, and per further token.
+    pub ttft: Histogram,
+    pub tpot: Histogram,
+}
+
+/// A Prometheus histogram over fixed buckets of seconds.
+pub struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    n: u64,
+}
+
+/// Bucket bounds in seconds: from a fast decode step to a long prompt's prefill.
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram {
+            counts: vec![0; BUCKETS.len()],
+            sum: 0.0,
+            n: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, v: f64) {
+        for (c, b) in self.counts.iter_mut().zip(BUCKETS) {
+            if v <= b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.n += 1;
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (c, b) in self.counts.iter().zip(BUCKETS) {
+            out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {c}\n"));
+        }
+        out.push_str(&format!(
+            "{name}_bucket{{le=\"+Inf\"}} {n}\n{name}_sum {:.6}\n{name}_count {n}\n",
+            self.sum,
+            n = self.n
+        ));
+    }
 }
 
 impl Metrics {
+    /// Counts a step of `rows` tokens that took `secs`, and its time per kind of op.
+    pub fn step(&mut self, rows: usize, secs: f64, profile: Profile) {
+        self.steps += 1;
+        self.step_s += secs;
+        self.step_tokens += rows as u64;
+        self.last_batch = rows;
+        self.profile = profile;
+    }
+
     /// Prometheus' text format, with the gauges only the caller knows.
     pub fn render(&self, queue_depth: usize, uptime_s: f64) -> String {
         let p = &self.profile;
         let total = p.total().max(1) as f64;
         let (c, g) = ("counter", "gauge");
-        let rows: [(&str, &str, &str, String); 13] = [
+        let rows: [(&str, &str, &str, String); 16] = [
             (
                 "ringlm_requests_total",
                 c,
@@ -69,40 +134,52 @@ impl Metrics {
                 self.completion_tokens.to_string(),
             ),
             (
-                "ringlm_prefill_tokens_per_second",
-                g,
-                "Prompt tokens per second of prefill, over all requests.",
-                format!(
-                    "{:.3}",
-                    self.prompt_tokens as f64 / self.prefill_s.max(1e-9)
-                ),
+                "ringlm_steps_total",
+                c,
+                "Batched steps run.",
+                self.steps.to_string(),
             ),
             (
-                "ringlm_decode_tokens_per_second",
-                g,
-                "Generated tokens per second of decode, over all requests.",
-                format!(
-                    "{:.3}",
-                    self.completion_tokens as f64 / self.decode_s.max(1e-9)
-                ),
+                "ringlm_step_seconds_total",
+                c,
+                "Seconds spent in steps.",
+                format!("{:.6}", self.step_s),
             ),
             (
-                "ringlm_last_decode_tokens_per_second",
-                g,
-                "Decode speed of the last request.",
-                format!("{:.3}", self.last_decode_tps),
+                "ringlm_step_tokens_total",
+                c,
+                "Tokens run in steps (prompt chunks and generated tokens).",
+                self.step_tokens.to_string(),
             ),
             (
-                "ringlm_queue_depth",
+                "ringlm_batch_tokens",
                 g,
-                "Requests waiting.",
-                queue_depth.to_string(),
+                "Tokens in the last step.",
+                self.last_batch.to_string(),
             ),
             (
-                "ringlm_busy",
+                "ringlm_sequences_running",
                 g,
-                "1 while a request runs.",
-                u8::from(self.busy).to_string(),
+                "Sequences in the batch.",
+                self.running.to_string(),
+            ),
+            (
+                "ringlm_sequences_waiting",
+                g,
+                "Requests waiting for a place in the batch.",
+                (self.waiting.max(queue_depth)).to_string(),
+            ),
+            (
+                "ringlm_kv_positions_used",
+                g,
+                "Cache positions the running sequences reserve.",
+                self.kv_used.to_string(),
+            ),
+            (
+                "ringlm_kv_positions_total",
+                g,
+                "Cache positions the KV memory holds.",
+                self.kv_total.to_string(),
             ),
             (
                 "ringlm_uptime_seconds",
@@ -117,7 +194,17 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             ));
         }
-        out.push_str("# HELP ringlm_decode_time_share Share of decode time per kind of op, all requests.\n# TYPE ringlm_decode_time_share gauge\n");
+        self.ttft.render(
+            "ringlm_time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first token.",
+            &mut out,
+        );
+        self.tpot.render(
+            "ringlm_time_per_output_token_seconds",
+            "Mean seconds per generated token after the first, per request.",
+            &mut out,
+        );
+        out.push_str("# HELP ringlm_step_time_share Share of step time per kind of op, since start.\n# TYPE ringlm_step_time_share gauge\n");
         for (op, v) in [
             ("linear", p.linear),
             ("lfa_conv", p.conv),
@@ -126,7 +213,7 @@ impl Metrics {
             ("other", p.other),
         ] {
             out.push_str(&format!(
-                "ringlm_decode_time_share{{op=\"{op}\"}} {:.4}\n",
+                "ringlm_step_time_share{{op=\"{op}\"}} {:.4}\n",
                 v as f64 / total
             ));
         }

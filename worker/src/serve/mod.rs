@@ -1,11 +1,11 @@
 //! `ringlm serve`: an OpenAI-compatible HTTP API over the tensor-parallel ranks.
 //!
 //! Rank 0 runs the HTTP server ([`routes`], axum on a small tokio runtime in its own thread) and the
-//! [`scheduler`]; every rank runs the model. Requests wait in a bounded queue and the scheduler (rank 0's
-//! main thread) takes them one at a time: it sends the prompt and sampling settings to the other ranks as
-//! one [`Order`], and all run the same generation; rank 0 turns tokens into text and hands them to the
-//! request's channel. A client that goes away closes that channel, which cancels the generation at the
-//! next token on every rank.
+//! [`scheduler`]; every rank runs the model. Requests wait in a bounded queue; the scheduler (rank 0's
+//! main thread) batches them continuously: each step it sends the other ranks one [`Order::Step`] naming
+//! every running sequence's new tokens, all ranks run it as one batched forward pass
+//! ([`crate::batch`]), and rank 0 turns the picked tokens into text for each request's channel. A client
+//! that goes away closes that channel, and its sequence leaves the batch at the next step.
 //!
 //! | file | what it holds |
 //! | --- | --- |
@@ -44,9 +44,24 @@ pub struct Args {
     /// Require `Authorization: Bearer KEY` on /v1/* (also RINGLM_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
-    /// Requests that may wait behind the running one; more get 429.
+    /// Requests that may wait for a place in the batch; more get 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Sequences answered at once (continuous batching: each step runs one token of every one of them).
+    #[arg(long, default_value_t = 16)]
+    max_seqs: usize,
+    /// Tokens per step: the running sequences' tokens, then chunks of waiting prompts while they fit.
+    /// Bounds how long a newcomer's prompt holds up the others' next tokens.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Prompt tokens per chunk (a prompt longer than this is run over several steps).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+    /// Memory for the KV cache of all running sequences, over all ranks: bytes, with K/M/G suffixes, or
+    /// a fraction of the memory available at start (0.5 = half, the default). A request reserves its
+    /// prompt plus max_tokens positions; one that does not fit waits, one that never could gets 400.
+    #[arg(long, default_value = "0.5", value_name = "BYTES|FRACTION")]
+    kv_memory: String,
     /// Close a connection that sends no request for this many seconds (a fresh one, or one kept alive
     /// after its last answer).
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
@@ -72,6 +87,8 @@ pub struct AppState {
     open: std::sync::atomic::AtomicUsize,
     /// Why the scheduler stopped taking requests, once it has: new ones get 503 with it.
     closed: Mutex<Option<String>>,
+    /// The batch's bounds, known once the model is loaded.
+    limits: std::sync::OnceLock<scheduler::Limits>,
 }
 
 /// Counts one response as open while it lives.
@@ -136,6 +153,7 @@ pub fn run(a: Args) -> Result<()> {
         started: Instant::now(),
         open: std::sync::atomic::AtomicUsize::new(0),
         closed: Mutex::new(None),
+        limits: std::sync::OnceLock::new(),
     });
     if !(a.idle_timeout.is_finite() && a.idle_timeout > 0.0) {
         anyhow::bail!("--idle-timeout must be a positive number of seconds");
@@ -147,16 +165,33 @@ pub fn run(a: Args) -> Result<()> {
             .name("http".into())
             .spawn(move || routes::serve_http(listener, shared, idle))?
     };
+    if a.max_seqs == 0 || a.max_batch_tokens == 0 || a.prefill_chunk == 0 {
+        anyhow::bail!("--max-seqs, --max-batch-tokens and --prefill-chunk must be at least 1");
+    }
+    let kv_bytes = kv_memory(&a.kv_memory)?;
     let mut job = Job::start(&a.model)?;
+    // Rank 0's share of a position, times the ranks: the job's whole cache for one position.
+    let per_position = job.model.kv_bytes_per_position() * job.comm.0.size();
+    let limits = scheduler::Limits {
+        max_seqs: a.max_seqs,
+        max_batch_tokens: a.max_batch_tokens,
+        prefill_chunk: a.prefill_chunk,
+        kv_positions: (kv_bytes / per_position.max(1) as u64) as usize,
+    };
+    shared.metrics.lock().unwrap().kv_total = limits.kv_positions;
+    let _ = shared.limits.set(limits);
     shared.ctx.store(
         job.model.config.max_positions as u64,
         std::sync::atomic::Ordering::SeqCst,
     );
     shared.ready.store(true, Ordering::SeqCst);
     eprintln!(
-        "ringlm serve: listening on http://{local} (model {}, np={}, queue {}); Ctrl-C stops",
+        "ringlm serve: listening on http://{local} (model {}, np={}, up to {} sequences, KV cache {} positions in {:.2} GiB, queue {}); Ctrl-C stops",
         shared.name,
         job.comm.0.size(),
+        a.max_seqs,
+        limits.kv_positions,
+        kv_bytes as f64 / (1u64 << 30) as f64,
         a.max_queue
     );
     let result = scheduler::schedule(&mut job, &shared);
@@ -178,13 +213,63 @@ pub fn run(a: Args) -> Result<()> {
 
 /// Ranks other than 0: run whatever rank 0 says until it says quit.
 fn follow(job: &mut Job) -> Result<()> {
-    while let Order::Generate {
-        ids,
-        sampling,
-        stop,
-    } = Order::share(job, None)?
-    {
-        generate(job, &ids, &sampling, stop, &|| false, |_| Ok(()))?;
+    let mut batch = crate::batch::Batch::default();
+    loop {
+        match Order::share(job, None)? {
+            Order::Quit => return Ok(()),
+            Order::Step(plan) => {
+                batch.step(job, &plan)?;
+            }
+            Order::Generate {
+                ids,
+                sampling,
+                stop,
+            } => {
+                generate(job, &ids, &sampling, stop, &|| false, |_| Ok(()))?;
+            }
+        }
     }
-    Ok(())
+}
+
+/// `--kv-memory`: bytes (with an optional K, M, G or T suffix, powers of 1024) or, for a number up to 1,
+/// that fraction of the memory available now.
+fn kv_memory(arg: &str) -> Result<u64> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--kv-memory {arg:?}: expected bytes (e.g. 8G, 512M) or a fraction of the available memory (e.g. 0.5)"
+        )
+    };
+    let t = arg.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], Some(1u64 << shift))
+        }
+        _ => (t, None),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(bad());
+    }
+    Ok(match mult {
+        Some(m) => (v * m as f64) as u64,
+        None if v <= 1.0 => (v * available_memory()? as f64) as u64,
+        None => v as u64,
+    })
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn available_memory() -> Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .context("/proc/meminfo has no MemAvailable line; give --kv-memory in bytes")
 }

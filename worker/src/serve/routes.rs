@@ -22,7 +22,7 @@ use super::openai::{
     self, ChatRequest, Choice, Completion, CompletionRequest, Delta, ErrorDetail, ErrorResponse,
     Invalid, Message, ModelCard, ModelList, Options, Usage,
 };
-use super::scheduler::{Ev, Req};
+use super::scheduler::{self, Ev, Req};
 use super::{AppState, OpenResponse};
 
 /// Serves HTTP on `listener` until the process ends. A connection that sends no request for `idle` (a
@@ -262,6 +262,13 @@ async fn submit(
         .into_response();
     }
     c.sampling.max_tokens = max_tokens;
+    if let Some(lim) = sh.limits.get() {
+        let need = ids.len() + max_tokens + 1;
+        if need > lim.kv_positions {
+            sh.metrics.lock().unwrap().rejected_bad += 1;
+            return Invalid(scheduler::too_big(need, lim.kv_positions)).into_response();
+        }
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let id = sh.next_id.fetch_add(1, Ordering::SeqCst);
     let req = Req {
@@ -271,6 +278,7 @@ async fn submit(
         sampling: c.sampling,
         stops: c.stops,
         tx,
+        queued: std::time::Instant::now(),
     };
     if let Err(e) = sh.queue.try_send(req) {
         let mut m = sh.metrics.lock().unwrap();

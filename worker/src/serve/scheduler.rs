@@ -1,15 +1,21 @@
 //! The scheduler: rank 0's main loop, which decides what the ranks run next. It knows requests only as
 //! token ids, sampling settings and a channel for the answer's text; HTTP is the routes' business.
+//!
+//! Continuous batching: every step runs one token of each sequence that is generating plus chunks of
+//! waiting prompts, as one [`Plan`] the ranks share; requests join at the next step and leave (freeing
+//! their cache) the step they end or their client goes.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use model::rng::Rng;
 use tokio::sync::mpsc;
 
 use super::AppState;
-use crate::engine::{self, generate, SamplingArgs, TextStream};
-use crate::protocol::Order;
+use crate::batch::{Batch, Picked};
+use crate::engine::{self, SamplingArgs, TextStream};
+use crate::protocol::{Order, Pick, Plan, PlanChunk};
 use crate::runtime::Job;
 
 /// What a request's channel receives: pieces of text, then `Done` when the answer is whole, or `Failed`
@@ -32,9 +38,11 @@ pub struct Req {
     pub sampling: SamplingArgs,
     pub stops: Vec<String>,
     pub tx: mpsc::UnboundedSender<Ev>,
+    /// When it was queued: time to first token counts from here.
+    pub queued: Instant,
 }
 
-/// Rank 0's main loop: one request at a time, in arrival order, until Ctrl-C/SIGTERM.
+/// Rank 0's main loop: steps of every running request, until Ctrl-C/SIGTERM.
 pub fn schedule(job: &mut Job, sh: &AppState) -> Result<()> {
     let result = serve_queue(job, sh);
     // Whatever ended the loop, no request waiting now or arriving later may look answered.
@@ -55,157 +63,378 @@ pub fn refuse_waiting(sh: &AppState) {
     }
 }
 
-/// Takes requests in arrival order until Ctrl-C/SIGTERM or an error.
+/// What bounds a step and the sequences in it.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Sequences running at once.
+    pub max_seqs: usize,
+    /// Tokens per step: every running sequence's decode token, then prompt chunks while they fit (one
+    /// always goes, so a prompt longer than this still advances).
+    pub max_batch_tokens: usize,
+    /// Prompt tokens per chunk. A prompt's chunks are the same whatever else runs, which keeps its
+    /// numbers independent of its neighbours (see [`model::arch::Model::forward_batch`]).
+    pub prefill_chunk: usize,
+    /// Cache positions for all sequences together (each reserves its prompt plus its answer).
+    pub kv_positions: usize,
+}
+
+/// A request being answered.
+struct Live<'t> {
+    req: Req,
+    seq: u32,
+    /// Prompt tokens run so far.
+    fed: usize,
+    /// The token to run next, once the prompt is in.
+    next: Option<u32>,
+    /// Tokens generated.
+    tokens: usize,
+    text: TextStream<'t>,
+    reply: Reply,
+    rng: Rng,
+    /// Cache positions reserved.
+    positions: usize,
+    first: Option<Instant>,
+}
+
+/// Steps until Ctrl-C/SIGTERM or an error: admits requests in arrival order while sequences and cache
+/// positions allow, runs every admitted one in each step, and retires them as they end.
 fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
+    let lim = *sh
+        .limits
+        .get()
+        .expect("limits are set before the scheduler starts");
+    let stop_token = sh.tok.stop();
+    let mut batch = Batch::default();
+    let mut live: Vec<Live> = Vec::new();
+    // The queue's head, held while it does not fit; later requests wait behind it (arrival order).
+    let mut held: Option<Req> = None;
+    let mut free: Vec<u32> = Vec::new();
+    let mut next_seq = 0u32;
+    let mut used = 0usize;
     loop {
-        let req = match sh.queue_rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(r) => r,
-            Err(crossbeam::channel::RecvTimeoutError::Timeout) => {
-                if engine::INTERRUPTED.load(Ordering::SeqCst) {
-                    eprintln!("ringlm serve: stopping");
-                    return Ok(());
+        if engine::INTERRUPTED.load(Ordering::SeqCst) {
+            eprintln!("ringlm serve: stopping");
+            for l in live.drain(..) {
+                let _ = l.req.tx.send(Ev::Failed(format!(
+                    "the server is stopping (Ctrl-C or SIGTERM): the answer was cut short after {} tokens",
+                    l.tokens
+                )));
+            }
+            if let Some(r) = held.take() {
+                let _ = r.tx.send(Ev::Failed("the server is stopping".into()));
+            }
+            return Ok(());
+        }
+        // Admit what fits, in arrival order.
+        loop {
+            let req = match held.take() {
+                Some(r) => r,
+                None if live.is_empty() => {
+                    match sh.queue_rx.recv_timeout(Duration::from_millis(100)) {
+                        Ok(r) => r,
+                        Err(crossbeam::channel::RecvTimeoutError::Timeout) => break,
+                        Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return Ok(()),
+                    }
                 }
+                None => match sh.queue_rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+            };
+            if req.tx.is_closed() {
+                sh.metrics.lock().unwrap().cancelled += 1;
                 continue;
             }
-            Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return Ok(()),
-        };
-        if req.tx.is_closed() {
+            let need = req.ids.len() + req.sampling.max_tokens + 1;
+            if need > lim.kv_positions {
+                let _ = req.tx.send(Ev::Failed(too_big(need, lim.kv_positions)));
+                continue;
+            }
+            if live.len() >= lim.max_seqs || used + need > lim.kv_positions {
+                held = Some(req);
+                break;
+            }
+            used += need;
+            let seed = req.sampling.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            live.push(Live {
+                reply: Reply::new(&req.stops),
+                req,
+                seq: next_seq,
+                fed: 0,
+                next: None,
+                tokens: 0,
+                text: TextStream::new(&sh.tok),
+                rng: Rng::new(seed),
+                positions: need,
+                first: None,
+            });
+            next_seq = next_seq.wrapping_add(1);
+        }
+        // Clients that left free their sequence at once.
+        live.retain(|l| {
+            if !l.req.tx.is_closed() {
+                return true;
+            }
+            free.push(l.seq);
+            used -= l.positions;
             sh.metrics.lock().unwrap().cancelled += 1;
+            eprintln!(
+                "[request {}] {} client gone after {} tokens",
+                l.req.id, l.req.kind, l.tokens
+            );
+            false
+        });
+        let (plan, owners) = plan_step(&live, &mut free, lim);
+        if plan.chunks.is_empty() && plan.free.is_empty() {
             continue;
         }
-        sh.metrics.lock().unwrap().busy = true;
-        let stop_token = sh.tok.stop();
-        let order = Order::Generate {
-            ids: req.ids.clone(),
-            sampling: req.sampling.clone(),
-            stop: stop_token,
-        };
-        let outcome =
-            Order::share(job, Some(&order)).and_then(|_| run_one(job, sh, &req, stop_token));
-        let outcome = match outcome {
-            Ok(o) => o,
+        let waiting = sh.queue_rx.len() + usize::from(held.is_some());
+        {
+            let mut m = sh.metrics.lock().unwrap();
+            m.running = live.len();
+            m.waiting = waiting;
+            m.kv_used = used;
+        }
+        let t = Instant::now();
+        let picked = Order::share(job, Some(&Order::Step(plan.clone())))
+            .and_then(|_| batch.step(job, &plan));
+        let picked = match picked {
+            Ok(p) => p,
             Err(e) => {
-                let _ = req.tx.send(Ev::Failed(format!(
-                    "the server failed while answering: {e:#}"
-                )));
+                for l in &live {
+                    let _ = l.req.tx.send(Ev::Failed(format!(
+                        "the server failed while answering: {e:#}"
+                    )));
+                }
                 return Err(e);
             }
         };
-        let mut m = sh.metrics.lock().unwrap();
-        m.busy = false;
-        m.requests += 1;
-        m.prompt_tokens += outcome.stats.prompt_tokens as u64;
-        m.completion_tokens += outcome.stats.tokens as u64;
-        m.prefill_s += outcome.stats.prefill_s;
-        m.decode_s += outcome.stats.decode_s;
-        m.profile = m.profile.add(&outcome.stats.profile);
-        let tps = outcome.stats.tokens as f64 / outcome.stats.decode_s.max(1e-9);
-        m.last_decode_tps = tps;
-        if outcome.gone {
-            m.cancelled += 1;
-        }
-        drop(m);
-        eprintln!(
-            "[request {}] {} prompt {} + answer {} tokens, {:.1} tokens/s, {}",
-            req.id,
-            req.kind,
-            outcome.stats.prompt_tokens,
-            outcome.stats.tokens,
-            tps,
-            if outcome.gone {
-                "client gone"
-            } else {
-                outcome.finish
+        let rows: usize = plan.chunks.iter().map(|c| c.tokens.len()).sum();
+        sh.metrics
+            .lock()
+            .unwrap()
+            .step(rows, t.elapsed().as_secs_f64(), job.model.profile);
+        for c in &plan.chunks {
+            if let Some(l) = live.iter_mut().find(|l| l.seq == c.seq) {
+                if l.next.is_none() {
+                    l.fed += c.tokens.len();
+                }
             }
-        );
+        }
+        // Each pick moves its sequence on, or ends it.
+        let mut ended = Vec::new();
+        for (&i, p) in owners.iter().zip(picked) {
+            let l = &mut live[i];
+            let id = match p {
+                Picked::Token(t) => t,
+                Picked::Row(row) => engine::sample(&row, &l.req.sampling, &mut l.rng),
+            };
+            if let Some(finish) = advance(l, id, stop_token)? {
+                ended.push((i, finish));
+            }
+        }
+        ended.sort_by_key(|e| std::cmp::Reverse(e.0));
+        for (i, finish) in ended {
+            let l = live.remove(i);
+            free.push(l.seq);
+            used -= l.positions;
+            retire(sh, l, finish);
+        }
     }
 }
 
-struct Outcome {
-    stats: engine::Stats,
-    finish: &'static str,
+/// The next step: a decode token for every sequence whose prompt is in, then prompt chunks in arrival
+/// order while the step's token budget allows (at least one). Returns the plan and, for each chunk that
+/// picks a token, its sequence's index in `live`.
+fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usize>) {
+    let pick = |l: &Live| {
+        if l.req.sampling.temperature <= 0.0 {
+            Pick::Greedy
+        } else {
+            Pick::Sample
+        }
+    };
+    let mut plan = Plan {
+        free: std::mem::take(free),
+        chunks: Vec::new(),
+    };
+    let mut owners = Vec::new();
+    let mut rows = 0;
+    for (i, l) in live.iter().enumerate() {
+        if let Some(id) = l.next {
+            plan.chunks.push(PlanChunk {
+                seq: l.seq,
+                new: None,
+                tokens: vec![id],
+                pick: pick(l),
+            });
+            owners.push(i);
+            rows += 1;
+        }
+    }
+    let mut prompts = 0;
+    for (i, l) in live.iter().enumerate() {
+        let len = l.req.ids.len();
+        if l.next.is_some() || l.fed >= len {
+            continue;
+        }
+        let end = (l.fed + lim.prefill_chunk).min(len);
+        if prompts > 0 && rows + end - l.fed > lim.max_batch_tokens {
+            break;
+        }
+        let last = end == len;
+        plan.chunks.push(PlanChunk {
+            seq: l.seq,
+            new: (l.fed == 0).then_some(l.positions as u32),
+            tokens: l.req.ids[l.fed..end].to_vec(),
+            pick: if last { pick(l) } else { Pick::None },
+        });
+        if last {
+            owners.push(i);
+        }
+        rows += end - l.fed;
+        prompts += 1;
+    }
+    // Picks come back in the plan's order, which is the order `owners` was filled in.
+    (plan, owners)
+}
+
+/// Takes a sequence's new token: the end (the model's stop token, a stop string, the answer's length) or
+/// the token to run next.
+fn advance(l: &mut Live, id: u32, stop_token: u32) -> Result<Option<&'static str>> {
+    l.first.get_or_insert_with(Instant::now);
+    if id == stop_token {
+        return Ok(Some("stop"));
+    }
+    l.tokens += 1;
+    let piece = l.text.push(id)?;
+    if l.reply.push(&piece, &l.req.stops, &l.req.tx) {
+        return Ok(Some("stop"));
+    }
+    if l.tokens >= l.req.sampling.max_tokens {
+        return Ok(Some("length"));
+    }
+    l.next = Some(id);
+    Ok(None)
+}
+
+/// Ends an answer: the text held back, then `Done`; the counters.
+fn retire(sh: &AppState, mut l: Live, finish: &'static str) {
+    if !l.reply.stop_hit {
+        if let Ok(tail) = l.text.finish() {
+            l.reply.push(&tail, &l.req.stops, &l.req.tx);
+        }
+        l.reply.flush(&l.req.tx);
+    }
+    let gone = l.reply.gone
+        || l.req
+            .tx
+            .send(Ev::Done {
+                finish,
+                prompt_tokens: l.req.ids.len(),
+                completion_tokens: l.tokens,
+            })
+            .is_err();
+    let now = Instant::now();
+    let first = l.first.unwrap_or(now);
+    let ttft = (first - l.req.queued).as_secs_f64();
+    let decode = (now - first).as_secs_f64();
+    let tpot = (l.tokens > 1).then(|| decode / (l.tokens - 1) as f64);
+    {
+        let mut m = sh.metrics.lock().unwrap();
+        m.requests += 1;
+        m.prompt_tokens += l.req.ids.len() as u64;
+        m.completion_tokens += l.tokens as u64;
+        m.ttft.observe(ttft);
+        if let Some(t) = tpot {
+            m.tpot.observe(t);
+        }
+        if gone {
+            m.cancelled += 1;
+        }
+    }
+    eprintln!(
+        "[request {}] {} prompt {} + answer {} tokens, first token after {:.3} s, {:.1} tokens/s, {}",
+        l.req.id,
+        l.req.kind,
+        l.req.ids.len(),
+        l.tokens,
+        ttft,
+        tpot.map_or(0.0, |t| 1.0 / t),
+        if gone { "client gone" } else { finish }
+    );
+}
+
+/// The error for a request whose prompt and answer cannot fit the cache even alone.
+pub fn too_big(need: usize, have: usize) -> String {
+    format!(
+        "the prompt and the answer need {need} cache positions and the server's KV cache holds {have} \
+         (--kv-memory); shorten the prompt or lower max_tokens"
+    )
+}
+
+/// An answer's text as it grows: cut at the first stop string, and what could still become the start
+/// of one held back until it cannot.
+struct Reply {
+    all: String,
+    sent: usize,
+    longest_stop: usize,
+    stop_hit: bool,
     gone: bool,
 }
 
-/// Generates one request's answer on every rank, streaming text to its channel and cutting at stop strings.
-fn run_one(job: &mut Job, sh: &AppState, req: &Req, stop_token: u32) -> Result<Outcome> {
-    let gone = std::cell::Cell::new(false);
-    let stop_hit = std::cell::Cell::new(false);
-    let longest_stop = req.stops.iter().map(|s| s.len()).max().unwrap_or(0);
-    let mut text = TextStream::new(&sh.tok);
-    let mut all = String::new();
-    let mut sent = 0usize;
-    let send = |upto: usize, all: &String, sent: &mut usize| {
-        if upto > *sent && req.tx.send(Ev::Text(all[*sent..upto].to_string())).is_err() {
-            gone.set(true);
+impl Reply {
+    fn new(stops: &[String]) -> Reply {
+        Reply {
+            all: String::new(),
+            sent: 0,
+            longest_stop: stops.iter().map(|s| s.len()).max().unwrap_or(0),
+            stop_hit: false,
+            gone: false,
         }
-        *sent = (*sent).max(upto);
-    };
-    let stats = {
-        let mut push = |piece: String| {
-            if stop_hit.get() {
-                return;
-            }
-            all.push_str(&piece);
-            let from = sent.saturating_sub(longest_stop);
-            if let Some(at) = req
-                .stops
-                .iter()
-                .filter_map(|s| all[from..].find(s.as_str()).map(|i| from + i))
-                .min()
-            {
-                stop_hit.set(true);
-                send(at, &all, &mut sent);
-                return;
-            }
-            // Hold back what could still become the start of a stop string.
-            let mut safe = all.len().saturating_sub(longest_stop.saturating_sub(1));
-            while !all.is_char_boundary(safe) {
-                safe -= 1;
-            }
-            send(safe, &all, &mut sent);
-        };
-        let stats = generate(
-            job,
-            &req.ids,
-            &req.sampling,
-            stop_token,
-            &|| gone.get() || stop_hit.get() || req.tx.is_closed(),
-            |id| {
-                push(text.push(id)?);
-                Ok(())
-            },
-        )?;
-        push(text.finish()?);
-        if !stop_hit.get() {
-            let end = all.len();
-            send(end, &all, &mut sent);
+    }
+
+    fn send(&mut self, upto: usize, tx: &mpsc::UnboundedSender<Ev>) {
+        if upto > self.sent
+            && tx
+                .send(Ev::Text(self.all[self.sent..upto].to_string()))
+                .is_err()
+        {
+            self.gone = true;
         }
-        stats
-    };
-    let finish = if stop_hit.get() || stats.finished {
-        "stop"
-    } else if stats.interrupted && engine::INTERRUPTED.load(Ordering::SeqCst) {
-        "interrupted"
-    } else {
-        "length"
-    };
-    let end = if finish == "interrupted" {
-        Ev::Failed(format!(
-            "the server is stopping (Ctrl-C or SIGTERM): the answer was cut short after {} tokens",
-            stats.tokens
-        ))
-    } else {
-        Ev::Done {
-            finish,
-            prompt_tokens: stats.prompt_tokens,
-            completion_tokens: stats.tokens,
+        self.sent = self.sent.max(upto);
+    }
+
+    /// Adds a piece; true when a stop string has been reached (the text before it is sent).
+    fn push(&mut self, piece: &str, stops: &[String], tx: &mpsc::UnboundedSender<Ev>) -> bool {
+        if self.stop_hit {
+            return true;
         }
-    };
-    let gone = gone.get() || req.tx.send(end).is_err();
-    Ok(Outcome {
-        stats,
-        finish,
-        gone,
-    })
+        self.all.push_str(piece);
+        let from = self.sent.saturating_sub(self.longest_stop);
+        let hit = stops
+            .iter()
+            .filter_map(|s| self.all[from..].find(s.as_str()).map(|i| from + i))
+            .min();
+        if let Some(at) = hit {
+            self.stop_hit = true;
+            self.send(at, tx);
+            return true;
+        }
+        let mut safe = self
+            .all
+            .len()
+            .saturating_sub(self.longest_stop.saturating_sub(1));
+        while !self.all.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        self.send(safe, tx);
+        false
+    }
+
+    /// Sends what was held back (the answer ended without a stop string).
+    fn flush(&mut self, tx: &mpsc::UnboundedSender<Ev>) {
+        let end = self.all.len();
+        self.send(end, tx);
+    }
 }
