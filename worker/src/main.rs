@@ -14,7 +14,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use commands::{
-    bench, bench_kernels, chat, comm, convert, generate, logits, perplexity, synth, tokenize,
+    bench, bench_kernels, bench_serve, chat, comm, convert, generate, logits, perplexity, synth,
+    tokenize,
 };
 
 const AFTER_HELP: &str = "\
@@ -28,7 +29,9 @@ Run it under ringrun to use several sockets, e.g.:
   ringlm perplexity --model M.gguf --file LICENSE --ctx 512 --json
                                              perplexity of a text, comparable with llama-perplexity's
   ringrun -np 2 ringlm serve --model DIR --port 8000
-                                             OpenAI-compatible HTTP API on 127.0.0.1:8000";
+                                             OpenAI-compatible HTTP API on 127.0.0.1:8000
+  ringlm bench-serve --url http://127.0.0.1:8000 --concurrency 1,8,16
+                                             throughput and latency percentiles of any such server";
 
 /// ringlm: large language models, tensor-parallel over the sockets of one server.
 #[derive(Parser, Debug)]
@@ -76,6 +79,12 @@ enum Command {
     Bench(bench::Args),
     /// Measure the NF4 and BF16 kernels: GEMV bandwidth beside a streaming read, GEMM beside the FMA peak.
     BenchKernels(bench_kernels::Args),
+    /// Load-test any OpenAI-compatible server (ringlm serve, llama-server, vLLM): throughput, TTFT, TPOT.
+    ///
+    /// Streamed /v1/completions requests with `ignore_eos`, so every answer has the length asked for, at
+    /// fixed concurrencies (closed loop) or Poisson request rates (open loop), after a warm-up. Example:
+    /// `ringlm bench-serve --url http://127.0.0.1:8000 --concurrency 1,4,16 --max-tokens 96 --json`.
+    BenchServe(bench_serve::Args),
     /// Check the collectives' results on seeded data (used by the test suite; exits non-zero on a wrong result).
     CommCheck(comm::CheckArgs),
 }
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
         Command::BenchComm(a) => comm::bench(a),
         Command::CommCheck(a) => comm::check(a),
         Command::BenchKernels(a) => bench_kernels::run(a),
+        Command::BenchServe(a) => bench_serve::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Serve(a) => serve::run(a),

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use model::arch::{Config, KvType, Model, Profile};
+use model::arch::{Chunk, Config, KvType, Logits, Model, Profile, State};
 use model::kernels::{AlignedBytes, KernelChoice, Kernels};
 use model::pool::Pool;
 use model::weight::Format;
@@ -30,6 +30,11 @@ pub struct Args {
     /// Decode steps.
     #[arg(long, default_value_t = 32)]
     gen: usize,
+    /// Sequences decoded together (the server's continuous batching): each step runs one token of every
+    /// sequence and reads the weights once. Tokens/s count every sequence's tokens; efficiency sets the
+    /// steps against the roofline of one weight pass per step.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Weight format of the layers.
     #[arg(long, default_value = "nf4", value_parser = ["nf4", "bf16"])]
     quant: String,
@@ -221,15 +226,42 @@ pub fn run(a: Args) -> Result<()> {
         1.0 / per_stage
     };
 
-    let prompt: Vec<u32> = (0..a.prompt)
-        .map(|i| ((i as u64 * 7919 + a.seed) % config.vocab as u64) as u32)
+    let b = a.batch;
+    if b == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
+    // Each sequence its own prompt: the batch shares weights, not caches.
+    let prompts: Vec<Vec<u32>> = (0..b as u64)
+        .map(|s| {
+            (0..a.prompt as u64)
+                .map(|i| ((i * 7919 + a.seed + s * 104_729) % config.vocab as u64) as u32)
+                .collect()
+        })
         .collect();
-    let mut state = model.new_state(a.prompt + a.gen + 1);
+    let mut states: Vec<State> = (0..b)
+        .map(|_| model.new_state(a.prompt + a.gen + 1))
+        .collect();
+    let step = |model: &mut Model,
+                comm: &mut crate::runtime::Comm,
+                states: &mut [State],
+                toks: &[Vec<u32>]|
+     -> Result<Vec<u32>> {
+        let mut chunks: Vec<Chunk> = states
+            .iter_mut()
+            .zip(toks)
+            .map(|(state, tokens)| Chunk {
+                state,
+                tokens,
+                logits: Logits::Last,
+            })
+            .collect();
+        let logits = model.forward_batch(&pool, comm, &mut chunks)?;
+        Ok(model.greedy_rows(comm, &logits, toks.len())?)
+    };
     comm.0.barrier()?;
     model.profile = Profile::default();
     let t = Instant::now();
-    let logits = model.forward(&pool, &mut comm, &mut state, &prompt, false)?;
-    let mut next = model.greedy(&mut comm, &logits)?;
+    let mut next = step(&mut model, &mut comm, &mut states, &prompts)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let prefill_prof = model.profile;
     model.profile = Profile::default();
@@ -238,10 +270,10 @@ pub fn run(a: Args) -> Result<()> {
     let mut reads = Vec::with_capacity(a.gen + 1);
     reads.push(read_s(&mut comm)?);
     for _ in 0..a.gen {
-        let step = Instant::now();
-        let logits = model.forward(&pool, &mut comm, &mut state, &[next], false)?;
-        next = model.greedy(&mut comm, &logits)?;
-        step_ms.push(step.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let toks: Vec<Vec<u32>> = next.iter().map(|&id| vec![id]).collect();
+        next = step(&mut model, &mut comm, &mut states, &toks)?;
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
         reads.push(read_s(&mut comm)?);
     }
     drop(buf);
@@ -280,8 +312,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let prof = sum_stage_profiles(&profiles, tp)?;
     let prefill_prof = sum_stage_profiles(&pre_profiles, tp)?;
-    let decode_tps = a.gen as f64 / decode_s;
-    let prefill_tps = a.prompt as f64 / prefill_s;
+    let steps_per_s = a.gen as f64 / decode_s;
+    let decode_tps = b as f64 * steps_per_s;
+    let prefill_tps = (b * a.prompt) as f64 / prefill_s;
     let mut out = json!({
         "preset": a.shape.preset, "layers": config.layers, "np": tp * shard.stages, "tp": tp, "pp": shard.stages,
         "threads": pool.threads(),
@@ -298,17 +331,18 @@ pub fn run(a: Args) -> Result<()> {
             _ if kernels.gemm_uses_bytes() => "int8",
             _ => "bf16",
         },
-        "prompt": a.prompt, "gen": a.gen, "build_s": build_s,
+        "prompt": a.prompt, "gen": a.gen, "batch": b, "build_s": build_s,
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
         "ms_per_token": 1e3 / decode_tps,
+        "ms_per_step": 1e3 / steps_per_s,
         "ms_per_token_p50": p50, "ms_per_token_p90": p90,
         "weight_bytes_per_token": {"per_rank": bytes_rank, "total": bytes_total},
         "stream_bytes_per_s": stream_total,
         "stream_bytes_per_s_peak": stream_peak,
         "stream_reads": reads.len(),
         "roofline_tokens_per_s": roofline,
-        "efficiency": decode_tps / roofline,
+        "efficiency": steps_per_s / roofline,
         "efficiency_paired_p50": paired_p50,
         "steal_fraction": steal,
         "profile": fractions(&prof),
@@ -329,8 +363,8 @@ pub fn run(a: Args) -> Result<()> {
         let pdecode = 1.0 / ptok_s;
         out["projected"] = json!({
             "layers": full_layers,
-            "prefill_tokens_per_s": a.prompt as f64 / ppre_s,
-            "decode_tokens_per_s": pdecode,
+            "prefill_tokens_per_s": (b * a.prompt) as f64 / ppre_s,
+            "decode_tokens_per_s": b as f64 * pdecode,
             "ms_per_token": ptok_s * 1e3,
             "weight_bytes_per_token": {"per_rank": pbytes_rank, "total": bytes_total - per_rank.chunks(2).map(|c| c[1] as f64).sum::<f64>() * (1.0 - k)},
             "roofline_tokens_per_s": proof,
@@ -363,14 +397,19 @@ pub fn run(a: Args) -> Result<()> {
         pool.threads(),
         kernels.describe()
     );
+    let seqs = if b > 1 {
+        format!(" × {b} sequences")
+    } else {
+        String::new()
+    };
     println!(
-        "  prefill   {:>9.1} tokens/s  ({} tokens)",
+        "  prefill   {:>9.1} tokens/s  ({} tokens{seqs})",
         prefill_tps, a.prompt
     );
     println!(
-        "  decode    {:>9.2} tokens/s  ({:.2} ms/token, {} tokens; per token p50 {:.2} ms, p90 {:.2} ms)",
+        "  decode    {:>9.2} tokens/s  ({:.2} ms/step, {} steps{seqs}; per step p50 {:.2} ms, p90 {:.2} ms)",
         decode_tps,
-        1e3 / decode_tps,
+        1e3 / steps_per_s,
         a.gen,
         p50.unwrap_or(f64::NAN),
         p90.unwrap_or(f64::NAN)
@@ -387,9 +426,9 @@ pub fn run(a: Args) -> Result<()> {
         stream_peak / 1e9
     );
     println!(
-        "  roofline  {:>9.2} tokens/s → efficiency {:.2} (median of the steps, each against the reads beside it: {:.2})",
+        "  roofline  {:>9.2} steps/s (one weight pass each) → efficiency {:.2} (median of the steps, each against the reads beside it: {:.2})",
         roofline,
-        decode_tps / roofline,
+        steps_per_s / roofline,
         paired_p50.unwrap_or(f64::NAN)
     );
     if let Some(st) = steal.filter(|&f| f > 0.0) {

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_kernels;
+pub mod bench_serve;
 pub mod chat;
 pub mod comm;
 pub mod convert;

@@ -23,6 +23,9 @@ pub struct Options {
     pub sampling: SamplingArgs,
     pub stops: Vec<String>,
     pub stream: bool,
+    /// Go on past the model's end-of-text token until max_tokens (an extension, as in vLLM and
+    /// llama-server: load tests with fixed answer lengths).
+    pub ignore_eos: bool,
 }
 
 /// POST /v1/completions.
@@ -159,6 +162,11 @@ impl Options {
             Value::Bool(b) => *b,
             _ => return Err(bad("stream must be true or false")),
         };
+        let ignore_eos = match &v["ignore_eos"] {
+            Value::Null => false,
+            Value::Bool(b) => *b,
+            _ => return Err(bad("ignore_eos must be true or false")),
+        };
         let sampling = SamplingArgs {
             max_tokens: 0,
             temperature,
@@ -178,6 +186,7 @@ impl Options {
             sampling,
             stops,
             stream,
+            ignore_eos,
         })
     }
 }

@@ -277,6 +277,7 @@ async fn submit(
         ids,
         sampling: c.sampling,
         stops: c.stops,
+        ignore_eos: c.ignore_eos,
         tx,
         queued: std::time::Instant::now(),
     };

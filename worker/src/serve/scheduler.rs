@@ -37,6 +37,8 @@ pub struct Req {
     pub ids: Vec<u32>,
     pub sampling: SamplingArgs,
     pub stops: Vec<String>,
+    /// The model's end-of-text token does not end the answer.
+    pub ignore_eos: bool,
     pub tx: mpsc::UnboundedSender<Ev>,
     /// When it was queued: time to first token counts from here.
     pub queued: Instant,
@@ -303,7 +305,7 @@ fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usiz
 /// the token to run next.
 fn advance(l: &mut Live, id: u32, stop_token: u32) -> Result<Option<&'static str>> {
     l.first.get_or_insert_with(Instant::now);
-    if id == stop_token {
+    if id == stop_token && !l.req.ignore_eos {
         return Ok(Some("stop"));
     }
     l.tokens += 1;
