@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::Ordering;
+
 use anyhow::{Context, Result};
 use collective::{Communicator, Pipeline};
 use model::arch::{Collective, Shard};
@@ -277,6 +279,17 @@ pub fn join(env: collective::JobEnv, pp: usize) -> Result<(Comm, Shard)> {
 
 /// `--np N` outside a launcher: starts N ranks of this same command under ringrun (found next to this
 /// binary, else on PATH) and returns its exit code. Under a launcher, checks that N matches the job.
+/// The launcher started for `--np`, for [`forward_term`].
+static JOB_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward_term(_: libc::c_int) {
+    let pid = JOB_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
 pub fn relaunch_with_np(np: Option<usize>) -> Result<Option<i32>> {
     let Some(np) = np else { return Ok(None) };
     let env = collective::JobEnv::from_env()?;
@@ -338,6 +351,16 @@ pub fn relaunch_with_np(np: Option<usize>) -> Result<Option<i32>> {
     // (chat stops its answer, serve stops) and decides when the job ends. Dying of it here would end the
     // job at once through the death signal above.
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    // A service manager's SIGTERM goes to this process alone: pass it on and wait for the job, so that when
+    // this process is gone the ranks are too (a stop that returned first would let a new server meet the
+    // old one still on its port).
+    JOB_PID.store(child.id() as i32, Ordering::SeqCst);
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            forward_term as *const () as libc::sighandler_t,
+        )
+    };
     let status = child
         .wait()
         .with_context(|| format!("waiting for {}", ringrun.display()))?;

@@ -190,13 +190,7 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
         if plan.chunks.is_empty() && plan.free.is_empty() {
             continue;
         }
-        let waiting = sh.queue_rx.len() + usize::from(held.is_some());
-        {
-            let mut m = sh.metrics.lock().unwrap();
-            m.running = live.len();
-            m.waiting = waiting;
-            m.kv_used = used;
-        }
+        gauges(sh, live.len(), &held, used);
         let t = Instant::now();
         let picked = Order::share(job, Some(&Order::Step(plan.clone())))
             .and_then(|_| batch.step(job, &plan));
@@ -242,7 +236,16 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
             used -= l.positions;
             retire(sh, l, finish);
         }
+        gauges(sh, live.len(), &held, used);
     }
+}
+
+/// The batch's gauges in /metrics: sequences running and waiting, cache positions reserved.
+fn gauges(sh: &AppState, running: usize, held: &Option<Req>, used: usize) {
+    let mut m = sh.metrics.lock().unwrap();
+    m.running = running;
+    m.waiting = sh.queue_rx.len() + usize::from(held.is_some());
+    m.kv_used = used;
 }
 
 /// The next step: a decode token for every sequence whose prompt is in, then prompt chunks in arrival
