@@ -214,3 +214,90 @@ fn sixteen_at_once_answer_as_each_alone_tiny_yuan() {
     same_alone_and_together(&server);
     assert_eq!(server.stop(), 0);
 }
+
+/// `logprobs` on both endpoints, whole and streamed: one entry per answer token, each a log-probability,
+/// the asked-for number of alternatives, most likely first, and (greedy) the chosen token the most likely.
+#[test]
+fn logprobs_on_both_endpoints() {
+    let Some(model) = smollm2() else { return };
+    let server = Server::start(&model, &[]);
+    let post = |path: &str, body: &str| {
+        let url = format!("{}{path}", server.base);
+        let (code, out) = curl(&["-H", "Content-Type: application/json", "-d", body, &url]);
+        assert_eq!(code, 200, "{body}: {out}");
+        out
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5;
+    // Completions, whole.
+    let out = post(
+        "/v1/completions",
+        r#"{"prompt":"The capital of France is","max_tokens":6,"temperature":0,"logprobs":3}"#,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let lp = &v["choices"][0]["logprobs"];
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let toks = lp["tokens"].as_array().unwrap();
+    assert_eq!(toks.len(), n, "{lp}");
+    let text: String = toks.iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(text, v["choices"][0]["text"].as_str().unwrap(), "{lp}");
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert_eq!(top.len(), 3, "{lp}");
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        let best = top
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(
+            chosen <= 0.0 && close(chosen, best),
+            "token {i}: {chosen} vs {best}: {lp}"
+        );
+    }
+    // Chat, streamed: one content entry per token, in chunks of their own.
+    let out = post(
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"Say hello."}],"max_tokens":5,"temperature":0,"logprobs":true,"top_logprobs":2,"stream":true,"ignore_eos":true}"#,
+    );
+    let mut entries = Vec::new();
+    for line in out.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(c) = v["choices"][0]["logprobs"]["content"].as_array() {
+            entries.extend(c.iter().cloned());
+        }
+    }
+    assert_eq!(entries.len(), 5, "{out}");
+    for e in &entries {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{e}");
+        assert!(
+            top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64(),
+            "{e}"
+        );
+        assert!(
+            close(
+                e["logprob"].as_f64().unwrap(),
+                top[0]["logprob"].as_f64().unwrap()
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e["bytes"].as_array().unwrap().len(),
+            e["token"].as_str().unwrap().len()
+        );
+    }
+    // Too many alternatives is a 400 naming the limit.
+    let url = format!("{}/v1/completions", server.base);
+    let (code, body) = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"prompt":"x","logprobs":21}"#,
+        &url,
+    ]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("at most 20"), "{body}");
+    assert_eq!(server.stop(), 0);
+}

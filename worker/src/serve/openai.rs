@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::engine::SamplingArgs;
 
@@ -26,7 +26,13 @@ pub struct Options {
     /// Go on past the model's end-of-text token until max_tokens (an extension, as in vLLM and
     /// llama-server: load tests with fixed answer lengths).
     pub ignore_eos: bool,
+    /// Each answer token's log-probability and this many alternatives (completions: `logprobs: N`;
+    /// chat: `logprobs: true` with `top_logprobs: N`).
+    pub logprobs: Option<usize>,
 }
+
+/// Most alternatives per token that `logprobs`/`top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// POST /v1/completions.
 pub struct CompletionRequest {
@@ -162,6 +168,21 @@ impl Options {
             Value::Bool(b) => *b,
             _ => return Err(bad("stream must be true or false")),
         };
+        let top = uint("top_logprobs")?.map(|n| n as usize);
+        let logprobs = match &v["logprobs"] {
+            Value::Null | Value::Bool(false) => None,
+            Value::Bool(true) => Some(top.unwrap_or(0)),
+            x => Some(x.as_u64().ok_or_else(|| {
+                bad("logprobs must be true or false (chat) or a non-negative integer (completions)")
+            })? as usize),
+        };
+        if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS)
+            || top.is_some_and(|n| n > MAX_TOP_LOGPROBS)
+        {
+            return Err(bad(format!(
+                "logprobs and top_logprobs ask for at most {MAX_TOP_LOGPROBS} alternatives per token"
+            )));
+        }
         let ignore_eos = match &v["ignore_eos"] {
             Value::Null => false,
             Value::Bool(b) => *b,
@@ -187,6 +208,7 @@ impl Options {
             stops,
             stream,
             ignore_eos,
+            logprobs,
         })
     }
 }
@@ -253,7 +275,8 @@ pub struct Choice {
     pub message: Option<Message>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta: Option<Delta>,
-    pub logprobs: Option<()>,
+    /// The tokens' log-probabilities, in the endpoint's shape ([`logprobs_json`]), when asked for.
+    pub logprobs: Option<Value>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -286,4 +309,101 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub max_model_len: u64,
+}
+
+/// One answer token's log-probability under the model, and the most likely alternatives at its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// Most likely first (ties by token id).
+    pub top: Vec<(String, f32)>,
+}
+
+/// The `logprobs` of a choice: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}` or the
+/// completions' `{tokens, token_logprobs, top_logprobs, text_offset}` (offsets from `offset`, the length
+/// of the text before these tokens).
+pub fn logprobs_json(chat: bool, lps: &[TokenLogprob], offset: usize) -> Value {
+    if chat {
+        let entry = |t: &str, lp: f32| json!({"token": t, "logprob": lp, "bytes": t.as_bytes()});
+        let content: Vec<Value> = lps
+            .iter()
+            .map(|l| {
+                let mut e = entry(&l.token, l.logprob);
+                e["top_logprobs"] = l.top.iter().map(|(t, p)| entry(t, *p)).collect();
+                e
+            })
+            .collect();
+        return json!({ "content": content });
+    }
+    let mut offsets = Vec::with_capacity(lps.len());
+    let mut at = offset;
+    for l in lps {
+        offsets.push(at);
+        at += l.token.len();
+    }
+    json!({
+        "tokens": lps.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps
+            .iter()
+            .map(|l| l.top.iter().map(|(t, p)| (t.clone(), json!(p))).collect::<serde_json::Map<_, _>>())
+            .collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+/// The log-probability of token `id` and the `top` most likely tokens, from one full row of logits
+/// (log-softmax in f64). `name` gives a token's text.
+pub fn logprobs_of(row: &[f32], id: u32, top: usize, name: &dyn Fn(u32) -> String) -> TokenLogprob {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = max
+        + row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = |i: usize| (row[i] as f64 - lse) as f32;
+    let mut best: Vec<usize> = Vec::with_capacity(top + 1);
+    for i in 0..row.len() {
+        // Insertion into a short sorted list: top is at most 20.
+        let pos = best
+            .iter()
+            .position(|&b| row[i] > row[b])
+            .unwrap_or(best.len());
+        if pos < top {
+            best.insert(pos, i);
+            best.truncate(top);
+        }
+    }
+    TokenLogprob {
+        token: name(id),
+        logprob: lp(id as usize),
+        top: best.into_iter().map(|i| (name(i as u32), lp(i))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_likeliest_first() {
+        let row = [1.0f32, 3.0, 2.0, 3.0, -1e4];
+        let name = |t: u32| format!("t{t}");
+        let lp = logprobs_of(&row, 2, 3, &name);
+        let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+        assert_eq!(lp.token, "t2");
+        assert!((lp.logprob as f64 - (2.0 - lse)).abs() < 1e-6);
+        // Ties by id: t1 before t3; then t2.
+        let names: Vec<&str> = lp.top.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(names, ["t1", "t3", "t2"]);
+        assert!(logprobs_of(&row, 0, 0, &name).top.is_empty());
+        let j = logprobs_json(false, &[lp.clone(), lp.clone()], 5);
+        assert_eq!(j["text_offset"], json!([5, 7]));
+        assert_eq!(j["top_logprobs"][0].as_object().unwrap().len(), 3);
+        let c = logprobs_json(true, &[lp], 0);
+        assert_eq!(c["content"][0]["bytes"], json!([116, 50]));
+        assert_eq!(c["content"][0]["top_logprobs"][0]["token"], "t1");
+    }
 }

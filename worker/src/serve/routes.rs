@@ -278,6 +278,7 @@ async fn submit(
         sampling: c.sampling,
         stops: c.stops,
         ignore_eos: c.ignore_eos,
+        logprobs: c.logprobs,
         tx,
         queued: std::time::Instant::now(),
     };
@@ -309,7 +310,7 @@ async fn submit(
     if c.stream {
         return answer.stream(rx);
     }
-    answer.whole(rx).await
+    answer.whole(rx, c.logprobs.is_some()).await
 }
 
 /// What every piece of one request's answer repeats.
@@ -364,6 +365,36 @@ impl Answer {
         event(&self.completion(object, choice, usage))
     }
 
+    /// A chunk with one token's log-probabilities and no new text (its text follows in its own chunk, once
+    /// no stop string can claim it).
+    fn logprob_chunk(&self, lp: &openai::TokenLogprob, offset: usize) -> Event {
+        let logprobs = Some(openai::logprobs_json(
+            self.chat,
+            std::slice::from_ref(lp),
+            offset,
+        ));
+        let (object, choice) = if self.chat {
+            let delta = Delta {
+                role: None,
+                content: Some(String::new()),
+            };
+            let choice = Choice {
+                delta: Some(delta),
+                logprobs,
+                ..Choice::default()
+            };
+            ("chat.completion.chunk", choice)
+        } else {
+            let choice = Choice {
+                text: Some(String::new()),
+                logprobs,
+                ..Choice::default()
+            };
+            ("text_completion", choice)
+        };
+        event(&self.completion(object, choice, None))
+    }
+
     /// Server-sent events: (chat) a chunk naming the role, a chunk per piece of text, the last with the
     /// finish reason and usage, then `[DONE]`. An answer the server cut short ends with an error event
     /// instead, and no `[DONE]`: a client can always tell it from a whole one.
@@ -383,10 +414,19 @@ impl Answer {
         let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (w, f) = (whole.clone(), failed.clone());
+        // Bytes of text sent so far: the completions' text_offset of the next token.
+        let sent = std::sync::atomic::AtomicUsize::new(0);
         let this = self.clone();
         let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
             .map(move |ev| match ev {
-                Ev::Text(t) => this.chunk(Some(t), None, None),
+                Ev::Text(t) => {
+                    sent.fetch_add(t.len(), Ordering::SeqCst);
+                    this.chunk(Some(t), None, None)
+                }
+                Ev::Logprob(lp) => {
+                    let at = sent.load(Ordering::SeqCst);
+                    this.logprob_chunk(&lp, at)
+                }
                 Ev::Done {
                     finish,
                     prompt_tokens,
@@ -425,11 +465,13 @@ impl Answer {
     }
 
     /// The whole answer once it is done (or a 503 if the server cut it short).
-    async fn whole(self, mut rx: mpsc::UnboundedReceiver<Ev>) -> Response {
+    async fn whole(self, mut rx: mpsc::UnboundedReceiver<Ev>, want_logprobs: bool) -> Response {
         let mut text = String::new();
+        let mut lps = Vec::new();
         while let Some(ev) = rx.recv().await {
             match ev {
                 Ev::Text(t) => text.push_str(&t),
+                Ev::Logprob(lp) => lps.push(lp),
                 Ev::Failed(why) => {
                     return error(StatusCode::SERVICE_UNAVAILABLE, &why, "server_error")
                 }
@@ -438,6 +480,7 @@ impl Answer {
                     prompt_tokens,
                     completion_tokens,
                 } => {
+                    let logprobs = want_logprobs.then(|| openai::logprobs_json(self.chat, &lps, 0));
                     let (object, choice) = if self.chat {
                         let message = Message {
                             role: "assistant",
@@ -446,6 +489,7 @@ impl Answer {
                         let choice = Choice {
                             message: Some(message),
                             finish_reason: Some(finish),
+                            logprobs,
                             ..Choice::default()
                         };
                         ("chat.completion", choice)
@@ -453,6 +497,7 @@ impl Answer {
                         let choice = Choice {
                             text: Some(text),
                             finish_reason: Some(finish),
+                            logprobs,
                             ..Choice::default()
                         };
                         ("text_completion", choice)

@@ -12,6 +12,7 @@ use anyhow::Result;
 use model::rng::Rng;
 use tokio::sync::mpsc;
 
+use super::openai::{logprobs_of, TokenLogprob};
 use super::AppState;
 use crate::batch::{Batch, Picked};
 use crate::engine::{self, SamplingArgs, TextStream};
@@ -22,6 +23,8 @@ use crate::runtime::Job;
 /// when it was cut short by the server (a channel that closes with neither was cut short too).
 pub enum Ev {
     Text(String),
+    /// The log-probabilities of the next answer token (when the request asked for them), before its text.
+    Logprob(super::openai::TokenLogprob),
     Done {
         finish: &'static str,
         prompt_tokens: usize,
@@ -39,6 +42,8 @@ pub struct Req {
     pub stops: Vec<String>,
     /// The model's end-of-text token does not end the answer.
     pub ignore_eos: bool,
+    /// Log-probabilities with this many alternatives per token.
+    pub logprobs: Option<usize>,
     pub tx: mpsc::UnboundedSender<Ev>,
     /// When it was queued: time to first token counts from here.
     pub queued: Instant,
@@ -221,11 +226,22 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
         let mut ended = Vec::new();
         for (&i, p) in owners.iter().zip(picked) {
             let l = &mut live[i];
-            let id = match p {
-                Picked::Token(t) => t,
-                Picked::Row(row) => engine::sample(&row, &l.req.sampling, &mut l.rng),
+            let (id, row) = match p {
+                Picked::Token(t) => (t, None),
+                Picked::Row(row) if l.req.sampling.temperature <= 0.0 => {
+                    // The first of the largest, as the distributed argmax picks.
+                    (model::arch::argmax(&row) as u32, Some(row))
+                }
+                Picked::Row(row) => (engine::sample(&row, &l.req.sampling, &mut l.rng), Some(row)),
             };
-            if let Some(finish) = advance(l, id, stop_token)? {
+            let lp = match (l.req.logprobs, row) {
+                (Some(top), Some(row)) => {
+                    let name = |t: u32| sh.tok.decode(&[t]).unwrap_or_default();
+                    Some(logprobs_of(&row, id, top, &name))
+                }
+                _ => None,
+            };
+            if let Some(finish) = advance(l, id, stop_token, lp)? {
                 ended.push((i, finish));
             }
         }
@@ -253,7 +269,8 @@ fn gauges(sh: &AppState, running: usize, held: &Option<Req>, used: usize) {
 /// picks a token, its sequence's index in `live`.
 fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usize>) {
     let pick = |l: &Live| {
-        if l.req.sampling.temperature <= 0.0 {
+        // Log-probabilities need the whole row, as sampling does.
+        if l.req.sampling.temperature <= 0.0 && l.req.logprobs.is_none() {
             Pick::Greedy
         } else {
             Pick::Sample
@@ -306,12 +323,22 @@ fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usiz
 
 /// Takes a sequence's new token: the end (the model's stop token, a stop string, the answer's length) or
 /// the token to run next.
-fn advance(l: &mut Live, id: u32, stop_token: u32) -> Result<Option<&'static str>> {
+fn advance(
+    l: &mut Live,
+    id: u32,
+    stop_token: u32,
+    lp: Option<TokenLogprob>,
+) -> Result<Option<&'static str>> {
     l.first.get_or_insert_with(Instant::now);
     if id == stop_token && !l.req.ignore_eos {
         return Ok(Some("stop"));
     }
     l.tokens += 1;
+    if let Some(lp) = lp {
+        if l.req.tx.send(Ev::Logprob(lp)).is_err() {
+            l.reply.gone = true;
+        }
+    }
     let piece = l.text.push(id)?;
     if l.reply.push(&piece, &l.req.stops, &l.req.tx) {
         return Ok(Some("stop"));
