@@ -217,8 +217,9 @@ fn sixteen_at_once_answer_as_each_alone_tiny_yuan() {
 
 /// `logprobs` on both endpoints, whole and streamed: one entry per answer token, each a log-probability,
 /// the asked-for number of alternatives, most likely first, and (greedy) the chosen token the most likely.
+/// Then `n` choices, whole and streamed: each its own sequence and seed, the usage their sum.
 #[test]
-fn logprobs_on_both_endpoints() {
+fn logprobs_and_several_choices() {
     let Some(model) = smollm2() else { return };
     let server = Server::start(&model, &[]);
     let post = |path: &str, body: &str| {
@@ -288,6 +289,48 @@ fn logprobs_on_both_endpoints() {
             e["token"].as_str().unwrap().len()
         );
     }
+    // n = 3 sampled choices: three answers, seeds 7, 8, 9, as three requests with those seeds give.
+    let body = |n: u32, seed: u32, stream: bool| {
+        format!(
+            r#"{{"prompt":"Once upon a time","max_tokens":12,"temperature":1.0,"seed":{seed},"n":{n},"stream":{stream},"ignore_eos":true}}"#
+        )
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&post("/v1/completions", &body(3, 7, false))).unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{v}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{v}");
+        let one: serde_json::Value =
+            serde_json::from_str(&post("/v1/completions", &body(1, 7 + i as u32, false))).unwrap();
+        assert_eq!(
+            c["text"],
+            one["choices"][0]["text"],
+            "choice {i} against seed {}",
+            7 + i
+        );
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 36, "{v}");
+    // Streamed: each choice ends with its reason, the usage once, then [DONE].
+    let out = post("/v1/completions", &body(2, 7, true));
+    let (mut finished, mut usage, mut text) = (vec![false; 2], 0, vec![String::new(); 2]);
+    assert!(out.trim_end().ends_with("data: [DONE]"), "{out}");
+    for line in out.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let i = v["choices"][0]["index"].as_u64().unwrap() as usize;
+        text[i] += v["choices"][0]["text"].as_str().unwrap_or("");
+        finished[i] |= v["choices"][0]["finish_reason"].is_string();
+        if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
+            usage += u;
+        }
+    }
+    assert_eq!(finished, [true, true], "{out}");
+    assert_eq!(usage, 24, "{out}");
+    assert_eq!(text[0].as_str(), choices[0]["text"].as_str().unwrap());
+    assert_eq!(text[1].as_str(), choices[1]["text"].as_str().unwrap());
     // Too many alternatives is a 400 naming the limit.
     let url = format!("{}/v1/completions", server.base);
     let (code, body) = curl(&[

@@ -29,7 +29,12 @@ pub struct Options {
     /// Each answer token's log-probability and this many alternatives (completions: `logprobs: N`;
     /// chat: `logprobs: true` with `top_logprobs: N`).
     pub logprobs: Option<usize>,
+    /// Choices: answers to the same prompt, each its own sequence (with sampling, seeds seed, seed + 1, ...).
+    pub n: usize,
 }
+
+/// Most choices one request may ask for.
+pub const MAX_CHOICES: usize = 16;
 
 /// Most alternatives per token that `logprobs`/`top_logprobs` may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -139,11 +144,15 @@ impl Options {
                     .ok_or_else(|| bad(format!("{k} must be a number"))),
             }
         };
-        if let Some(n) = uint("n")? {
-            if n != 1 {
-                return Err(bad("n: only one choice per request is supported"));
+        let n = match uint("n")? {
+            None => 1,
+            Some(n) if (1..=MAX_CHOICES as u64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(bad(format!(
+                    "n must be between 1 and {MAX_CHOICES}, not {n}"
+                )))
             }
-        }
+        };
         let max_tokens = match uint("max_completion_tokens")?.or(uint("max_tokens")?) {
             Some(0) => return Err(bad("max_tokens must be at least 1")),
             m => m.map(|m| m as usize),
@@ -209,6 +218,7 @@ impl Options {
             stream,
             ignore_eos,
             logprobs,
+            n,
         })
     }
 }
@@ -260,7 +270,7 @@ pub struct Completion {
     pub object: &'static str,
     pub created: u64,
     pub model: String,
-    pub choices: [Choice; 1],
+    pub choices: Vec<Choice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }

@@ -24,6 +24,7 @@ use super::openai::{
 };
 use super::scheduler::{self, Ev, Req};
 use super::{AppState, OpenResponse};
+use crate::engine::SamplingArgs;
 
 /// Serves HTTP on `listener` until the process ends. A connection that sends no request for `idle` (a
 /// fresh one, or one kept alive after its last answer) is closed: a client that never closes would
@@ -269,37 +270,51 @@ async fn submit(
             return Invalid(scheduler::too_big(need, lim.kv_positions)).into_response();
         }
     }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let id = sh.next_id.fetch_add(1, Ordering::SeqCst);
-    let req = Req {
-        id,
-        kind,
-        ids,
-        sampling: c.sampling,
-        stops: c.stops,
-        ignore_eos: c.ignore_eos,
-        logprobs: c.logprobs,
-        tx,
-        queued: std::time::Instant::now(),
-    };
-    if let Err(e) = sh.queue.try_send(req) {
-        let mut m = sh.metrics.lock().unwrap();
-        return match e {
-            crossbeam::channel::TrySendError::Full(_) => {
-                m.rejected_full += 1;
-                error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "the queue is full; retry later",
-                    "rate_limit_error",
-                )
-            }
-            crossbeam::channel::TrySendError::Disconnected(_) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is stopping",
-                "server_error",
-            ),
+    // One sequence per choice; the response is open until all of them end.
+    let mut rxs = tokio_stream::StreamMap::new();
+    let first_id = sh.next_id.fetch_add(c.n as u64, Ordering::SeqCst);
+    for i in 0..c.n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let req = Req {
+            id: first_id + i as u64,
+            kind,
+            ids: ids.clone(),
+            sampling: SamplingArgs {
+                seed: c.sampling.seed.wrapping_add(i as u64),
+                ..c.sampling.clone()
+            },
+            stops: c.stops.clone(),
+            ignore_eos: c.ignore_eos,
+            logprobs: c.logprobs,
+            tx,
+            queued: std::time::Instant::now(),
         };
+        // A choice that cannot queue refuses the request; those already queued see their channel
+        // closed when `rxs` goes, and are dropped unanswered.
+        if let Err(e) = sh.queue.try_send(req) {
+            let mut m = sh.metrics.lock().unwrap();
+            return match e {
+                crossbeam::channel::TrySendError::Full(_) => {
+                    m.rejected_full += 1;
+                    error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "the queue is full; retry later",
+                        "rate_limit_error",
+                    )
+                }
+                crossbeam::channel::TrySendError::Disconnected(_) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is stopping",
+                    "server_error",
+                ),
+            };
+        }
+        rxs.insert(
+            i as u32,
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        );
     }
+    let id = first_id;
     let answer = Answer {
         open: Arc::new(OpenResponse::new(sh)),
         chat: kind == "chat",
@@ -307,10 +322,11 @@ async fn submit(
         created: openai::now(),
         model: sh.name.clone(),
     };
+    let prompt_tokens = ids.len();
     if c.stream {
-        return answer.stream(rx);
+        return answer.stream(rxs, prompt_tokens);
     }
-    answer.whole(rx, c.logprobs.is_some()).await
+    answer.whole(rxs, c.logprobs.is_some(), prompt_tokens).await
 }
 
 /// What every piece of one request's answer repeats.
@@ -325,20 +341,27 @@ struct Answer {
 }
 
 impl Answer {
-    fn completion(&self, object: &'static str, choice: Choice, usage: Option<Usage>) -> Completion {
+    fn completion(
+        &self,
+        object: &'static str,
+        choices: Vec<Choice>,
+        usage: Option<Usage>,
+    ) -> Completion {
         Completion {
             id: self.id.clone(),
             object,
             created: self.created,
             model: self.model.clone(),
-            choices: [choice],
+            choices,
             usage,
         }
     }
 
-    /// One server-sent event: new text, or the end with its reason and usage.
+    /// One server-sent event of choice `index`: new text, or its end with its reason (and, for the last
+    /// choice to end, the usage).
     fn chunk(
         &self,
+        index: u32,
         text: Option<String>,
         finish: Option<&'static str>,
         usage: Option<Usage>,
@@ -349,6 +372,7 @@ impl Answer {
                 content: text,
             };
             let choice = Choice {
+                index,
                 delta: Some(delta),
                 finish_reason: finish,
                 ..Choice::default()
@@ -356,18 +380,19 @@ impl Answer {
             ("chat.completion.chunk", choice)
         } else {
             let choice = Choice {
+                index,
                 text: Some(text.unwrap_or_default()),
                 finish_reason: finish,
                 ..Choice::default()
             };
             ("text_completion", choice)
         };
-        event(&self.completion(object, choice, usage))
+        event(&self.completion(object, vec![choice], usage))
     }
 
     /// A chunk with one token's log-probabilities and no new text (its text follows in its own chunk, once
     /// no stop string can claim it).
-    fn logprob_chunk(&self, lp: &openai::TokenLogprob, offset: usize) -> Event {
+    fn logprob_chunk(&self, index: u32, lp: &openai::TokenLogprob, offset: usize) -> Event {
         let logprobs = Some(openai::logprobs_json(
             self.chat,
             std::slice::from_ref(lp),
@@ -379,6 +404,7 @@ impl Answer {
                 content: Some(String::new()),
             };
             let choice = Choice {
+                index,
                 delta: Some(delta),
                 logprobs,
                 ..Choice::default()
@@ -386,77 +412,84 @@ impl Answer {
             ("chat.completion.chunk", choice)
         } else {
             let choice = Choice {
+                index,
                 text: Some(String::new()),
                 logprobs,
                 ..Choice::default()
             };
             ("text_completion", choice)
         };
-        event(&self.completion(object, choice, None))
+        event(&self.completion(object, vec![choice], None))
     }
 
-    /// Server-sent events: (chat) a chunk naming the role, a chunk per piece of text, the last with the
-    /// finish reason and usage, then `[DONE]`. An answer the server cut short ends with an error event
-    /// instead, and no `[DONE]`: a client can always tell it from a whole one.
-    fn stream(self, rx: mpsc::UnboundedReceiver<Ev>) -> Response {
-        let role_chunk = self.chat.then(|| {
-            let delta = Delta {
-                role: Some("assistant"),
-                content: Some(String::new()),
-            };
-            let choice = Choice {
-                delta: Some(delta),
-                ..Choice::default()
-            };
-            event(&self.completion("chat.completion.chunk", choice, None))
-        });
-        // The channel closes after Done or Failed; the last event depends on which came, or on neither.
-        let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    /// Server-sent events: (chat) a chunk naming the role for each choice, a chunk per piece of text, each
+    /// choice's last with its finish reason (the last of all with the usage), then `[DONE]`. An answer the
+    /// server cut short ends with an error event instead, and no `[DONE]`: a client can always tell it
+    /// from a whole one.
+    fn stream(self, rxs: Choices, prompt_tokens: usize) -> Response {
+        let n = rxs.len();
+        let role_chunks: Vec<Event> = if self.chat {
+            (0..n as u32)
+                .map(|index| {
+                    let delta = Delta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    };
+                    let choice = Choice {
+                        index,
+                        delta: Some(delta),
+                        ..Choice::default()
+                    };
+                    event(&self.completion("chat.completion.chunk", vec![choice], None))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Each channel closes after Done or Failed; the last event depends on which came, or on neither.
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (w, f) = (whole.clone(), failed.clone());
-        // Bytes of text sent so far: the completions' text_offset of the next token.
-        let sent = std::sync::atomic::AtomicUsize::new(0);
+        let (d, f) = (done.clone(), failed.clone());
+        // Bytes of text sent so far per choice: the completions' text_offset of its next token.
+        let mut sent = vec![0usize; n];
+        let mut answered = 0usize;
         let this = self.clone();
-        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-            .map(move |ev| match ev {
+        let events = rxs
+            .filter_map(move |(index, ev)| match ev {
+                // After an error event nothing more goes out: the stream ends without [DONE].
+                _ if f.load(Ordering::SeqCst) => None,
                 Ev::Text(t) => {
-                    sent.fetch_add(t.len(), Ordering::SeqCst);
-                    this.chunk(Some(t), None, None)
+                    sent[index as usize] += t.len();
+                    Some(this.chunk(index, Some(t), None, None))
                 }
-                Ev::Logprob(lp) => {
-                    let at = sent.load(Ordering::SeqCst);
-                    this.logprob_chunk(&lp, at)
-                }
+                Ev::Logprob(lp) => Some(this.logprob_chunk(index, &lp, sent[index as usize])),
                 Ev::Done {
                     finish,
-                    prompt_tokens,
                     completion_tokens,
                 } => {
-                    w.store(true, Ordering::SeqCst);
-                    this.chunk(
-                        None,
-                        Some(finish),
-                        Some(Usage::new(prompt_tokens, completion_tokens)),
-                    )
+                    answered += completion_tokens;
+                    let last = d.fetch_add(1, Ordering::SeqCst) + 1 == n;
+                    let usage = last.then(|| Usage::new(prompt_tokens, answered));
+                    Some(this.chunk(index, None, Some(finish), usage))
                 }
                 Ev::Failed(why) => {
                     f.store(true, Ordering::SeqCst);
-                    error_event(&why)
+                    Some(error_event(&why))
                 }
             })
             .chain(tokio_stream::iter([()]).filter_map(move |()| {
                 let _open = &self.open;
-                if whole.load(Ordering::SeqCst) {
-                    Some(Event::default().data("[DONE]"))
-                } else if failed.load(Ordering::SeqCst) {
+                if failed.load(Ordering::SeqCst) {
                     None
+                } else if done.load(Ordering::SeqCst) == n {
+                    Some(Event::default().data("[DONE]"))
                 } else {
                     Some(error_event(
                         "the server ended the answer early (see its log)",
                     ))
                 }
             }));
-        let all = tokio_stream::iter(role_chunk)
+        let all = tokio_stream::iter(role_chunks)
             .chain(events)
             .map(Ok::<_, Infallible>);
         Sse::new(all)
@@ -464,56 +497,75 @@ impl Answer {
             .into_response()
     }
 
-    /// The whole answer once it is done (or a 503 if the server cut it short).
-    async fn whole(self, mut rx: mpsc::UnboundedReceiver<Ev>, want_logprobs: bool) -> Response {
-        let mut text = String::new();
-        let mut lps = Vec::new();
-        while let Some(ev) = rx.recv().await {
+    /// The whole answer once every choice is done (or a 503 if the server cut one short).
+    async fn whole(self, mut rxs: Choices, want_logprobs: bool, prompt_tokens: usize) -> Response {
+        let n = rxs.len();
+        let mut texts = vec![String::new(); n];
+        let mut lps = vec![Vec::new(); n];
+        let mut ends: Vec<Option<&'static str>> = vec![None; n];
+        let mut answered = 0;
+        while let Some((index, ev)) = rxs.next().await {
+            let i = index as usize;
             match ev {
-                Ev::Text(t) => text.push_str(&t),
-                Ev::Logprob(lp) => lps.push(lp),
+                Ev::Text(t) => texts[i].push_str(&t),
+                Ev::Logprob(lp) => lps[i].push(lp),
                 Ev::Failed(why) => {
                     return error(StatusCode::SERVICE_UNAVAILABLE, &why, "server_error")
                 }
                 Ev::Done {
                     finish,
-                    prompt_tokens,
                     completion_tokens,
                 } => {
-                    let logprobs = want_logprobs.then(|| openai::logprobs_json(self.chat, &lps, 0));
-                    let (object, choice) = if self.chat {
-                        let message = Message {
-                            role: "assistant",
-                            content: text,
-                        };
-                        let choice = Choice {
-                            message: Some(message),
-                            finish_reason: Some(finish),
-                            logprobs,
-                            ..Choice::default()
-                        };
-                        ("chat.completion", choice)
-                    } else {
-                        let choice = Choice {
-                            text: Some(text),
-                            finish_reason: Some(finish),
-                            logprobs,
-                            ..Choice::default()
-                        };
-                        ("text_completion", choice)
-                    };
-                    let usage = Usage::new(prompt_tokens, completion_tokens);
-                    return Json(self.completion(object, choice, Some(usage))).into_response();
+                    ends[i] = Some(finish);
+                    answered += completion_tokens;
                 }
             }
         }
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the generation ended without an answer (see the server's log)",
-            "server_error",
-        )
+        if ends.iter().any(Option::is_none) {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the generation ended without an answer (see the server's log)",
+                "server_error",
+            );
+        }
+        let choices = texts
+            .into_iter()
+            .zip(lps)
+            .zip(ends)
+            .enumerate()
+            .map(|(index, ((text, lps), finish))| {
+                let logprobs = want_logprobs.then(|| openai::logprobs_json(self.chat, &lps, 0));
+                let (message, text) = if self.chat {
+                    let message = Message {
+                        role: "assistant",
+                        content: text,
+                    };
+                    (Some(message), None)
+                } else {
+                    (None, Some(text))
+                };
+                Choice {
+                    index: index as u32,
+                    text,
+                    message,
+                    finish_reason: finish,
+                    logprobs,
+                    ..Choice::default()
+                }
+            })
+            .collect();
+        let object = if self.chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
+        let usage = Usage::new(prompt_tokens, answered);
+        Json(self.completion(object, choices, Some(usage))).into_response()
     }
 }
+
+/// Every choice's channel, keyed by the choice's index.
+type Choices = tokio_stream::StreamMap<u32, tokio_stream::wrappers::UnboundedReceiverStream<Ev>>;
 
 /// An error in the middle of a stream, in OpenAI's error shape.
 fn error_event(message: &str) -> Event {

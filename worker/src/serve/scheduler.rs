@@ -27,7 +27,6 @@ pub enum Ev {
     Logprob(super::openai::TokenLogprob),
     Done {
         finish: &'static str,
-        prompt_tokens: usize,
         completion_tokens: usize,
     },
     Failed(String),
@@ -363,7 +362,6 @@ fn retire(sh: &AppState, mut l: Live, finish: &'static str) {
             .tx
             .send(Ev::Done {
                 finish,
-                prompt_tokens: l.req.ids.len(),
                 completion_tokens: l.tokens,
             })
             .is_err();
