@@ -203,3 +203,57 @@ fn llama_sequences_get_the_same_bits_in_a_batch() {
         check(&mut m, &format!("llama nf4 {}", k.describe()));
     }
 }
+
+/// A state copied at a chunk boundary (`State::prefix`, the server's prefix reuse) continues with the same
+/// bits as the original: caches, Yuan's LFA memory and the document mask all carried over.
+fn prefix_copy_continues(model: &mut Model, what: &str) {
+    let pool = Pool::new(2, None);
+    let prompt: Vec<u32> = (0..12u32).map(|i| (i * 53 + 7) % 400 + 3).collect();
+    let run = |model: &mut Model, state: &mut State, tokens: &[u32]| {
+        let mut c = [Chunk {
+            state,
+            tokens,
+            logits: Logits::Last,
+        }];
+        model.forward_batch(&pool, &mut Solo, &mut c).unwrap()
+    };
+    let mut a = model.new_state(20);
+    run(model, &mut a, &prompt[..8]);
+    let snap = a.prefix(model, 8, 8).unwrap();
+    let mut b = snap.prefix(model, 8, 20).unwrap();
+    assert_eq!(b.pos, 8);
+    let (mut la, mut lb) = (
+        run(model, &mut a, &prompt[8..]),
+        run(model, &mut b, &prompt[8..]),
+    );
+    for step in 0..5 {
+        assert!(
+            la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what}: step {step} differs after the copy"
+        );
+        let next = [argmax(&la) as u32];
+        (la, lb) = (run(model, &mut a, &next), run(model, &mut b, &next));
+    }
+    // Past the state's own position, or (with LFA) short of it, there is nothing to copy.
+    assert!(a.prefix(model, a.pos + 1, 40).is_err());
+}
+
+#[test]
+fn a_prefix_copy_continues_as_the_original() {
+    if let Some(dir) = golden() {
+        let k = Kernels::from_choice_or_env(None).unwrap();
+        for kv in [KvType::F32, KvType::F16, KvType::Q8] {
+            let mut m = Model::load(&dir, Shard::WHOLE, Format::Nf4, Format::Bf16, k).unwrap();
+            m.kv_cache = kv;
+            prefix_copy_continues(&mut m, &format!("yuan {kv}"));
+            assert!(m.new_state(9).prefix(&m, 0, 9).is_ok());
+        }
+    }
+    let mut c = Config::preset("yuan2-2b", Some(2)).unwrap();
+    c.arch = Arch::Llama;
+    (c.hidden, c.ffn, c.heads, c.kv_heads, c.vocab) = (256, 512, 4, 2, 600);
+    let k = Kernels::from_choice_or_env(None).unwrap();
+    let mut m = Model::random(c, Shard::WHOLE, Format::Nf4, Format::Nf4, k, 5).unwrap();
+    m.kv_cache = KvType::Q8;
+    prefix_copy_continues(&mut m, "llama q8");
+}

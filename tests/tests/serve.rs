@@ -344,3 +344,72 @@ fn logprobs_and_several_choices() {
     assert!(body.contains("at most 20"), "{body}");
     assert_eq!(server.stop(), 0);
 }
+
+/// Prefix reuse: a prompt that begins as an earlier one starts after the stored beginning (the metrics say
+/// so) and answers exactly as it did when it ran the whole prompt, alone or beside others.
+#[test]
+fn a_shared_beginning_runs_once_and_changes_nothing() {
+    let dir = TempDir::new("serve-prefix");
+    let Some(model) = tiny_yuan(&dir.0) else {
+        return;
+    };
+    let system = "You are a careful assistant. Answer briefly and exactly. ".repeat(4);
+    let body = |q: &str| {
+        format!(r#"{{"prompt":"{system}{q}","max_tokens":8,"temperature":0,"ignore_eos":true}}"#)
+    };
+    let questions = ["What is two plus two?", "Name a color.", "Where is Paris?"];
+    // Answers with reuse off ...
+    let plain = Server::start(
+        &model,
+        &[
+            "--prefill-chunk",
+            "16",
+            "--no-prefix-cache",
+            "--weights",
+            "nf4",
+        ],
+    );
+    let post = |base: &str, b: &str| {
+        let u = format!("{base}/v1/completions");
+        let (code, out) = curl(&["-H", "Content-Type: application/json", "-d", b, &u]);
+        assert_eq!(code, 200, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let want: Vec<String> = questions
+        .iter()
+        .map(|q| post(&plain.base, &body(q)))
+        .collect();
+    assert_eq!(plain.stop(), 0);
+    // ... and with chunks of 16: the first request stores its beginnings, the others start after them.
+    let server = Server::start(&model, &["--prefill-chunk", "16", "--weights", "nf4"]);
+    for (q, w) in questions.iter().zip(&want) {
+        assert_eq!(&post(&server.base, &body(q)), w, "{q}");
+    }
+    let together: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = questions
+            .iter()
+            .map(|q| {
+                let (b, base) = (body(q), server.base.as_str());
+                s.spawn(move || post(base, &b))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, want);
+    let (_, metrics) = curl(&[&format!("{}/metrics", server.base)]);
+    let count = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+    };
+    assert_eq!(count("ringlm_prefix_cache_queries_total"), 6.0, "{metrics}");
+    assert!(count("ringlm_prefix_cache_hits_total") >= 5.0, "{metrics}");
+    assert!(
+        count("ringlm_prefix_cache_tokens_total") >= 5.0 * 16.0,
+        "{metrics}"
+    );
+    assert_eq!(server.stop(), 0);
+}

@@ -18,10 +18,11 @@ pub enum Picked {
     Row(Vec<f32>),
 }
 
-/// Every running sequence's caches on this rank.
+/// Every running sequence's caches on this rank, and the stored prompt beginnings (prefix reuse).
 #[derive(Default)]
 pub struct Batch {
     states: HashMap<u32, State>,
+    prefixes: HashMap<u32, State>,
 }
 
 impl Batch {
@@ -35,8 +36,20 @@ impl Batch {
                 if self.states.contains_key(&c.seq) {
                     bail!("rank {}: sequence {} started twice", job.rank(), c.seq);
                 }
-                self.states.insert(c.seq, job.model.new_state(cap as usize));
+                let state = match c.from {
+                    None => job.model.new_state(cap as usize),
+                    Some(p) => {
+                        let stored = self.prefixes.get(&p).with_context(|| {
+                            format!("rank {}: no stored prompt beginning {p}", job.rank())
+                        })?;
+                        stored.prefix(&job.model, stored.pos, cap as usize)?
+                    }
+                };
+                self.states.insert(c.seq, state);
             }
+        }
+        for p in &plan.forget {
+            self.prefixes.remove(p);
         }
         if plan.chunks.is_empty() {
             return Ok(Vec::new());
@@ -62,6 +75,12 @@ impl Batch {
             job.model
                 .forward_batch(&job.pool, &mut job.comm, &mut chunks)?
         };
+        for c in &plan.chunks {
+            if let (Some(id), Some(state)) = (c.keep, self.states.get(&c.seq)) {
+                let copy = state.prefix(&job.model, state.pos, state.pos)?;
+                self.prefixes.insert(id, copy);
+            }
+        }
         // The rows come in the plan's order; greedy ones are settled with one allgather, sampled ones
         // gathered whole.
         let v = job.model.vocab_range().len();

@@ -28,6 +28,8 @@ pub enum Order {
 pub struct Plan {
     /// Sequences whose caches are dropped before the step.
     pub free: Vec<u32>,
+    /// Stored prompt beginnings dropped after the step's sequences are made.
+    pub forget: Vec<u32>,
     /// The step's chunks.
     pub chunks: Vec<PlanChunk>,
 }
@@ -39,6 +41,10 @@ pub struct PlanChunk {
     pub seq: u32,
     /// On its first chunk: the positions its cache holds (prompt plus answer).
     pub new: Option<u32>,
+    /// On its first chunk: the stored prompt beginning it starts from (its tokens run after it).
+    pub from: Option<u32>,
+    /// After the step: store a copy of the sequence so far under this number.
+    pub keep: Option<u32>,
     /// Its new tokens.
     pub tokens: Vec<u32>,
     /// What the ranks compute from the last token's logits.
@@ -93,9 +99,12 @@ mod tests {
         };
         let step = Order::Step(Plan {
             free: vec![3, 9],
+            forget: vec![1],
             chunks: vec![PlanChunk {
                 seq: 4,
                 new: Some(300),
+                from: Some(2),
+                keep: None,
                 tokens: vec![5, 6, 7],
                 pick: Pick::Sample,
             }],

@@ -109,6 +109,31 @@ pub struct State {
 }
 
 impl State {
+    /// A new state of `capacity` positions holding this one's first `pos` positions: the caches' rows
+    /// copied, Yuan's LFA memory and the document mask as they stand. Only at this state's own position
+    /// (`p == self.pos`) for a model with LFA, whose memory is of the last position alone. The copy runs
+    /// exactly as the original did from there on: a prompt's shared beginning computed once.
+    pub fn prefix(&self, model: &Model, p: usize, capacity: usize) -> Result<State> {
+        let lfa = model.layers.iter().any(|l| l.lfa.is_some());
+        if p > self.pos || p > capacity || (lfa && p != self.pos) {
+            return Err(Error::Shape(format!(
+                "a prefix of {p} positions from a sequence at {} into a cache of {capacity}",
+                self.pos
+            )));
+        }
+        let mut s = model.new_state(capacity);
+        s.kv.copy_prefix(
+            &self.kv,
+            p,
+            model.config.head_dim(),
+            [self.capacity, capacity],
+        )?;
+        s.pos = p;
+        s.last_eod = self.last_eod.filter(|&e| e < p);
+        s.lfa = self.lfa.clone();
+        Ok(s)
+    }
+
     /// The first position each new token may see: with the document mask, nothing at or before the last
     /// eod before it.
     fn doc_starts(&mut self, c: &Config, tokens: &[u32]) -> Vec<usize> {

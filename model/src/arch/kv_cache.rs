@@ -73,6 +73,30 @@ impl<T: KvElem> Pair<T> {
     }
 }
 
+impl<T: Copy> Pair<T> {
+    /// Copies the first `rows` rows of every head of every layer from `src` (heads `src_cap` rows apart,
+    /// of `width` elements each) into this pair (heads `dst_cap` rows apart).
+    fn copy_rows(
+        &mut self,
+        src: &Pair<T>,
+        rows: usize,
+        width: usize,
+        [src_cap, dst_cap]: [usize; 2],
+    ) {
+        for (dst, src) in [(&mut self.keys, &src.keys), (&mut self.values, &src.values)] {
+            for li in 0..dst.layers() {
+                let heads = src[li].len() / (src_cap * width).max(1);
+                for g in 0..heads {
+                    let from = g * src_cap * width;
+                    let to = g * dst_cap * width;
+                    dst[li][to..to + rows * width]
+                        .copy_from_slice(&src[li][from..from + rows * width]);
+                }
+            }
+        }
+    }
+}
+
 impl<T> Pair<T> {
     /// Layer `li`'s keys and values as pointers.
     fn ptrs(&mut self, li: usize) -> [SharedMut<T>; 2] {
@@ -125,6 +149,12 @@ impl<T> Plane<T> {
     }
 }
 
+impl<T> Plane<T> {
+    fn layers(&self) -> usize {
+        self.buf.len() / std::mem::size_of::<T>().max(1) / self.per_layer.max(1)
+    }
+}
+
 impl<T> std::ops::Index<usize> for Plane<T> {
     type Output = [T];
     fn index(&self, li: usize) -> &[T] {
@@ -153,6 +183,37 @@ impl KvCache {
                 scales: Pair::zeroed(layers, len / d.max(1)),
             },
         }
+    }
+
+    /// Copies the first `rows` positions of every head and layer from `src` (a cache of the same type and
+    /// shape with `src_cap` positions per head) into this one (`dst_cap` per head), for rows of `d`.
+    pub fn copy_prefix(
+        &mut self,
+        src: &KvCache,
+        rows: usize,
+        d: usize,
+        caps: [usize; 2],
+    ) -> Result<()> {
+        match (self, src) {
+            (KvCache::F32(a), KvCache::F32(b)) => a.copy_rows(b, rows, d, caps),
+            (KvCache::F16(a), KvCache::F16(b)) => a.copy_rows(b, rows, d, caps),
+            (
+                KvCache::Q8 { codes, scales },
+                KvCache::Q8 {
+                    codes: c2,
+                    scales: s2,
+                },
+            ) => {
+                codes.copy_rows(c2, rows, d, caps);
+                scales.copy_rows(s2, rows, 1, caps);
+            }
+            _ => {
+                return Err(Error::Shape(
+                    "a KV cache copied into one of another type".into(),
+                ))
+            }
+        }
+        Ok(())
     }
 
     /// Stores one head's key and value row at element `at` of layer `li`.

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub step_tokens: u64,
     /// Tokens (rows) of the last step.
     pub last_batch: usize,
+    /// Requests whose prompt is longer than a chunk, those that started after a stored beginning, and
+    /// the prompt tokens that saved.
+    pub prefix_lookups: u64,
+    pub prefix_hits: u64,
+    pub prefix_tokens: u64,
     /// Seconds from queueing to the first token, and per further token.
     pub ttft: Histogram,
     pub tpot: Histogram,
@@ -90,7 +95,7 @@ impl Metrics {
         let p = &self.profile;
         let total = p.total().max(1) as f64;
         let (c, g) = ("counter", "gauge");
-        let rows: [(&str, &str, &str, String); 16] = [
+        let rows: [(&str, &str, &str, String); 19] = [
             (
                 "ringlm_requests_total",
                 c,
@@ -172,8 +177,26 @@ impl Metrics {
             (
                 "ringlm_kv_positions_used",
                 g,
-                "Cache positions the running sequences reserve.",
+                "Cache positions the running sequences reserve, and the stored prompt beginnings hold.",
                 self.kv_used.to_string(),
+            ),
+            (
+                "ringlm_prefix_cache_queries_total",
+                c,
+                "Requests with a prompt longer than a chunk (those that could reuse a stored beginning).",
+                self.prefix_lookups.to_string(),
+            ),
+            (
+                "ringlm_prefix_cache_hits_total",
+                c,
+                "Requests that started after a stored prompt beginning.",
+                self.prefix_hits.to_string(),
+            ),
+            (
+                "ringlm_prefix_cache_tokens_total",
+                c,
+                "Prompt tokens not run again thanks to stored beginnings.",
+                self.prefix_tokens.to_string(),
             ),
             (
                 "ringlm_kv_positions_total",

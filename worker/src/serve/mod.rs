@@ -13,10 +13,12 @@
 //! | `scheduler.rs` | what the ranks run next; requests as ids, settings and a channel |
 //! | `routes.rs` | endpoints, the context check, the queue, whole and streamed answers |
 //! | `openai.rs` | OpenAI's request and response types |
+//! | `prefix.rs` | which prompt beginnings the ranks keep for reuse |
 //! | `metrics.rs` | the counters behind /metrics |
 
 mod metrics;
 mod openai;
+mod prefix;
 mod routes;
 mod scheduler;
 
@@ -57,6 +59,10 @@ pub struct Args {
     /// Prompt tokens per chunk (a prompt longer than this is run over several steps).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// Keep no copies of prompt beginnings (by default a prompt that starts as an earlier one, at a whole
+    /// number of --prefill-chunk tokens, starts after that beginning instead of running it again).
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// Memory for the KV cache of all running sequences, over all ranks: bytes, with K/M/G suffixes, or
     /// a fraction of the memory available at start (0.5 = half, the default). A request reserves its
     /// prompt plus max_tokens positions; one that does not fit waits, one that never could gets 400.
@@ -176,6 +182,7 @@ pub fn run(a: Args) -> Result<()> {
         max_seqs: a.max_seqs,
         max_batch_tokens: a.max_batch_tokens,
         prefill_chunk: a.prefill_chunk,
+        prefix_cache: !a.no_prefix_cache,
         kv_positions: (kv_bytes / per_position.max(1) as u64) as usize,
     };
     shared.metrics.lock().unwrap().kv_total = limits.kv_positions;

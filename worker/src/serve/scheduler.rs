@@ -13,6 +13,7 @@ use model::rng::Rng;
 use tokio::sync::mpsc;
 
 use super::openai::{logprobs_of, TokenLogprob};
+use super::prefix::Prefixes;
 use super::AppState;
 use crate::batch::{Batch, Picked};
 use crate::engine::{self, SamplingArgs, TextStream};
@@ -82,6 +83,8 @@ pub struct Limits {
     pub prefill_chunk: usize,
     /// Cache positions for all sequences together (each reserves its prompt plus its answer).
     pub kv_positions: usize,
+    /// Whether prompt beginnings are kept for reuse ([`Prefixes`]).
+    pub prefix_cache: bool,
 }
 
 /// A request being answered.
@@ -90,6 +93,9 @@ struct Live<'t> {
     seq: u32,
     /// Prompt tokens run so far.
     fed: usize,
+    /// Where its prompt starts running: after a stored beginning (`from`), or 0.
+    start: usize,
+    from: Option<u32>,
     /// The token to run next, once the prompt is in.
     next: Option<u32>,
     /// Tokens generated.
@@ -117,6 +123,7 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
     let mut free: Vec<u32> = Vec::new();
     let mut next_seq = 0u32;
     let mut used = 0usize;
+    let mut prefixes = Prefixes::new(lim.prefill_chunk);
     loop {
         if engine::INTERRUPTED.load(Ordering::SeqCst) {
             eprintln!("ringlm serve: stopping");
@@ -156,17 +163,41 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
                 let _ = req.tx.send(Ev::Failed(too_big(need, lim.kv_positions)));
                 continue;
             }
-            if live.len() >= lim.max_seqs || used + need > lim.kv_positions {
+            if live.len() >= lim.max_seqs {
+                held = Some(req);
+                break;
+            }
+            // Stored beginnings give way to requests.
+            let over = (used + prefixes.positions + need).saturating_sub(lim.kv_positions);
+            prefixes.evict(over);
+            if used + prefixes.positions + need > lim.kv_positions {
                 held = Some(req);
                 break;
             }
             used += need;
+            let hit = if lim.prefix_cache {
+                prefixes.lookup(&req.ids)
+            } else {
+                None
+            };
+            {
+                let mut m = sh.metrics.lock().unwrap();
+                if req.ids.len() > lim.prefill_chunk {
+                    m.prefix_lookups += 1;
+                }
+                if let Some((_, len)) = hit {
+                    m.prefix_hits += 1;
+                    m.prefix_tokens += len as u64;
+                }
+            }
             let seed = req.sampling.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
             live.push(Live {
                 reply: Reply::new(&req.stops),
                 req,
                 seq: next_seq,
-                fed: 0,
+                fed: hit.map_or(0, |h| h.1),
+                start: hit.map_or(0, |h| h.1),
+                from: hit.map(|h| h.0),
                 next: None,
                 tokens: 0,
                 text: TextStream::new(&sh.tok),
@@ -183,6 +214,9 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
             }
             free.push(l.seq);
             used -= l.positions;
+            if l.fed == l.start && l.start > 0 {
+                prefixes.started(&l.req.ids, l.start);
+            }
             sh.metrics.lock().unwrap().cancelled += 1;
             eprintln!(
                 "[request {}] {} client gone after {} tokens",
@@ -190,11 +224,12 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
             );
             false
         });
-        let (plan, owners) = plan_step(&live, &mut free, lim);
-        if plan.chunks.is_empty() && plan.free.is_empty() {
+        let room = lim.kv_positions.saturating_sub(used);
+        let (plan, owners) = plan_step(&live, &mut free, lim, &mut prefixes, room);
+        if plan.chunks.is_empty() && plan.free.is_empty() && plan.forget.is_empty() {
             continue;
         }
-        gauges(sh, live.len(), &held, used);
+        gauges(sh, live.len(), &held, used + prefixes.positions);
         let t = Instant::now();
         let picked = Order::share(job, Some(&Order::Step(plan.clone())))
             .and_then(|_| batch.step(job, &plan));
@@ -251,7 +286,7 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
             used -= l.positions;
             retire(sh, l, finish);
         }
-        gauges(sh, live.len(), &held, used);
+        gauges(sh, live.len(), &held, used + prefixes.positions);
     }
 }
 
@@ -266,7 +301,13 @@ fn gauges(sh: &AppState, running: usize, held: &Option<Req>, used: usize) {
 /// The next step: a decode token for every sequence whose prompt is in, then prompt chunks in arrival
 /// order while the step's token budget allows (at least one). Returns the plan and, for each chunk that
 /// picks a token, its sequence's index in `live`.
-fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usize>) {
+fn plan_step(
+    live: &[Live],
+    free: &mut Vec<u32>,
+    lim: Limits,
+    prefixes: &mut Prefixes,
+    room: usize,
+) -> (Plan, Vec<usize>) {
     let pick = |l: &Live| {
         // Log-probabilities need the whole row, as sampling does.
         if l.req.sampling.temperature <= 0.0 && l.req.logprobs.is_none() {
@@ -277,6 +318,7 @@ fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usiz
     };
     let mut plan = Plan {
         free: std::mem::take(free),
+        forget: Vec::new(),
         chunks: Vec::new(),
     };
     let mut owners = Vec::new();
@@ -286,6 +328,8 @@ fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usiz
             plan.chunks.push(PlanChunk {
                 seq: l.seq,
                 new: None,
+                from: None,
+                keep: None,
                 tokens: vec![id],
                 pick: pick(l),
             });
@@ -304,9 +348,20 @@ fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usiz
             break;
         }
         let last = end == len;
+        let first = l.fed == l.start;
+        if first && l.start > 0 {
+            prefixes.started(&l.req.ids, l.start);
+        }
+        let keep = if lim.prefix_cache {
+            prefixes.keep(&l.req.ids, end, room.saturating_sub(prefixes.positions))
+        } else {
+            None
+        };
         plan.chunks.push(PlanChunk {
             seq: l.seq,
-            new: (l.fed == 0).then_some(l.positions as u32),
+            new: first.then_some(l.positions as u32),
+            from: if first { l.from } else { None },
+            keep,
             tokens: l.req.ids[l.fed..end].to_vec(),
             pick: if last { pick(l) } else { Pick::None },
         });
@@ -316,6 +371,7 @@ fn plan_step(live: &[Live], free: &mut Vec<u32>, lim: Limits) -> (Plan, Vec<usiz
         rows += end - l.fed;
         prompts += 1;
     }
+    plan.forget = std::mem::take(&mut prefixes.forget);
     // Picks come back in the plan's order, which is the order `owners` was filled in.
     (plan, owners)
 }
