@@ -66,7 +66,11 @@ impl Prefixes {
     /// Whether to store `ids[..end]` once a chunk ends there: a number for the copy when `end` is a whole
     /// number of chunks, not stored yet, and fits the `room` left.
     pub fn keep(&mut self, ids: &[u32], end: usize, room: usize) -> Option<u32> {
-        if end == 0 || end % self.chunk != 0 || end > room || self.map.contains_key(&ids[..end]) {
+        if end == 0
+            || !end.is_multiple_of(self.chunk)
+            || end > room
+            || self.map.contains_key(&ids[..end])
+        {
             return None;
         }
         self.clock += 1;
