@@ -29,6 +29,8 @@ pub struct Metrics {
     pub prefix_lookups: u64,
     pub prefix_hits: u64,
     pub prefix_tokens: u64,
+    /// Cache positions the stored prompt beginnings hold.
+    pub prefix_positions: usize,
     /// Seconds from queueing to the first token, and per further token.
     pub ttft: Histogram,
     pub tpot: Histogram,
@@ -95,7 +97,7 @@ impl Metrics {
         let p = &self.profile;
         let total = p.total().max(1) as f64;
         let (c, g) = ("counter", "gauge");
-        let rows: [(&str, &str, &str, String); 19] = [
+        let rows: [(&str, &str, &str, String); 20] = [
             (
                 "ringlm_requests_total",
                 c,
@@ -177,7 +179,7 @@ impl Metrics {
             (
                 "ringlm_kv_positions_used",
                 g,
-                "Cache positions the running sequences reserve, and the stored prompt beginnings hold.",
+                "Cache positions the running sequences reserve.",
                 self.kv_used.to_string(),
             ),
             (
@@ -197,6 +199,12 @@ impl Metrics {
                 c,
                 "Prompt tokens not run again thanks to stored beginnings.",
                 self.prefix_tokens.to_string(),
+            ),
+            (
+                "ringlm_prefix_cache_positions",
+                g,
+                "Cache positions the stored prompt beginnings hold (they give way to requests).",
+                self.prefix_positions.to_string(),
             ),
             (
                 "ringlm_kv_positions_total",

@@ -229,7 +229,7 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
         if plan.chunks.is_empty() && plan.free.is_empty() && plan.forget.is_empty() {
             continue;
         }
-        gauges(sh, live.len(), &held, used + prefixes.positions);
+        gauges(sh, live.len(), &held, used, prefixes.positions);
         let t = Instant::now();
         let picked = Order::share(job, Some(&Order::Step(plan.clone())))
             .and_then(|_| batch.step(job, &plan));
@@ -286,13 +286,15 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
             used -= l.positions;
             retire(sh, l, finish);
         }
-        gauges(sh, live.len(), &held, used + prefixes.positions);
+        gauges(sh, live.len(), &held, used, prefixes.positions);
     }
 }
 
-/// The batch's gauges in /metrics: sequences running and waiting, cache positions reserved.
-fn gauges(sh: &AppState, running: usize, held: &Option<Req>, used: usize) {
+/// The batch's gauges in /metrics: sequences running and waiting, cache positions reserved by them and
+/// held by stored prompt beginnings.
+fn gauges(sh: &AppState, running: usize, held: &Option<Req>, used: usize, stored: usize) {
     let mut m = sh.metrics.lock().unwrap();
+    m.prefix_positions = stored;
     m.running = running;
     m.waiting = sh.queue_rx.len() + usize::from(held.is_some());
     m.kv_used = used;
