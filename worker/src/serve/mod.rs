@@ -56,8 +56,9 @@ pub struct Args {
     /// Bounds how long a newcomer's prompt holds up the others' next tokens.
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
-    /// Prompt tokens per chunk (a prompt longer than this is run over several steps).
-    #[arg(long, default_value_t = 256)]
+    /// Prompt tokens per chunk: a longer prompt runs over several steps, and prompt beginnings are kept
+    /// for reuse at whole numbers of chunks (smaller chunks reuse more of a shared beginning).
+    #[arg(long, default_value_t = 64)]
     prefill_chunk: usize,
     /// Keep no copies of prompt beginnings (by default a prompt that starts as an earlier one, at a whole
     /// number of --prefill-chunk tokens, starts after that beginning instead of running it again).
