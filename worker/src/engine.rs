@@ -1,4 +1,4 @@
-//! Generation shared by `generate`, `chat` and (later) `serve`: every rank runs the same steps; rank 0 owns
+//! Generation of one sequence, shared by `generate` and `chat`: every rank runs the same steps; rank 0 owns
 //! the tokenizer and all I/O and tells the others what to run.
 
 use model::rng::Rng;
