@@ -32,6 +32,12 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// The sampler's generator for one answer: the same seed draws the same numbers in `generate`,
+    /// `chat` and the server.
+    pub fn rng(&self) -> Rng {
+        Rng::new(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
     /// The one check of sampling settings, for the command line and the server alike: a NaN or an
     /// out-of-range value would otherwise sample from nonsense without a word.
     pub fn check(&self) -> std::result::Result<(), String> {
@@ -193,7 +199,7 @@ pub fn generate(
         ..Stats::default()
     };
     // Seeded per generation, so every rank draws the same numbers.
-    let mut rng = Rng::new(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = s.rng();
     let t = Instant::now();
     job.model.profile = Profile::default();
     let mut logits = job

@@ -190,8 +190,8 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
                     m.prefix_tokens += len as u64;
                 }
             }
-            let seed = req.sampling.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
             live.push(Live {
+                rng: req.sampling.rng(),
                 reply: Reply::new(&req.stops),
                 req,
                 seq: next_seq,
@@ -201,7 +201,6 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
                 next: None,
                 tokens: 0,
                 text: TextStream::new(&sh.tok),
-                rng: Rng::new(seed),
                 positions: need,
                 first: None,
             });
