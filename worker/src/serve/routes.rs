@@ -357,12 +357,14 @@ impl Answer {
         }
     }
 
-    /// One server-sent event of choice `index`: new text, or its end with its reason (and, for the last
-    /// choice to end, the usage).
+    /// One server-sent event of choice `index`: new text, a token's log-probabilities (with empty text:
+    /// the token's text follows in its own chunk, once no stop string can claim it), or its end with its
+    /// reason (and, for the last choice to end, the usage).
     fn chunk(
         &self,
         index: u32,
         text: Option<String>,
+        logprobs: Option<serde_json::Value>,
         finish: Option<&'static str>,
         usage: Option<Usage>,
     ) -> Event {
@@ -374,6 +376,7 @@ impl Answer {
             let choice = Choice {
                 index,
                 delta: Some(delta),
+                logprobs,
                 finish_reason: finish,
                 ..Choice::default()
             };
@@ -382,44 +385,13 @@ impl Answer {
             let choice = Choice {
                 index,
                 text: Some(text.unwrap_or_default()),
+                logprobs,
                 finish_reason: finish,
                 ..Choice::default()
             };
             ("text_completion", choice)
         };
         event(&self.completion(object, vec![choice], usage))
-    }
-
-    /// A chunk with one token's log-probabilities and no new text (its text follows in its own chunk, once
-    /// no stop string can claim it).
-    fn logprob_chunk(&self, index: u32, lp: &openai::TokenLogprob, offset: usize) -> Event {
-        let logprobs = Some(openai::logprobs_json(
-            self.chat,
-            std::slice::from_ref(lp),
-            offset,
-        ));
-        let (object, choice) = if self.chat {
-            let delta = Delta {
-                role: None,
-                content: Some(String::new()),
-            };
-            let choice = Choice {
-                index,
-                delta: Some(delta),
-                logprobs,
-                ..Choice::default()
-            };
-            ("chat.completion.chunk", choice)
-        } else {
-            let choice = Choice {
-                index,
-                text: Some(String::new()),
-                logprobs,
-                ..Choice::default()
-            };
-            ("text_completion", choice)
-        };
-        event(&self.completion(object, vec![choice], None))
     }
 
     /// Server-sent events: (chat) a chunk naming the role for each choice, a chunk per piece of text, each
@@ -460,9 +432,13 @@ impl Answer {
                 _ if f.load(Ordering::SeqCst) => None,
                 Ev::Text(t) => {
                     sent[index as usize] += t.len();
-                    Some(this.chunk(index, Some(t), None, None))
+                    Some(this.chunk(index, Some(t), None, None, None))
                 }
-                Ev::Logprob(lp) => Some(this.logprob_chunk(index, &lp, sent[index as usize])),
+                Ev::Logprob(lp) => {
+                    let at = sent[index as usize];
+                    let lps = openai::logprobs_json(this.chat, std::slice::from_ref(&lp), at);
+                    Some(this.chunk(index, Some(String::new()), Some(lps), None, None))
+                }
                 Ev::Done {
                     finish,
                     completion_tokens,
@@ -470,7 +446,7 @@ impl Answer {
                     answered += completion_tokens;
                     let last = d.fetch_add(1, Ordering::SeqCst) + 1 == n;
                     let usage = last.then(|| Usage::new(prompt_tokens, answered));
-                    Some(this.chunk(index, None, Some(finish), usage))
+                    Some(this.chunk(index, None, None, Some(finish), usage))
                 }
                 Ev::Failed(why) => {
                     f.store(true, Ordering::SeqCst);
