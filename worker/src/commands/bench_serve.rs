@@ -208,7 +208,9 @@ fn one(host: &str, path: &str, body: &str, timeout: Duration) -> Outcome {
     let mut pending = Vec::new();
     let (mut chunks, mut usage, mut done, mut raw) = (0usize, None, false, Vec::new());
     let mut on_data = |d: &[u8]| -> Result<()> {
-        raw.extend_from_slice(&d[..d.len().min(4096 - raw.len().min(4096))]);
+        // The start of the body, for the error message of a refusal.
+        let room = 4096usize.saturating_sub(raw.len());
+        raw.extend_from_slice(&d[..d.len().min(room)]);
         pending.extend_from_slice(d);
         while let Some(i) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=i).collect();
@@ -227,7 +229,9 @@ fn one(host: &str, path: &str, body: &str, timeout: Duration) -> Outcome {
                 bail!("the server ended the stream with an error: {e}");
             }
             let text = v["choices"][0]["text"].as_str().unwrap_or("");
-            if !text.is_empty() || v["choices"][0]["finish_reason"].is_string() && chunks == 0 {
+            // A token's text, or (for an answer with none) its end: the first of them is the first token.
+            let ends = v["choices"][0]["finish_reason"].is_string();
+            if !text.is_empty() || (ends && chunks == 0) {
                 if chunks == 0 {
                     out.ttft = start.elapsed().as_secs_f64();
                 }
