@@ -147,6 +147,12 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// POSTs a JSON `body` to `base` + `path`: (HTTP status, body).
+pub fn post_json(base: &str, path: &str, body: &str) -> (u16, String) {
+    let url = format!("{base}{path}");
+    curl(&["-H", "Content-Type: application/json", "-d", body, &url])
+}
+
 /// SmolLM2's GGUF (fetched once by scripts/fetch-smollm2), or None with a loud message when it cannot be
 /// fetched on this machine.
 pub fn smollm2() -> Option<PathBuf> {

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use e2e::server::{curl, openai_python, root, smollm2, tiny_yuan, Server, LIMIT};
+use e2e::server::{curl, openai_python, post_json, root, smollm2, tiny_yuan, Server, LIMIT};
 use e2e::{run, TempDir};
 
 fn drive_with_openai(server: &Server, mode: &str) {
@@ -167,9 +167,9 @@ fn sixteen() -> Vec<String> {
 /// Posts every body alone, one after the other, then all at once; every answer must be the same text
 /// with the same finish reason and token counts (the batch changes no sequence's numbers).
 fn same_alone_and_together(server: &Server) {
-    let url = format!("{}/v1/completions", server.base);
+    let base = server.base.as_str();
     let post = |body: &str| {
-        let (code, out) = curl(&["-H", "Content-Type: application/json", "-d", body, &url]);
+        let (code, out) = post_json(base, "/v1/completions", body);
         assert_eq!(code, 200, "{body}: {out}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let c = &v["choices"][0];
@@ -223,8 +223,7 @@ fn logprobs_and_several_choices() {
     let Some(model) = smollm2() else { return };
     let server = Server::start(&model, &[]);
     let post = |path: &str, body: &str| {
-        let url = format!("{}{path}", server.base);
-        let (code, out) = curl(&["-H", "Content-Type: application/json", "-d", body, &url]);
+        let (code, out) = post_json(&server.base, path, body);
         assert_eq!(code, 200, "{body}: {out}");
         out
     };
@@ -332,14 +331,11 @@ fn logprobs_and_several_choices() {
     assert_eq!(text[0].as_str(), choices[0]["text"].as_str().unwrap());
     assert_eq!(text[1].as_str(), choices[1]["text"].as_str().unwrap());
     // Too many alternatives is a 400 naming the limit.
-    let url = format!("{}/v1/completions", server.base);
-    let (code, body) = curl(&[
-        "-H",
-        "Content-Type: application/json",
-        "-d",
+    let (code, body) = post_json(
+        &server.base,
+        "/v1/completions",
         r#"{"prompt":"x","logprobs":21}"#,
-        &url,
-    ]);
+    );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("at most 20"), "{body}");
     assert_eq!(server.stop(), 0);
@@ -370,8 +366,7 @@ fn a_shared_beginning_runs_once_and_changes_nothing() {
         ],
     );
     let post = |base: &str, b: &str| {
-        let u = format!("{base}/v1/completions");
-        let (code, out) = curl(&["-H", "Content-Type: application/json", "-d", b, &u]);
+        let (code, out) = post_json(base, "/v1/completions", b);
         assert_eq!(code, 200, "{out}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["choices"][0]["text"].as_str().unwrap().to_string()
