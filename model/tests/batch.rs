@@ -7,9 +7,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use model::arch::{argmax, Arch, Chunk, Config, Logits, Shard, Solo, State};
+use model::arch::{argmax, Chunk, Logits, Shard, Solo, State};
 use model::arch::{KvType, Model};
-use model::kernels::{KernelChoice, Kernels};
+use model::kernels::Kernels;
 use model::pool::Pool;
 use model::weight::Format;
 
@@ -163,42 +163,19 @@ fn check(model: &mut Model, what: &str) {
     }
 }
 
-fn kernel_choices() -> [KernelChoice; 3] {
-    [
-        KernelChoice::Reference,
-        KernelChoice::FastI16,
-        KernelChoice::FastI8,
-    ]
-}
-
 #[test]
 fn yuan_sequences_get_the_same_bits_in_a_batch() {
     let Some(dir) = golden() else { return };
-    for choice in kernel_choices() {
-        let k = Kernels::from_choice_or_env(Some(choice));
-        let Ok(k) = k else { continue }; // fast-i8 where the CPU has no VBMI
-        for (format, kv) in [
-            (Format::F32, KvType::F32),
-            (Format::Nf4, KvType::F16),
-            (Format::Nf4, KvType::Q8),
-        ] {
-            let mut m = Model::load(&dir, Shard::WHOLE, format, Format::Bf16, k).unwrap();
-            m.kv_cache = kv;
-            check(&mut m, &format!("{format:?} {kv} {}", k.describe()));
-        }
+    for (mut m, what) in common::yuan_variants(&dir) {
+        check(&mut m, &what);
     }
 }
 
 #[test]
 fn llama_sequences_get_the_same_bits_in_a_batch() {
-    let mut c = Config::preset("yuan2-2b", Some(2)).unwrap();
-    c.arch = Arch::Llama;
-    (c.hidden, c.ffn, c.heads, c.kv_heads, c.vocab) = (256, 512, 4, 2, 600);
-    for choice in kernel_choices() {
-        let Ok(k) = Kernels::from_choice_or_env(Some(choice)) else {
-            continue;
-        };
-        let mut m = Model::random(c.clone(), Shard::WHOLE, Format::Nf4, Format::Nf4, k, 5).unwrap();
+    for k in common::kernel_families() {
+        let c = common::tiny_llama();
+        let mut m = Model::random(c, Shard::WHOLE, Format::Nf4, Format::Nf4, k, 5).unwrap();
         m.kv_cache = KvType::F16;
         check(&mut m, &format!("llama nf4 {}", k.describe()));
     }
@@ -249,11 +226,16 @@ fn a_prefix_copy_continues_as_the_original() {
             assert!(m.new_state(9).prefix(&m, 0, 9).is_ok());
         }
     }
-    let mut c = Config::preset("yuan2-2b", Some(2)).unwrap();
-    c.arch = Arch::Llama;
-    (c.hidden, c.ffn, c.heads, c.kv_heads, c.vocab) = (256, 512, 4, 2, 600);
     let k = Kernels::from_choice_or_env(None).unwrap();
-    let mut m = Model::random(c, Shard::WHOLE, Format::Nf4, Format::Nf4, k, 5).unwrap();
+    let mut m = Model::random(
+        common::tiny_llama(),
+        Shard::WHOLE,
+        Format::Nf4,
+        Format::Nf4,
+        k,
+        5,
+    )
+    .unwrap();
     m.kv_cache = KvType::Q8;
     prefix_copy_continues(&mut m, "llama q8");
 }

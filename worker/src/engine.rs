@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use model::arch::Profile;
 
 use crate::runtime::Job;
+use crate::speculate::{SpecStats, Speculator};
 use model::tokenizer::{StreamDecoder, Tokenizer};
 
 /// How the next token is chosen.
@@ -108,6 +109,8 @@ pub struct Stats {
     pub interrupted: bool,
     /// Stopped at the end-of-document token.
     pub finished: bool,
+    /// What speculative decoding did, when it ran.
+    pub spec: Option<SpecStats>,
 }
 
 impl Stats {
@@ -127,46 +130,104 @@ impl Stats {
             pct(p.attention),
             pct(p.comm),
             pct(p.other)
-        )
+        ) + &self.spec.as_ref().map(|s| format!("; {}", s.summary())).unwrap_or_default()
     }
 }
 
 /// Samples from full-vocabulary logits with temperature, top-k and top-p.
 pub fn sample(logits: &[f32], s: &SamplingArgs, rng: &mut Rng) -> u32 {
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    // Highest first; ties by id so every rank sorts the same way.
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    let k = if s.top_k == 0 {
-        idx.len()
-    } else {
-        s.top_k.min(idx.len())
-    };
-    idx.truncate(k);
-    let max = logits[idx[0]] as f64;
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((logits[i] as f64 - max) / s.temperature as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    let mut cum = 0.0;
-    let mut keep = probs.len();
-    for (j, p) in probs.iter_mut().enumerate() {
-        *p /= total;
-        cum += *p;
-        if cum >= s.top_p as f64 {
-            keep = j + 1;
-            break;
+    Dist::new(logits, s).draw(rng)
+}
+
+/// What sampling draws from: the tokens top-k and top-p keep, most likely first, with their
+/// probabilities (weights that sum to `mass`).
+pub struct Dist {
+    ids: Vec<u32>,
+    probs: Vec<f64>,
+    mass: f64,
+}
+
+impl Dist {
+    /// The distribution of full-vocabulary `logits` under temperature, top-k and top-p.
+    pub fn new(logits: &[f32], s: &SamplingArgs) -> Dist {
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        // Highest first; ties by id so every rank sorts the same way.
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let k = if s.top_k == 0 {
+            idx.len()
+        } else {
+            s.top_k.min(idx.len())
+        };
+        idx.truncate(k);
+        let max = logits[idx[0]] as f64;
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((logits[i] as f64 - max) / s.temperature as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (j, p) in probs.iter_mut().enumerate() {
+            *p /= total;
+            cum += *p;
+            if cum >= s.top_p as f64 {
+                keep = j + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        Dist {
+            ids: idx[..keep].iter().map(|&i| i as u32).collect(),
+            mass: probs.iter().sum(),
+            probs,
         }
     }
-    let mass: f64 = probs[..keep].iter().sum();
-    let mut r = rng.next_f64() * mass;
-    for j in 0..keep {
-        r -= probs[j];
-        if r <= 0.0 {
-            return idx[j] as u32;
+
+    /// One draw.
+    pub fn draw(&self, rng: &mut Rng) -> u32 {
+        let mut r = rng.next_f64() * self.mass;
+        for (&id, &p) in self.ids.iter().zip(&self.probs) {
+            r -= p;
+            if r <= 0.0 {
+                return id;
+            }
         }
+        *self
+            .ids
+            .last()
+            .expect("a distribution keeps one token or more")
     }
-    idx[keep - 1] as u32
+
+    /// The probability of `id`.
+    pub fn p(&self, id: u32) -> f64 {
+        self.ids
+            .iter()
+            .position(|&i| i == id)
+            .map_or(0.0, |j| self.probs[j] / self.mass)
+    }
+
+    /// Every kept token's probability.
+    pub fn table(&self) -> std::collections::HashMap<u32, f64> {
+        let ps = self.probs.iter().map(|p| p / self.mass);
+        self.ids.iter().copied().zip(ps).collect()
+    }
+
+    /// max(0, p − q), renormalised: where a rejected draft sends the draw so that the tokens come out as
+    /// this distribution (speculative sampling). None where nothing is left (p ≤ q everywhere).
+    pub fn residual(&self, q: impl Fn(u32) -> f64) -> Option<Dist> {
+        let probs: Vec<f64> = self
+            .ids
+            .iter()
+            .zip(&self.probs)
+            .map(|(&id, &p)| (p / self.mass - q(id)).max(0.0))
+            .collect();
+        let mass: f64 = probs.iter().sum();
+        (mass > 0.0).then(|| Dist {
+            ids: self.ids.clone(),
+            probs,
+            mass,
+        })
+    }
 }
 
 /// Rank 0's ids to every rank.
@@ -180,14 +241,16 @@ pub fn share_ids(job: &mut Job, ids: &[u32]) -> Result<Vec<u32>> {
 }
 
 /// Runs `prompt` and generates until `stop`, max_tokens, Ctrl-C or `cancel()` on rank 0 (the other ranks'
-/// `cancel` is not consulted); `emit` sees every new token (on every rank; only rank 0 prints). All ranks
-/// must call it with the same arguments.
+/// `cancel` is not consulted); `emit` sees every new token (on every rank; only rank 0 prints). With a
+/// [`Speculator`], steps verify drafted tokens and may give several. All ranks must call it with the same
+/// arguments.
 pub fn generate(
     job: &mut Job,
     prompt: &[u32],
     s: &SamplingArgs,
     stop: u32,
     cancel: &dyn Fn() -> bool,
+    mut spec: Option<&mut Speculator>,
     mut emit: impl FnMut(u32) -> Result<()>,
 ) -> Result<Stats> {
     s.check().map_err(anyhow::Error::msg)?;
@@ -198,27 +261,35 @@ pub fn generate(
         prompt_tokens: prompt.len(),
         ..Stats::default()
     };
+    if let Some(sp) = spec.as_deref_mut() {
+        sp.start(cap);
+    }
     // Seeded per generation, so every rank draws the same numbers.
     let mut rng = s.rng();
     let t = Instant::now();
     job.model.profile = Profile::default();
-    let mut logits = job
+    let logits = job
         .model
         .forward(&job.pool, &mut job.comm, &mut state, prompt, false)?;
     stats.prefill_s = t.elapsed().as_secs_f64();
     job.model.profile = Profile::default();
     let t = Instant::now();
-    while stats.tokens < s.max_tokens && state.pos < cap {
-        let next = if s.temperature <= 0.0 {
-            job.model.greedy(&mut job.comm, &logits)?
-        } else {
-            let full = job.model.gather_logits(&mut job.comm, &logits, 1)?;
-            sample(&full, s, &mut rng)
+    let mut next = pick(job, &logits, s, &mut rng)?;
+    // The text so far, for drafts to be looked up in.
+    let mut text = prompt.to_vec();
+    'answer: while stats.tokens < s.max_tokens && state.pos < cap {
+        // Rank 0 decides whether to go on (Ctrl-C, a client gone) and how many tokens to draft after
+        // `next`; everyone follows.
+        text.push(next);
+        let room = (s.max_tokens - stats.tokens - 1).min(cap - state.pos - 1);
+        let k = match spec.as_deref_mut() {
+            Some(sp) if job.rank() == 0 => sp.plan(&text, room),
+            _ => 0,
         };
-        // Rank 0 decides whether to go on (Ctrl-C, a client gone); everyone follows.
-        let mut go = vec![u8::from(!INTERRUPTED.load(Ordering::SeqCst) && !cancel())];
-        job.comm.0.broadcast(0, &mut go)?;
-        if go[0] == 0 {
+        let go = !INTERRUPTED.load(Ordering::SeqCst) && !cancel();
+        let mut order = vec![u8::from(go), k.min(255) as u8];
+        job.comm.0.broadcast(0, &mut order)?;
+        if order[0] == 0 {
             stats.interrupted = true;
             break;
         }
@@ -231,13 +302,41 @@ pub fn generate(
         if stats.tokens == s.max_tokens || state.pos + 1 > cap {
             break;
         }
-        logits = job
-            .model
-            .forward(&job.pool, &mut job.comm, &mut state, &[next], false)?;
+        let kept;
+        (kept, next) = match spec.as_deref_mut() {
+            Some(sp) => sp.step(job, &mut state, &text, order[1] as usize, s, &mut rng)?,
+            None => {
+                let logits =
+                    job.model
+                        .forward(&job.pool, &mut job.comm, &mut state, &[next], false)?;
+                (Vec::new(), pick(job, &logits, s, &mut rng)?)
+            }
+        };
+        for id in kept {
+            if id == stop {
+                stats.finished = true;
+                break 'answer;
+            }
+            stats.tokens += 1;
+            emit(id)?;
+            text.push(id);
+        }
     }
     stats.decode_s = t.elapsed().as_secs_f64();
     stats.profile = job.model.profile;
+    stats.spec = spec.map(|sp| sp.stats.clone());
     Ok(stats)
+}
+
+/// The next token from this rank's slice of one logits row: the distributed argmax, or a draw from the
+/// full row.
+fn pick(job: &mut Job, logits: &[f32], s: &SamplingArgs, rng: &mut Rng) -> Result<u32> {
+    Ok(if s.temperature <= 0.0 {
+        job.model.greedy(&mut job.comm, logits)?
+    } else {
+        let full = job.model.gather_logits(&mut job.comm, logits, 1)?;
+        sample(&full, s, rng)
+    })
 }
 
 /// Generated ids → text pieces as they come: whole UTF-8 characters only, and Yuan's `<n>` as a newline.

@@ -8,6 +8,7 @@ mod protocol;
 mod runtime;
 mod selfbind;
 mod serve;
+mod speculate;
 mod stats;
 
 use std::process::ExitCode;

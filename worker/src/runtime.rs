@@ -206,25 +206,10 @@ impl Job {
             None => Pool::from_env(),
         };
         let kernels = Kernels::from_choice_or_env(a.kernels)?;
-        let head = a.lm_head.unwrap_or(if a.weights == Format::F32 {
-            Format::F32
-        } else {
-            Format::Bf16
-        });
         let start = std::time::Instant::now();
         let kind = ModelKind::of(&a.model);
-        let mut model = match kind {
-            ModelKind::Shards => Model::load_shards(&a.model, shard, kernels),
-            ModelKind::Gguf => Model::load_gguf(&a.model, shard, a.weights, head, kernels),
-            ModelKind::Checkpoint => Model::load(&a.model, shard, a.weights, head, kernels),
-        }
-        .with_context(|| format!("rank {}: loading {}", shard.rank, a.model.display()))?;
+        let model = load_model(a, &a.model, shard, kernels)?;
         let secs = start.elapsed().as_secs_f64();
-        // The loaded layers decide, so that converted NF4 shards (no --weights) get the fast cache too.
-        model.kv_cache = a.kv_cache.unwrap_or(match model.layer_format() {
-            Some(Format::F32) => KvType::F32,
-            _ => KvType::F16,
-        });
         let mut job = Job { comm, pool, model };
         if kind == ModelKind::Shards || a.report_placement {
             let bytes = job.model.weight_bytes() as f64;
@@ -247,6 +232,28 @@ impl Job {
     pub fn rank(&self) -> usize {
         self.comm.0.rank()
     }
+}
+
+/// This rank's slice of the model at `path` (the target or a draft model), kept as `a` says: weight and
+/// lm_head formats, cache type.
+pub fn load_model(a: &ModelArgs, path: &Path, shard: Shard, kernels: Kernels) -> Result<Model> {
+    let head = a.lm_head.unwrap_or(if a.weights == Format::F32 {
+        Format::F32
+    } else {
+        Format::Bf16
+    });
+    let mut model = match ModelKind::of(path) {
+        ModelKind::Shards => Model::load_shards(path, shard, kernels),
+        ModelKind::Gguf => Model::load_gguf(path, shard, a.weights, head, kernels),
+        ModelKind::Checkpoint => Model::load(path, shard, a.weights, head, kernels),
+    }
+    .with_context(|| format!("rank {}: loading {}", shard.rank, path.display()))?;
+    // The loaded layers decide, so that converted NF4 shards (no --weights) get the fast cache too.
+    model.kv_cache = a.kv_cache.unwrap_or(match model.layer_format() {
+        Some(Format::F32) => KvType::F32,
+        _ => KvType::F16,
+    });
+    Ok(model)
 }
 
 /// Prints one line of a rank's report to stderr in a single write: launchers forward every rank's stderr

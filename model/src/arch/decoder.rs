@@ -72,6 +72,9 @@ pub enum Logits {
     Last,
     /// Every token's (perplexity, reference comparisons); only for a step of one chunk.
     All,
+    /// Every token's, each row computed exactly as a one-token decode step computes it, so a speculative
+    /// step's logits are the bits plain decoding would give (the weights still stream once for them all).
+    Verify,
 }
 
 /// One sequence's part of a step: its new tokens, appended at `state.pos`.
@@ -106,6 +109,17 @@ pub struct State {
     pub(super) kv: KvCache,
     /// Per layer, LFA's memory of the last position (Yuan 2.0).
     lfa: Vec<LfaMemory>,
+    /// Where [`State::rewind`] may go back to, while marked.
+    mark: Option<Mark>,
+}
+
+/// A position a sequence may be taken back to (speculative decoding's rejected drafts): the document
+/// mask as it stood there and the eod tokens seen since.
+#[derive(Clone, Debug)]
+struct Mark {
+    pos: usize,
+    last_eod: Option<usize>,
+    eods: Vec<usize>,
 }
 
 impl State {
@@ -130,8 +144,58 @@ impl State {
         )?;
         s.pos = p;
         s.last_eod = self.last_eod.filter(|&e| e < p);
-        s.lfa = self.lfa.clone();
+        s.lfa = self.lfa.iter().map(LfaMemory::snapshot).collect();
         Ok(s)
+    }
+
+    /// From here on, every position this sequence runs can be taken back by [`State::rewind`], to this
+    /// one at the earliest. Costs, with Yuan's LFA, its memory per position (1.5 × hidden floats per
+    /// layer) until [`State::unmark`] or the next mark.
+    pub fn mark(&mut self) {
+        self.mark = Some(Mark {
+            pos: self.pos,
+            last_eod: self.last_eod,
+            eods: Vec::new(),
+        });
+        for m in &mut self.lfa {
+            m.mark(true);
+        }
+    }
+
+    /// Stops keeping what [`State::rewind`] needs.
+    pub fn unmark(&mut self) {
+        self.mark = None;
+        for m in &mut self.lfa {
+            m.mark(false);
+        }
+    }
+
+    /// Takes the sequence back to position `p` (between the mark and now), as if the positions after it
+    /// had never run: the keys and values past it are left to be overwritten, LFA's memory and the
+    /// document mask are restored. The mark stays.
+    pub fn rewind(&mut self, p: usize) -> Result<()> {
+        let Some(mark) = &mut self.mark else {
+            return Err(Error::Shape(format!(
+                "a rewind to position {p} of a sequence that was not marked"
+            )));
+        };
+        if p < mark.pos || p > self.pos {
+            return Err(Error::Shape(format!(
+                "a rewind to position {p}: the sequence is at {} and marked at {}",
+                self.pos, mark.pos
+            )));
+        }
+        for m in &mut self.lfa {
+            if !m.rewind(p - mark.pos) {
+                return Err(Error::Shape(format!(
+                    "LFA's memory does not reach back to position {p}"
+                )));
+            }
+        }
+        mark.eods.retain(|&e| e < p);
+        self.last_eod = mark.eods.last().copied().or(mark.last_eod);
+        self.pos = p;
+        Ok(())
     }
 
     /// The first position each new token may see: with the document mask, nothing at or before the last
@@ -146,6 +210,9 @@ impl State {
             });
             if c.reset_attention_mask && id == c.eod {
                 self.last_eod = Some(self.pos + i);
+                if let Some(m) = &mut self.mark {
+                    m.eods.push(self.pos + i);
+                }
             }
         }
         starts
@@ -191,11 +258,14 @@ impl Model {
             capacity,
             last_eod: None,
             kv: KvCache::new(self.kv_cache, self.layers.len(), capacity * n, c.head_dim()),
+            // Only layers with LFA have a memory (an empty list for Llama).
             lfa: self
                 .layers
                 .iter()
+                .filter(|l| l.lfa.is_some())
                 .map(|_| LfaMemory::new(c.hidden, ch))
                 .collect(),
+            mark: None,
         }
     }
 
@@ -246,9 +316,9 @@ impl Model {
                 "a step needs one chunk or more, and every row's logits only with one".into(),
             ));
         }
-        // One-token chunks first: their rows take the GEMV path, the rest the GEMM.
+        // One-token and verify chunks first: their rows take the GEMV path, the rest the GEMM.
         let mut order: Vec<usize> = (0..chunks.len()).collect();
-        order.sort_by_key(|&i| chunks[i].tokens.len() > 1);
+        order.sort_by_key(|&i| chunks[i].tokens.len() > 1 && chunks[i].logits != Logits::Verify);
         let mut seqs = Vec::with_capacity(chunks.len());
         let mut slots: Vec<Option<&mut Chunk>> = chunks.iter_mut().map(Some).collect();
         let mut m = 0;
@@ -276,7 +346,11 @@ impl Model {
             });
             m += len;
         }
-        let solo = seqs.iter().filter(|s| s.rows.len() == 1).count();
+        let solo = seqs
+            .iter()
+            .filter(|s| s.rows.len() == 1 || s.logits == Logits::Verify)
+            .map(|s| s.rows.len())
+            .sum();
         let mut tm = Timer::new(self.profile);
 
         // x = embed_tokens(input_ids), or the previous pipeline stage's output.
@@ -388,7 +462,7 @@ impl Model {
                     let r = match s.logits {
                         Logits::None => s.rows.end..s.rows.end,
                         Logits::Last => s.rows.end - 1..s.rows.end,
-                        Logits::All => s.rows.clone(),
+                        Logits::All | Logits::Verify => s.rows.clone(),
                     };
                     r.map(move |i| (i, pos0 + i - s.rows.start))
                 })

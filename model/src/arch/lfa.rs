@@ -29,6 +29,9 @@ const LFA_EPS: f32 = 1e-6;
 pub(crate) struct LfaMemory {
     h: Vec<f32>,  // (H,)
     o1: Vec<f32>, // (c,)
+    /// While positions may be taken back (speculative decoding): the memory as it stood at the mark and
+    /// after every position since, `h` rows then `o1` rows, one entry per position.
+    trail: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl LfaMemory {
@@ -37,6 +40,38 @@ impl LfaMemory {
         LfaMemory {
             h: vec![0f32; hidden],
             o1: vec![0f32; chans],
+            trail: None,
+        }
+    }
+
+    /// Starts keeping the memory of every position from here (the current one first); None stops.
+    pub fn mark(&mut self, on: bool) {
+        self.trail = on.then(|| (self.h.clone(), self.o1.clone()));
+    }
+
+    /// The memory as it stood `back` positions after the mark, and the trail cut there; false when the
+    /// trail does not reach that far.
+    pub fn rewind(&mut self, back: usize) -> bool {
+        let (h, c) = (self.h.len(), self.o1.len());
+        let Some((th, to)) = &mut self.trail else {
+            return false;
+        };
+        if th.len() < (back + 1) * h {
+            return false;
+        }
+        th.truncate((back + 1) * h);
+        to.truncate((back + 1) * c);
+        self.h.copy_from_slice(&th[back * h..]);
+        self.o1.copy_from_slice(&to[back * c..]);
+        true
+    }
+
+    /// A copy without the trail (a new sequence starts from it).
+    pub fn snapshot(&self) -> LfaMemory {
+        LfaMemory {
+            h: self.h.clone(),
+            o1: self.o1.clone(),
+            trail: None,
         }
     }
 }
@@ -95,6 +130,10 @@ impl Lfa {
             let last = r0 + *len - 1;
             mem.h.copy_from_slice(&hn[last * h..(last + 1) * h]);
             mem.o1.copy_from_slice(&o1[last * ch..(last + 1) * ch]);
+            if let Some((th, to)) = &mut mem.trail {
+                th.extend_from_slice(&hn[r0 * h..(last + 1) * h]);
+                to.extend_from_slice(&o1[r0 * ch..(last + 1) * ch]);
+            }
             r0 += *len;
         }
         let mut o2 = vec![0f32; m * h];

@@ -4,47 +4,40 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{bail, Context, Result};
 
-use super::generate::print_answer;
+use super::generate::{print_answer, AnswerArgs};
 use super::load_tokenizer;
-use crate::engine::{self, SamplingArgs};
+use crate::engine;
 use crate::protocol::Order;
-use crate::runtime::{Job, ModelArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct ChatArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    sampling: SamplingArgs,
+    answer: AnswerArgs,
     /// Context the conversation must fit in, in tokens (oldest turns are dropped to fit).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    if let Some(code) = a.model.relaunch()? {
-        std::process::exit(code);
-    }
+    let (mut job, mut spec) = a.answer.start()?;
     engine::catch_sigint();
-    a.sampling.check().map_err(anyhow::Error::msg)?;
-    let mut job = Job::start(&a.model)?;
     let rank0 = job.rank() == 0;
-    let tok = load_tokenizer(&a.model.model)?;
+    let tok = load_tokenizer(&a.answer.model.model)?;
     if let Some(why) = tok.chat_unsupported() {
-        bail!("{}: {why}", a.model.model.display());
+        bail!("{}: {why}", a.answer.model.model.display());
     }
     let ctx = a.ctx.min(job.model.config.max_positions);
-    if ctx <= a.sampling.max_tokens + 8 {
+    if ctx <= a.answer.sampling.max_tokens + 8 {
         bail!(
             "--ctx {ctx} leaves no room for a prompt next to --max-tokens {}",
-            a.sampling.max_tokens
+            a.answer.sampling.max_tokens
         );
     }
     let tty = std::io::stdin().is_terminal();
     let mut history: Vec<String> = Vec::new();
     let mut lines = std::io::stdin().lock().lines();
     if rank0 && tty {
-        eprintln!("ringlm chat: {} (np={}). /reset clears the conversation, /quit or Ctrl-D leaves; Ctrl-C stops an answer.", a.model.model.display(), job.comm.0.size());
+        eprintln!("ringlm chat: {} (np={}). /reset clears the conversation, /quit or Ctrl-D leaves; Ctrl-C stops an answer.", a.answer.model.model.display(), job.comm.0.size());
     }
     loop {
         // Rank 0 reads the next message and builds the prompt; everyone receives the order.
@@ -73,20 +66,20 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 let mut ids;
                 loop {
                     ids = tok.encode(&tok.chat_prompt(&history));
-                    if ids.len() + a.sampling.max_tokens <= ctx || history.len() <= 1 {
+                    if ids.len() + a.answer.sampling.max_tokens <= ctx || history.len() <= 1 {
                         break;
                     }
                     history.drain(..2.min(history.len() - 1));
                     eprintln!("[oldest turn dropped to fit the context of {ctx} tokens]");
                 }
-                if ids.len() + a.sampling.max_tokens > ctx {
-                    eprintln!("[message too long: {} tokens, the context holds {ctx} with {} for the answer]", ids.len(), a.sampling.max_tokens);
+                if ids.len() + a.answer.sampling.max_tokens > ctx {
+                    eprintln!("[message too long: {} tokens, the context holds {ctx} with {} for the answer]", ids.len(), a.answer.sampling.max_tokens);
                     history.pop();
                     continue;
                 }
                 order = Order::Generate {
                     ids,
-                    sampling: a.sampling.clone(),
+                    sampling: a.answer.sampling.clone(),
                     stop: tok.stop(),
                 };
                 break;
@@ -98,17 +91,19 @@ pub fn run(a: ChatArgs) -> Result<()> {
             break;
         };
         engine::INTERRUPTED.store(false, std::sync::atomic::Ordering::SeqCst);
-        let (answer, stats) = print_answer(&mut job, &tok, &ids, &sampling)?;
+        let (answer, stats) = print_answer(&mut job, &tok, &ids, &sampling, spec.as_mut())?;
         if rank0 {
             if stats.interrupted {
                 eprintln!("[stopped]");
             }
+            let spec = stats.spec.as_ref().map(|s| format!("; {}", s.summary()));
             eprintln!(
-                "[{} tokens, {:.2} tokens/s; prompt {} tokens at {:.1} tokens/s]",
+                "[{} tokens, {:.2} tokens/s; prompt {} tokens at {:.1} tokens/s{}]",
                 stats.tokens,
                 stats.tokens as f64 / stats.decode_s.max(1e-9),
                 stats.prompt_tokens,
-                stats.prompt_tokens as f64 / stats.prefill_s.max(1e-9)
+                stats.prompt_tokens as f64 / stats.prefill_s.max(1e-9),
+                spec.unwrap_or_default()
             );
             history.push(answer);
         }

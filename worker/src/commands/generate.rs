@@ -8,13 +8,37 @@ use model::tokenizer::Tokenizer;
 use super::{load_tokenizer, read_stdin};
 use crate::engine::{self, generate, share_ids, SamplingArgs, TextStream};
 use crate::runtime::{Job, ModelArgs};
+use crate::speculate::{SpecArgs, Speculator};
+
+/// What every command that writes answers takes: the model, sampling and speculation.
+#[derive(clap::Args, Debug)]
+pub(super) struct AnswerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+}
+
+impl AnswerArgs {
+    /// Starts the job: under `--np` this process only waits for the ranks and exits with their code;
+    /// otherwise it checks the settings, loads the model (and any draft model) and returns them.
+    pub fn start(&self) -> Result<(Job, Option<Speculator>)> {
+        if let Some(code) = self.model.relaunch()? {
+            std::process::exit(code);
+        }
+        self.sampling.check().map_err(anyhow::Error::msg)?;
+        let job = Job::start(&self.model)?;
+        let spec = Speculator::new(&self.spec, &self.model, &job)?;
+        Ok((job, spec))
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    sampling: SamplingArgs,
+    answer: AnswerArgs,
     /// The prompt (read from stdin when absent). Yuan models: newlines become <n> and <sep> is appended;
     /// other models continue the text as given.
     #[arg(long)]
@@ -61,13 +85,9 @@ impl<'a> Printer<'a> {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if let Some(code) = a.model.relaunch()? {
-        std::process::exit(code);
-    }
-    a.sampling.check().map_err(anyhow::Error::msg)?;
-    let mut job = Job::start(&a.model)?;
+    let (mut job, mut spec) = a.answer.start()?;
     let rank0 = job.rank() == 0;
-    let tok = load_tokenizer(&a.model.model)?;
+    let tok = load_tokenizer(&a.answer.model.model)?;
     let ids = if rank0 {
         let text = match &a.prompt {
             Some(p) => p.clone(),
@@ -79,13 +99,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             bail!("the prompt is empty");
         }
         let ctx = job.model.config.max_positions;
-        engine::check_context(ids.len(), a.sampling.max_tokens, ctx)?;
+        engine::check_context(ids.len(), a.answer.sampling.max_tokens, ctx)?;
         ids
     } else {
         Vec::new()
     };
     let ids = share_ids(&mut job, &ids)?;
-    let (_, stats) = print_answer(&mut job, &tok, &ids, &a.sampling)?;
+    let (_, stats) = print_answer(&mut job, &tok, &ids, &a.answer.sampling, spec.as_mut())?;
     if rank0 {
         eprintln!("[{}]", stats.summary());
     }
@@ -98,10 +118,11 @@ pub(super) fn print_answer(
     tok: &Tokenizer,
     ids: &[u32],
     sampling: &SamplingArgs,
+    spec: Option<&mut Speculator>,
 ) -> Result<(String, engine::Stats)> {
     let rank0 = job.rank() == 0;
     let mut printer = Printer::new(tok);
-    let stats = generate(job, ids, sampling, tok.stop(), &|| false, |id| {
+    let stats = generate(job, ids, sampling, tok.stop(), &|| false, spec, |id| {
         if rank0 {
             printer.push(id)
         } else {

@@ -233,7 +233,7 @@ fn follow(job: &mut Job) -> Result<()> {
                 sampling,
                 stop,
             } => {
-                generate(job, &ids, &sampling, stop, &|| false, |_| Ok(()))?;
+                generate(job, &ids, &sampling, stop, &|| false, None, |_| Ok(()))?;
             }
         }
     }
