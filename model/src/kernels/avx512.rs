@@ -333,7 +333,7 @@ unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const PF: u8>(
         }
         out
     };
-    tile_loop(w, x, y, tiles, scales, |base, c, full| {
+    tile_loop(w, [x], &mut [y], tiles, scales, |base, c, full| {
         let xp = q.add(c * 128) as *const i64;
         let mut a = [_mm512_setzero_si512(); 4];
         if full {
@@ -345,7 +345,10 @@ unsafe fn gemv_nf4_tiles_with<const WORD_SHIFTS: bool, const PF: u8>(
                 super_chunk::<WORD_SHIFTS, PF>(base, s, xp, lut, &mut a);
             }
         }
-        _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]))
+        [_mm512_add_epi32(
+            _mm512_add_epi32(a[0], a[1]),
+            _mm512_add_epi32(a[2], a[3]),
+        )]
     })
 }
 
@@ -360,7 +363,7 @@ unsafe fn gemv_nf4_tiles_bytes<const PF: u8>(
     let b8 = x.bytes.as_ref().expect("8-bit codes");
     let lut = _mm512_loadu_si512(level_bytes().as_ptr() as *const __m512i);
     let scales = |sc: &mut TileScales, codes: *const u8, c: usize, n: usize| sc.four(codes, c, n);
-    tile_loop(w, x, y, tiles, scales, |base, c, full| {
+    tile_loop(w, [x], &mut [y], tiles, scales, |base, c, full| {
         let xp = b8.q.as_ptr().add(c * 128) as *const i64;
         let prod = if full {
             chunk_bytes::<8, PF>(base, xp, lut)
@@ -371,24 +374,116 @@ unsafe fn gemv_nf4_tiles_bytes<const PF: u8>(
         let bias = _mm512_set1_epi64(std::ptr::read_unaligned(
             b8.bias.as_ptr().add(2 * c) as *const i64
         ));
-        _mm512_sub_epi32(prod, bias)
+        [_mm512_sub_epi32(prod, bias)]
     })
 }
 
-/// The GEMV's walk over tiles and chunks, shared by both code widths: `products(base, c, full)` gives chunk
-/// `c`'s integer sums per lane (its codes at `base`; `full` unless it is a last half chunk), which this
-/// weighs with the lane scales and the activations' factors and sums per row. `scales(sc, codes, c, n)`
-/// decodes the lane scales of the `n` (≤ 4) chunks from `c` on, their scale codes at `codes`.
+/// The 8-bit GEMV for several tokens at once (at most [`MANY`]): each 64-byte load of codes is mapped to
+/// level bytes once and multiplied with every token's codes, and each token's sums and scaling run as in
+/// [`gemv_nf4_tiles_bytes`], so every token gets the one-token GEMV's bits (integer sums are exact in any
+/// order) while the codes stream from memory once. Decoding the tiles to a buffer first, as prefill's GEMM
+/// does, costs a store and a reload of every byte and leaves the memory idle while the tokens multiply.
+/// `ys[j]` gets token j's rows from `8 · tiles.start` on.
+///
+/// # Safety
+/// avx512f, avx512bw, avx512vnni, avx512vbmi; every `xs[j]` holds 8-bit codes of `w.cols()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+pub unsafe fn gemv_nf4_tiles_many(
+    w: &Nf4Matrix,
+    xs: &[QuantX],
+    ys: &mut [&mut [f32]],
+    tiles: std::ops::Range<usize>,
+) {
+    // The L1 prefetch on every CPU: with several tokens' work per load, fewer loads are in flight and the
+    // hardware prefetcher alone falls behind (BENCHMARKS.md: m = 5 and 8 on Zen 4 with each setting).
+    macro_rules! by_count {
+        ($($t:literal)*) => {
+            match xs.len() {
+                $($t => tiles_many::<$t, PF_L1>(w, xs, ys, tiles),)*
+                n => panic!("{n} tokens for the multi-token GEMV (1 to {MANY})"),
+            }
+        };
+    }
+    by_count!(1 2 3 4 5 6 7 8)
+}
+
+/// Most tokens [`gemv_nf4_tiles_many`] takes in one pass: two accumulators a token and one result each
+/// fill the 32 vector registers at 8.
+pub const MANY: usize = 8;
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+unsafe fn tiles_many<const T: usize, const PF: u8>(
+    w: &Nf4Matrix,
+    xs: &[QuantX],
+    ys: &mut [&mut [f32]],
+    tiles: std::ops::Range<usize>,
+) {
+    let xs: [&QuantX; T] = std::array::from_fn(|j| &xs[j]);
+    let b8: [&super::quantx::Bytes; T] =
+        std::array::from_fn(|j| xs[j].bytes.as_ref().expect("8-bit codes"));
+    let lut = _mm512_loadu_si512(level_bytes().as_ptr() as *const __m512i);
+    let scales = |sc: &mut TileScales, codes: *const u8, c: usize, n: usize| sc.four(codes, c, n);
+    tile_loop(w, xs, ys, tiles, scales, |base, c, full| {
+        let sums = if full {
+            chunk_many::<T, 8, PF>(base, &b8, c, lut)
+        } else {
+            chunk_many::<T, 4, PF>(base, &b8, c, lut)
+        };
+        std::array::from_fn(|j| {
+            let bias = _mm512_set1_epi64(std::ptr::read_unaligned(
+                b8[j].bias.as_ptr().add(2 * c) as *const i64
+            ));
+            _mm512_sub_epi32(sums[j], bias)
+        })
+    })
+}
+
+/// The `SUPERS` super-chunks of the chunk at `base` times `T` tokens' 8-bit codes: each token's sum of
+/// products per lane (with the level bytes' +128, which the caller takes out).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+#[inline]
+unsafe fn chunk_many<const T: usize, const SUPERS: usize, const PF: u8>(
+    base: *const u8,
+    b8: &[&super::quantx::Bytes; T],
+    c: usize,
+    lut: __m512i,
+) -> [__m512i; T] {
+    let (mut lo_acc, mut hi_acc) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
+    for s in 0..SUPERS {
+        let [lo, hi] = level_bytes_of(load_super::<PF>(base, s), lut);
+        for j in 0..T {
+            let xp = b8[j].q.as_ptr().add(c * 128 + 16 * s) as *const i64;
+            lo_acc[j] = dpbusd(
+                lo_acc[j],
+                lo,
+                _mm512_set1_epi64(std::ptr::read_unaligned(xp)),
+            );
+            hi_acc[j] = dpbusd(
+                hi_acc[j],
+                hi,
+                _mm512_set1_epi64(std::ptr::read_unaligned(xp.add(1))),
+            );
+        }
+    }
+    std::array::from_fn(|j| _mm512_add_epi32(lo_acc[j], hi_acc[j]))
+}
+
+/// The GEMV's walk over tiles and chunks, shared by both code widths and by one or several tokens:
+/// `products(base, c, full)` gives each token's integer sums per lane of chunk `c` (its codes at `base`;
+/// `full` unless it is a last half chunk), which this weighs with the lane scales and the token's factors
+/// and sums per row into `ys[j]` (from row `8 · tiles.start` on). `scales(sc, codes, c, n)` decodes the
+/// lane scales of the `n` (≤ 4) chunks from `c` on, their scale codes at `codes`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn tile_loop(
+unsafe fn tile_loop<const T: usize>(
     w: &Nf4Matrix,
-    x: &QuantX,
-    y: &mut [f32],
+    xs: [&QuantX; T],
+    ys: &mut [&mut [f32]],
     tiles: std::ops::Range<usize>,
     scales: impl Fn(&mut TileScales, *const u8, usize, usize) -> [__m512; 4],
-    products: impl Fn(*const u8, usize, bool) -> __m512i,
+    products: impl Fn(*const u8, usize, bool) -> [__m512i; T],
 ) {
+    assert!(ys.len() == T);
     let nb = w.blocks();
     let chunks = w.chunks();
     // Lane 2i + h and its neighbour: the two halves of row i.
@@ -397,7 +492,7 @@ unsafe fn tile_loop(
     for t in tiles {
         let tile = w.tile(t).as_ptr();
         let mut sc = TileScales::new(w, t);
-        let mut acc = _mm512_setzero_ps();
+        let mut acc = [_mm512_setzero_ps(); T];
         // A group's chunks (and their scale codes) lie a fixed stride apart, so a chunk's addresses cost an
         // add, and `chunk_at`'s divisions run once per group: the core's integer work per chunk competes
         // with the vector work for the same ports.
@@ -410,21 +505,29 @@ unsafe fn tile_loop(
                 let s4 = scales(&mut sc, codes_s.add((c4 - c0) * CHUNK_SCALES), c4, n);
                 for (k, s4) in s4.into_iter().enumerate().take(n) {
                     let c = c4 + k;
-                    let sum = products(codes.add((c - c0) * CHUNK_BYTES), c, 2 * c + 1 < nb);
-                    let xscale = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
-                        x.scale.as_ptr().add(2 * c) as *const f64,
-                    )));
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s4, xscale), acc);
+                    let sums = products(codes.add((c - c0) * CHUNK_BYTES), c, 2 * c + 1 < nb);
+                    for j in 0..T {
+                        let xscale = _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(
+                            xs[j].scale.as_ptr().add(2 * c) as *const f64,
+                        )));
+                        acc[j] = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(sums[j]),
+                            _mm512_mul_ps(s4, xscale),
+                            acc[j],
+                        );
+                    }
                 }
             }
         }
-        let rows = _mm512_add_ps(acc, _mm512_permutexvar_ps(swap, acc));
-        let mut out = [0f32; 16];
-        _mm512_storeu_ps(out.as_mut_ptr(), rows);
-        for i in 0..TILE_ROWS {
-            // y ends at the last real row of the range: padding rows have no place.
-            if let Some(o) = y.get_mut(t * TILE_ROWS + i - row0) {
-                *o = out[2 * i];
+        for (a, y) in acc.iter().zip(ys.iter_mut()) {
+            let rows = _mm512_add_ps(*a, _mm512_permutexvar_ps(swap, *a));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), rows);
+            for i in 0..TILE_ROWS {
+                // y ends at the last real row of the range: padding rows have no place.
+                if let Some(o) = y.get_mut(t * TILE_ROWS + i - row0) {
+                    *o = out[2 * i];
+                }
             }
         }
     }
@@ -754,6 +857,80 @@ pub unsafe fn gemv_bf16_rows(
         }
         for i in 0..n {
             y[r + i - rows.start] = _mm512_reduce_add_ps(acc[i]);
+        }
+        r += n;
+    }
+}
+
+/// [`gemv_bf16_rows`] for up to [`BF16_MANY`] tokens at once: each 64-byte load of weights serves every
+/// token, and each (row, token) sums in the one-token order, so each token gets the GEMV's bits. `ys[j]`
+/// gets token j's rows from `rows.start` on.
+///
+/// # Safety
+/// avx512f, avx512bw, avx512bf16; every `xps[j]` is `prep_x_bf16` of a token.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn gemv_bf16_rows_many(
+    w: &Bf16Matrix,
+    xps: &[Vec<u16>],
+    ys: &mut [&mut [f32]],
+    rows: std::ops::Range<usize>,
+) {
+    match xps.len() {
+        1 => gemv_bf16_rows(w, &xps[0], ys[0], rows),
+        2 => bf16_rows_many::<2>(w, xps, ys, rows),
+        3 => bf16_rows_many::<3>(w, xps, ys, rows),
+        4 => bf16_rows_many::<4>(w, xps, ys, rows),
+        n => panic!("{n} tokens for the multi-token bf16 GEMV (1 to {BF16_MANY})"),
+    }
+}
+
+/// Most tokens [`gemv_bf16_rows_many`] takes at once: 4 rows × 4 tokens of accumulators.
+pub const BF16_MANY: usize = 4;
+
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn bf16_rows_many<const T: usize>(
+    w: &Bf16Matrix,
+    xps: &[Vec<u16>],
+    ys: &mut [&mut [f32]],
+    rows: std::ops::Range<usize>,
+) {
+    let cols = w.cols();
+    let (full, tail) = (cols / 32, cols % 32);
+    let tail_mask: u32 = if tail == 0 { 0 } else { (1u32 << tail) - 1 };
+    let xp: [*const u16; T] = std::array::from_fn(|j| xps[j].as_ptr());
+    let mut r = rows.start;
+    while r < rows.end {
+        let n = (rows.end - r).min(4);
+        let mut acc = [[_mm512_setzero_ps(); T]; 4];
+        let rp: [*const u16; 4] = std::array::from_fn(|i| w.row(r + i.min(n - 1)).as_ptr());
+        let step = |acc: &mut [[__m512; T]; 4], k: usize, wv: [__m512bh; 4]| {
+            for j in 0..T {
+                let xv: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(xp[j].add(32 * k) as *const __m512i));
+                for i in 0..4 {
+                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[i], xv);
+                }
+            }
+        };
+        for k in 0..full {
+            let wv = std::array::from_fn(|i| {
+                std::mem::transmute(_mm512_loadu_si512(rp[i].add(32 * k) as *const __m512i))
+            });
+            step(&mut acc, k, wv);
+        }
+        if tail != 0 {
+            let wv = std::array::from_fn(|i| {
+                std::mem::transmute(_mm512_maskz_loadu_epi16(
+                    tail_mask,
+                    rp[i].add(32 * full) as *const i16,
+                ))
+            });
+            step(&mut acc, full, wv);
+        }
+        for (j, y) in ys.iter_mut().enumerate() {
+            for i in 0..n {
+                y[r + i - rows.start] = _mm512_reduce_add_ps(acc[i][j]);
+            }
         }
         r += n;
     }

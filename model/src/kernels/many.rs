@@ -4,12 +4,12 @@
 //! This is what makes a batched server batch-invariant: a sequence's numbers do not depend on which other
 //! sequences share its step. The GEMMs of prefill round activations differently from the GEMVs (bf16 for
 //! `vdpbf16ps` and AMX, f32 FMA on AVX2), so they cannot stand in for decode. Two ways keep the GEMV's bits:
-//! - NF4 with 8-bit activation codes (AVX-512 VBMI): the `vpdpbusd` GEMM driver quantizes each token as the
-//!   GEMV does and sums in the same order; the tests below hold it to that.
+//! - NF4 with 8-bit activation codes (AVX-512 VBMI): one pass over the codes for up to eight tokens
+//!   ([`avx512::gemv_nf4_tiles_many`]), each token summed and scaled exactly as its GEMV does.
 //! - Everything else: each thread walks its rows in blocks small enough to stay in its L2 cache and runs the
 //!   GEMV's own row kernel on a block once per token. Only the first token's pass reads memory.
 
-use super::{avx2, avx512, gemm, reference, Isa, Kernels, QuantX, SharedMut, TILE_ROWS};
+use super::{avx2, avx512, reference, Isa, Kernels, QuantX, SharedMut, TILE_ROWS};
 use crate::error::Result;
 use crate::pool::{split, Pool};
 use crate::weight::Weight;
@@ -37,12 +37,25 @@ impl Kernels {
         let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
         match (w, self.isa) {
             (Weight::Nf4(w), Isa::Avx512) if self.bytes => {
-                self.gemm(pool, gemm::Rows::Nf4(w), x, m, y);
+                let qx: Vec<QuantX> = xs.iter().map(|x| self.quantize(x)).collect();
+                let row_bytes = w.bytes() / rows.max(1);
+                grouped(
+                    pool,
+                    rows,
+                    row_bytes,
+                    m,
+                    avx512::MANY,
+                    y,
+                    &|ts, ys, r| unsafe {
+                        let tiles = r.start / TILE_ROWS..r.end.div_ceil(TILE_ROWS);
+                        avx512::gemv_nf4_tiles_many(w, &qx[ts], ys, tiles)
+                    },
+                );
             }
             (Weight::Nf4(w), Isa::Avx512 | Isa::Avx2) => {
                 let qx: Vec<QuantX> = xs.iter().map(|x| self.quantize(x)).collect();
                 let avx512 = self.isa == Isa::Avx512;
-                blocks(
+                one_by_one(
                     pool,
                     rows,
                     w.bytes() / rows.max(1),
@@ -59,7 +72,7 @@ impl Kernels {
                 );
             }
             (Weight::Nf4(w), Isa::Scalar) => {
-                blocks(pool, rows, w.bytes() / rows.max(1), m, y, &|t, y, r| {
+                one_by_one(pool, rows, w.bytes() / rows.max(1), m, y, &|t, y, r| {
                     reference::gemv_nf4_rows(w, xs[t], y, r)
                 });
             }
@@ -73,22 +86,28 @@ impl Kernels {
                         p
                     })
                     .collect();
-                blocks(pool, rows, 2 * cols, m, y, &|t, y, r| unsafe {
-                    avx512::gemv_bf16_rows(w, &xp[t], y, r)
-                });
+                grouped(
+                    pool,
+                    rows,
+                    2 * cols,
+                    m,
+                    avx512::BF16_MANY,
+                    y,
+                    &|ts, ys, r| unsafe { avx512::gemv_bf16_rows_many(w, &xp[ts], ys, r) },
+                );
             }
             (Weight::Bf16(w), Isa::Avx2) => {
-                blocks(pool, rows, 2 * cols, m, y, &|t, y, r| unsafe {
+                one_by_one(pool, rows, 2 * cols, m, y, &|t, y, r| unsafe {
                     avx2::gemv_bf16_rows(w, xs[t], y, r)
                 });
             }
             (Weight::Bf16(w), Isa::Scalar) => {
-                blocks(pool, rows, 2 * cols, m, y, &|t, y, r| {
+                one_by_one(pool, rows, 2 * cols, m, y, &|t, y, r| {
                     reference::gemv_bf16_rows(w, xs[t], y, r)
                 });
             }
             (Weight::F32(w), _) => {
-                blocks(pool, rows, 4 * cols, m, y, &|t, y, r| {
+                one_by_one(pool, rows, 4 * cols, m, y, &|t, y, r| {
                     reference::gemv_f32_rows(w, xs[t], y, r)
                 });
             }
@@ -97,27 +116,51 @@ impl Kernels {
     }
 }
 
-/// A row kernel for one token: `(token, out, rows)`.
+/// A row kernel for one token: `(token, out, rows)`, `out[0]` the first of `rows`.
 type TokenRows<'a> = dyn Fn(usize, &mut [f32], std::ops::Range<usize>) + Sync + 'a;
 
-/// Runs `f(token, out, rows)` for every token over every block of rows, each pool thread over its own
-/// tile-aligned share of the rows, and puts `out` (one value per row of the block) into token's row of `y`.
-fn blocks(pool: &Pool, rows: usize, row_bytes: usize, m: usize, y: &mut [f32], f: &TokenRows) {
+/// [`grouped`] for a kernel that takes one token at a time.
+fn one_by_one(pool: &Pool, rows: usize, row_bytes: usize, m: usize, y: &mut [f32], f: &TokenRows) {
+    grouped(pool, rows, row_bytes, m, 1, y, &|ts, ys, r| {
+        for (t, y) in ts.zip(ys.iter_mut()) {
+            f(t, y, r.clone());
+        }
+    });
+}
+
+/// A row kernel for a group of tokens: `(tokens, outs, rows)`, `outs[i]` token `tokens.start + i`'s
+/// values of `rows`.
+type GroupRows<'a> =
+    dyn Fn(std::ops::Range<usize>, &mut [&mut [f32]], std::ops::Range<usize>) + Sync + 'a;
+
+/// Runs `f` over every block of rows for every group of up to `group` tokens, each pool thread over its own
+/// tile-aligned share of the rows, writing into the tokens' rows of `y` (m × rows). A block is small
+/// enough to stay in the core's L2 cache, so only the first group's pass reads it from memory.
+fn grouped(
+    pool: &Pool,
+    rows: usize,
+    row_bytes: usize,
+    m: usize,
+    group: usize,
+    y: &mut [f32],
+    f: &GroupRows,
+) {
     let block = (BLOCK_BYTES / row_bytes.max(1) / TILE_ROWS).max(1) * TILE_ROWS;
     let yp = SharedMut(y.as_mut_ptr());
     pool.run(&|p, n| {
         let mine = split(rows, n, p, TILE_ROWS);
-        let mut out = vec![0f32; block.min(mine.len())];
         for b0 in mine.clone().step_by(block) {
             let r = b0..(b0 + block).min(mine.end);
-            let out = &mut out[..r.len()];
-            for t in 0..m {
-                f(t, out, r.clone());
+            for g in (0..m).step_by(group) {
+                let ts = g..(g + group).min(m);
                 // Each thread's rows are its own, in every token's row of y.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(yp.get().add(t * rows + r.start), r.len())
-                };
-                dst.copy_from_slice(out);
+                let mut ys: Vec<&mut [f32]> = ts
+                    .clone()
+                    .map(|t| unsafe {
+                        std::slice::from_raw_parts_mut(yp.get().add(t * rows + r.start), r.len())
+                    })
+                    .collect();
+                f(ts, &mut ys, r.clone());
             }
         }
     });
@@ -147,32 +190,34 @@ mod tests {
     #[test]
     fn every_token_gets_the_gemvs_bits() {
         let mut rng = crate::rng::Rng::new(17);
-        // 200 rows: blocks and thread shares that end inside a tile; 384 columns: whole 128-value chunks.
-        let (rows, cols) = (200, 384);
-        let values: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.1).collect();
-        for format in [Format::Nf4, Format::Bf16, Format::F32] {
-            let w = Weight::new(values.clone(), rows, cols, format).unwrap();
-            for m in [2, 3, 7, 13] {
-                let x: Vec<f32> = (0..m * cols).map(|_| rng.uniform() * 2.0).collect();
-                for k in kernel_sets() {
-                    for threads in [1, 2, 3] {
-                        let pool = Pool::new(threads, None);
-                        let mut y = vec![0f32; m * rows];
-                        k.gemv_many(&pool, &w, &x, m, &mut y).unwrap();
-                        for t in 0..m {
-                            let mut one = vec![0f32; rows];
-                            w.gemv(&k, &pool, &x[t * cols..(t + 1) * cols], &mut one)
-                                .unwrap();
-                            let got = &y[t * rows..(t + 1) * rows];
-                            let same = got
-                                .iter()
-                                .zip(&one)
-                                .all(|(a, b)| a.to_bits() == b.to_bits());
-                            assert!(
+        // 200 rows: blocks and thread shares that end inside a tile; 384 columns: whole 128-value chunks,
+        // 320: a last half chunk (and a bf16 row tail).
+        for (rows, cols) in [(200, 384), (200, 320)] {
+            let values: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.1).collect();
+            for format in [Format::Nf4, Format::Bf16, Format::F32] {
+                let w = Weight::new(values.clone(), rows, cols, format).unwrap();
+                for m in [2, 3, 5, 8, 13] {
+                    let x: Vec<f32> = (0..m * cols).map(|_| rng.uniform() * 2.0).collect();
+                    for k in kernel_sets() {
+                        for threads in [1, 2, 3] {
+                            let pool = Pool::new(threads, None);
+                            let mut y = vec![0f32; m * rows];
+                            k.gemv_many(&pool, &w, &x, m, &mut y).unwrap();
+                            for t in 0..m {
+                                let mut one = vec![0f32; rows];
+                                w.gemv(&k, &pool, &x[t * cols..(t + 1) * cols], &mut one)
+                                    .unwrap();
+                                let got = &y[t * rows..(t + 1) * rows];
+                                let same = got
+                                    .iter()
+                                    .zip(&one)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                                assert!(
                                 same,
-                                "{format:?}, {}, {threads} threads, token {t} of {m}",
+                                "{format:?} {rows}x{cols}, {}, {threads} threads, token {t} of {m}",
                                 k.describe()
                             );
+                            }
                         }
                     }
                 }

@@ -50,6 +50,20 @@ pub struct Args {
     /// with a scale per head row: about half of f16's bytes, which shows at long prompts).
     #[arg(long, default_value = "f16", value_parser = crate::runtime::parse_arg::<KvType>)]
     kv_cache: KvType,
+    /// Speculative decoding: also time, in turn with one-token steps, a verify step of K drafted tokens
+    /// plus one (each row computed as a decode step computes it), and project the speed at --accept.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    draft_tokens: usize,
+    /// With --draft-tokens: a draft model of this preset's shapes (random weights, on the same ranks),
+    /// whose one-token step is timed too; without, drafts are free (prompt lookup).
+    #[arg(long, value_name = "PRESET")]
+    draft_preset: Option<String>,
+    /// Only this many of the draft model's layers (projected to all of them, as --layers).
+    #[arg(long)]
+    draft_layers: Option<usize>,
+    /// Acceptance rate per drafted token for the projection: random weights cannot give a real one.
+    #[arg(long, default_value_t = 0.7, value_name = "P")]
+    accept: f64,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -230,6 +244,13 @@ pub fn run(a: Args) -> Result<()> {
     if b == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
+    let kd = a.draft_tokens;
+    if kd > 0 && (b > 1 || a.pp > 1 || kd > 64 || !(0.0..1.0).contains(&a.accept)) {
+        anyhow::bail!(
+            "--draft-tokens measures one sequence without pipeline stages, 1 to 64 tokens, at an \
+             --accept in [0, 1): drop --batch and --pp"
+        );
+    }
     // Each sequence its own prompt: the batch shares weights, not caches.
     let prompts: Vec<Vec<u32>> = (0..b as u64)
         .map(|s| {
@@ -238,9 +259,9 @@ pub fn run(a: Args) -> Result<()> {
                 .collect()
         })
         .collect();
-    let mut states: Vec<State> = (0..b)
-        .map(|_| model.new_state(a.prompt + a.gen + 1))
-        .collect();
+    // Room for the speculation rounds after decode: each moves on one position, plus the drafts.
+    let cap = a.prompt + a.gen + 1 + if kd > 0 { 2 * a.gen + kd + 1 } else { 0 };
+    let mut states: Vec<State> = (0..b).map(|_| model.new_state(cap)).collect();
     let step = |model: &mut Model,
                 comm: &mut crate::runtime::Comm,
                 states: &mut [State],
@@ -277,6 +298,23 @@ pub fn run(a: Args) -> Result<()> {
         reads.push(read_s(&mut comm)?);
     }
     drop(buf);
+    let spec = if kd > 0 {
+        let decode_prof = model.profile;
+        let head_ms = decode_prof.head as f64 * 1e-6 / a.gen.max(1) as f64;
+        let t = time_speculation(
+            &a,
+            &pool,
+            &mut comm,
+            &mut model,
+            &mut states[0],
+            next[0],
+            head_ms,
+        );
+        model.profile = decode_prof;
+        Some(t?)
+    } else {
+        None
+    };
     // Decode's time is its steps' alone; the reads between them are not part of it.
     let decode_s = step_ms.iter().sum::<f64>() / 1e3;
     // A step's median time is what a user sees token after token; on a shared machine it also ignores the
@@ -372,6 +410,9 @@ pub fn run(a: Args) -> Result<()> {
             "profile": fractions(&scale_layers(&prof, k)),
         });
     }
+    if let Some(sp) = &spec {
+        out["speculation"] = sp.report(a.accept, kd, (config.layers, full_layers));
+    }
     if a.json {
         println!("{out}");
         return Ok(());
@@ -461,6 +502,30 @@ pub fn run(a: Args) -> Result<()> {
             shares.join(" / ")
         );
     }
+    if let Some(sp) = out.get("speculation") {
+        let line = |v: &serde_json::Value| {
+            format!(
+                "{:.2} tokens/s, {:.2}× plain decode ({:.2} tokens per verify step of {:.2} ms; drafting {:.2} ms)",
+                g(&v["decode_tokens_per_s"]),
+                g(&v["speedup"]),
+                g(&v["expected_tokens_per_step"]),
+                g(&v["verify_ms"]),
+                g(&v["draft_ms"]) * kd as f64
+            )
+        };
+        println!(
+            "  speculate {kd} tokens: verify step {:.2} ms against one-token step {:.2} ms ({:.2}×, medians of {} in turn); at acceptance {}: {}",
+            g(&sp["verify_ms"]),
+            g(&sp["step_ms"]),
+            g(&sp["verify_over_step"]),
+            a.gen,
+            a.accept,
+            line(sp)
+        );
+        if let Some(p) = sp.get("projected") {
+            println!("    projected to {full_layers} layers: {}", line(p));
+        }
+    }
     if let Some(p) = out.get("projected") {
         println!(
             "  projected to {} layers: decode {:.2} tokens/s ({:.1} ms/token), prefill {:.1} tokens/s, efficiency {:.2}",
@@ -472,6 +537,142 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Speculation's measured step times (ms, medians): the one-token step and the verify step of the target,
+/// their lm_head parts (which do not scale with the layers), and the draft model's one-token step with its
+/// layers and full layer count.
+struct SpecTimes {
+    step: f64,
+    verify: f64,
+    head: f64,
+    verify_head: f64,
+    draft: f64,
+    draft_layers: (usize, usize),
+}
+
+impl SpecTimes {
+    /// The measured figures and the speed they give at acceptance `p` with k drafts per step, as run and
+    /// (for a slice of layers) projected to the whole models.
+    fn report(&self, p: f64, k: usize, (layers, full): (usize, usize)) -> serde_json::Value {
+        let expected = (1.0 - p.powi(k as i32 + 1)) / (1.0 - p);
+        let figures = |step: f64, verify: f64, draft: f64| {
+            let round = k as f64 * draft + verify;
+            json!({
+                "step_ms": step, "verify_ms": verify, "verify_over_step": verify / step, "draft_ms": draft,
+                "expected_tokens_per_step": expected,
+                "decode_tokens_per_s": expected / round * 1e3,
+                "plain_tokens_per_s": 1e3 / step,
+                "speedup": expected / round * step,
+            })
+        };
+        let mut out = figures(self.step, self.verify, self.draft);
+        out["draft_tokens"] = json!(k);
+        out["accept"] = json!(p);
+        let (dl, dfull) = self.draft_layers;
+        if layers < full || dl < dfull {
+            let scale =
+                |t: f64, head: f64, n: usize, of: usize| head + (t - head) * of as f64 / n as f64;
+            out["projected"] = figures(
+                scale(self.step, self.head, layers, full),
+                scale(self.verify, self.verify_head, layers, full),
+                // The draft's lm_head is a small part of its step; scaled with the layers, which
+                // overstates its time a little.
+                self.draft * dfull as f64 / dl.max(1) as f64,
+            );
+        }
+        out
+    }
+}
+
+/// Times one-token steps and verify steps of `--draft-tokens` + 1 rows in turn on `state` (each verify
+/// step taken back to one position on), then the draft model's one-token step if `--draft-preset` asks.
+fn time_speculation(
+    a: &Args,
+    pool: &Pool,
+    comm: &mut crate::runtime::Comm,
+    model: &mut Model,
+    state: &mut State,
+    mut next: u32,
+    head_ms: f64,
+) -> Result<SpecTimes> {
+    let k = a.draft_tokens;
+    let vocab = model.config.vocab as u32;
+    let (mut step, mut verify, mut vhead) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..a.gen {
+        comm.0.barrier()?;
+        let t = Instant::now();
+        let logits = model.forward(pool, comm, state, &[next], false)?;
+        next = model.greedy(comm, &logits)?;
+        step.push(t.elapsed().as_secs_f64() * 1e3);
+        let mut tokens = vec![next];
+        tokens.extend((0..k as u32).map(|j| (next + 31 * (j + i as u32) + 1) % vocab));
+        let start = state.pos;
+        state.mark();
+        comm.0.barrier()?;
+        model.profile = Profile::default();
+        let t = Instant::now();
+        let logits = {
+            let mut c = [Chunk {
+                state: &mut *state,
+                tokens: &tokens,
+                logits: Logits::Verify,
+            }];
+            model.forward_batch(pool, comm, &mut c)?
+        };
+        next = model.greedy_rows(comm, &logits, k + 1)?[0];
+        verify.push(t.elapsed().as_secs_f64() * 1e3);
+        vhead.push(model.profile.head as f64 * 1e-6);
+        state.rewind(start + 1)?;
+    }
+    let median = |v: &[f64]| crate::stats::quantiles(v, [0.5]).map_or(f64::NAN, |[q]| q);
+    let (mut draft, mut draft_layers) = (0.0, (1, 1));
+    if let Some(preset) = &a.draft_preset {
+        let config = Config::preset(preset, a.draft_layers)?;
+        draft_layers = (
+            config.layers,
+            Config::preset_layers(preset).unwrap_or(config.layers),
+        );
+        let fmt = |s: &str| s.parse::<Format>().map_err(anyhow::Error::from);
+        let mut d = Model::random(
+            config,
+            model.shard,
+            fmt(&a.quant)?,
+            fmt(&a.lm_head)?,
+            model.kernels,
+            a.seed + 1,
+        )
+        .with_context(|| {
+            format!(
+                "rank {}: building the draft model {preset}",
+                model.shard.rank
+            )
+        })?;
+        d.kv_cache = a.kv_cache;
+        let prompt: Vec<u32> = (0..a.prompt as u32)
+            .map(|i| (i * 7919 + 3) % vocab)
+            .collect();
+        let mut ds = d.new_state(a.prompt + a.gen + 1);
+        let logits = d.forward(pool, comm, &mut ds, &prompt, false)?;
+        let mut id = d.greedy(comm, &logits)?;
+        let mut times = Vec::new();
+        for _ in 0..a.gen {
+            comm.0.barrier()?;
+            let t = Instant::now();
+            let logits = d.forward(pool, comm, &mut ds, &[id], false)?;
+            id = d.greedy(comm, &logits)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        draft = median(&times);
+    }
+    Ok(SpecTimes {
+        step: median(&step),
+        verify: median(&verify),
+        head: head_ms,
+        verify_head: median(&vhead),
+        draft,
+        draft_layers,
+    })
 }
 
 /// Each rank's streaming rate from its reads (bytes/s): their median. A read is short (~5 ms here), so one

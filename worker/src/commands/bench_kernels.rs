@@ -9,6 +9,7 @@ use half::f16;
 use model::arch::{attention, LayerCache};
 use model::kernels::{AlignedBytes, Bf16Matrix, KernelChoice, Kernels, Nf4Matrix};
 use model::pool::Pool;
+use model::weight::Weight;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,6 +38,10 @@ pub struct Args {
     /// Token counts for GEMM.
     #[arg(long, value_delimiter = ',', default_value = "16,64,128")]
     gemm_m: Vec<usize>,
+    /// Also time the GEMV of m tokens in one pass (batched decode, a speculative verify step), streaming
+    /// from memory in turn with the one-token GEMV, and print the ratio of their times (e.g. 2,5,8).
+    #[arg(long, value_delimiter = ',')]
+    many: Vec<usize>,
     /// Also measure causal attention at these prompt lengths (e.g. 256,1024): one layer of Yuan2-2B's
     /// heads (32 of 64 dimensions) over an f16 cache, the prefill of all positions and one decode step
     /// after them, in ns per query-key pair. The cache is warm here; in decode the weights streamed
@@ -97,22 +102,8 @@ fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
     Ok((r, c))
 }
 
-enum Mat {
-    Nf4(Nf4Matrix),
-    Bf16(Bf16Matrix),
-}
-
-impl Mat {
-    fn bytes(&self) -> usize {
-        match self {
-            Mat::Nf4(m) => m.bytes(),
-            Mat::Bf16(m) => m.bytes(),
-        }
-    }
-}
-
 /// A random matrix with realistic bytes: uniform codes, scales of ordinary size.
-fn random(rows: usize, cols: usize, kind: &str, rng: &mut Rng) -> Result<Mat> {
+fn random(rows: usize, cols: usize, kind: &str, rng: &mut Rng) -> Result<Weight> {
     Ok(if kind == "nf4" {
         let mut packed = vec![0u8; rows * cols / 2];
         rng.fill(&mut packed);
@@ -120,7 +111,7 @@ fn random(rows: usize, cols: usize, kind: &str, rng: &mut Rng) -> Result<Mat> {
         let mut codes = vec![0u8; blocks];
         rng.fill(&mut codes);
         let nested = vec![0.01f32; blocks.div_ceil(256)];
-        Mat::Nf4(Nf4Matrix::from_parts(
+        Weight::Nf4(Nf4Matrix::from_parts(
             rows, cols, &packed, codes, nested, 0.02,
         )?)
     } else {
@@ -131,24 +122,8 @@ fn random(rows: usize, cols: usize, kind: &str, rng: &mut Rng) -> Result<Mat> {
             .chunks(2)
             .map(|b| half::bf16::from_bits((u16::from_le_bytes([b[0], b[1]]) & 0x807F) | 0x3C00))
             .collect();
-        Mat::Bf16(Bf16Matrix::new(&vals, rows, cols)?)
+        Weight::Bf16(Bf16Matrix::new(&vals, rows, cols)?)
     })
-}
-
-fn gemv(k: &Kernels, pool: &Pool, m: &Mat, x: &[f32], y: &mut [f32]) -> Result<()> {
-    match m {
-        Mat::Nf4(w) => k.gemv_nf4(pool, w, x, y)?,
-        Mat::Bf16(w) => k.gemv_bf16(pool, w, x, y)?,
-    }
-    Ok(())
-}
-
-fn gemm(k: &Kernels, pool: &Pool, m: &Mat, x: &[f32], t: usize, y: &mut [f32]) -> Result<()> {
-    match m {
-        Mat::Nf4(w) => k.gemm_nf4(pool, w, x, t, y)?,
-        Mat::Bf16(w) => k.gemm_bf16(pool, w, x, t, y)?,
-    }
-    Ok(())
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -243,7 +218,7 @@ pub fn run(a: Args) -> Result<()> {
         for _ in 1..copies {
             mats.push(random(rows, cols, kind, &mut rng)?);
         }
-        let total: usize = mats.iter().map(Mat::bytes).sum();
+        let total: usize = mats.iter().map(Weight::bytes).sum();
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();
@@ -266,7 +241,7 @@ pub fn run(a: Args) -> Result<()> {
         while start.elapsed().as_secs_f64() < 2.0 * a.seconds || best == f64::MAX {
             let t = Instant::now();
             for m in &mats {
-                gemv(&kernels, &pool, m, &x, &mut y)?;
+                m.gemv(&kernels, &pool, &x, &mut y)?;
             }
             best = best.min(t.elapsed().as_secs_f64());
             let t = Instant::now();
@@ -276,6 +251,28 @@ pub fn run(a: Args) -> Result<()> {
             sbest = sbest.min(t.elapsed().as_secs_f64());
         }
         drop(raw);
+        // Several tokens' GEMVs in one pass (batched decode, speculation's verify step), in turn with
+        // one-token passes, over the same copies: the time of m tokens against one token's.
+        let mut many = serde_json::Map::new();
+        for &m in &a.many {
+            let xs: Vec<f32> = (0..m).flat_map(|_| x.iter().copied()).collect();
+            let mut ys = vec![0f32; m * rows];
+            let (mut bm, mut b1) = (f64::MAX, f64::MAX);
+            let start = Instant::now();
+            while start.elapsed().as_secs_f64() < 2.0 * a.seconds || bm == f64::MAX {
+                let t = Instant::now();
+                for w in &mats {
+                    kernels.gemv_many(&pool, w, &xs, m, &mut ys)?;
+                }
+                bm = bm.min(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                for w in &mats {
+                    w.gemv(&kernels, &pool, &x, &mut y)?;
+                }
+                b1 = b1.min(t.elapsed().as_secs_f64());
+            }
+            many.insert(m.to_string(), serde_json::json!(bm / b1));
+        }
         let gemv_bps = total as f64 / best;
         let stream_bps = total as f64 / sbest;
         // GEMM on one copy: compute bound, each weight tile reused for every token.
@@ -289,7 +286,7 @@ pub fn run(a: Args) -> Result<()> {
             let start = Instant::now();
             while start.elapsed().as_secs_f64() < a.seconds / 2.0 || bestg == f64::MAX {
                 let t = Instant::now();
-                gemm(&kernels, &pool, &mats[0], &xs, m, &mut ys)?;
+                mats[0].matmul(&kernels, &pool, &xs, m, &mut ys)?;
                 bestg = bestg.min(t.elapsed().as_secs_f64());
             }
             gflops.insert(
@@ -304,7 +301,7 @@ pub fn run(a: Args) -> Result<()> {
                     "shape": name, "kind": kind, "threads": threads, "gemv_us": best / copies as f64 * 1e6,
                     "gemv_bytes_per_s": gemv_bps, "stream_bytes_per_s": stream_bps, "ratio": gemv_bps / stream_bps,
                     "gemm_gflops": gflops, "peak_gflops": peak / 1e9, "kernels": kernels.isa().name(),
-                    "copies": copies,
+                    "copies": copies, "many_over_one": many,
                 })
             );
         } else {
@@ -324,6 +321,18 @@ pub fn run(a: Args) -> Result<()> {
                 gemv_bps / stream_bps,
                 g.join(" / ")
             );
+            if !a.many.is_empty() {
+                let r: Vec<String> = a
+                    .many
+                    .iter()
+                    .map(|m| format!("{m}: {:.2}×", many[&m.to_string()].as_f64().unwrap_or(0.0)))
+                    .collect();
+                println!(
+                    "{:<19} m-token GEMV time over one token's: {}",
+                    "",
+                    r.join(", ")
+                );
+            }
         }
     }
     Ok(())
