@@ -153,6 +153,14 @@ pub fn post_json(base: &str, path: &str, body: &str) -> (u16, String) {
     curl(&["-H", "Content-Type: application/json", "-d", body, &url])
 }
 
+/// The value of an unlabelled metric in a `/metrics` text; panics with the text when it is missing.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing: {text}"))
+}
+
 /// SmolLM2's GGUF (fetched once by scripts/fetch-smollm2), or None with a loud message when it cannot be
 /// fetched on this machine.
 pub fn smollm2() -> Option<PathBuf> {

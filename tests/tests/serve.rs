@@ -4,7 +4,9 @@
 
 use std::process::Command;
 
-use e2e::server::{curl, openai_python, post_json, root, smollm2, tiny_yuan, Server, LIMIT};
+use e2e::server::{
+    curl, metric, openai_python, post_json, root, smollm2, tiny_yuan, Server, LIMIT,
+};
 use e2e::{run, TempDir};
 
 fn drive_with_openai(server: &Server, mode: &str) {
@@ -393,13 +395,7 @@ fn a_shared_beginning_runs_once_and_changes_nothing() {
     });
     assert_eq!(together, want);
     let (_, metrics) = curl(&[&format!("{}/metrics", server.base)]);
-    let count = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
-    };
+    let count = |name: &str| metric(&metrics, name);
     assert_eq!(count("ringlm_prefix_cache_queries_total"), 6.0, "{metrics}");
     assert!(count("ringlm_prefix_cache_hits_total") >= 5.0, "{metrics}");
     assert!(
@@ -407,4 +403,92 @@ fn a_shared_beginning_runs_once_and_changes_nothing() {
         "{metrics}"
     );
     assert_eq!(server.stop(), 0);
+}
+
+/// Prompt lookup in the server (while a sequence runs alone): greedy answers, their log-probabilities
+/// and streamed text are the same as without it, several sequences at once still answer, a sampled answer
+/// is whole, and /metrics counts the drafts.
+/// (A random tiny Yuan rarely repeats itself, so SmolLM2, which copies, is the model here.)
+fn speculation_changes_no_answer(model: &std::path::Path, prompts: &[&str], extra: &[&str]) {
+    let body = |p: &str, more: &str| {
+        format!(
+            r#"{{"prompt":{},"max_tokens":64,"temperature":0,"ignore_eos":true{more}}}"#,
+            serde_json::Value::from(p)
+        )
+    };
+    let answer = |base: &str, b: &str| {
+        let (code, out) = post_json(base, "/v1/completions", b);
+        assert_eq!(code, 200, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["choices"].clone()
+    };
+    let ask_all = |base: &str| -> Vec<serde_json::Value> {
+        let mut out: Vec<_> = prompts.iter().map(|p| answer(base, &body(p, ""))).collect();
+        out.extend(
+            prompts
+                .iter()
+                .map(|p| answer(base, &body(p, r#","logprobs":2"#))),
+        );
+        // Two choices: two sequences, which decode plainly.
+        out.push(answer(base, &body(prompts[0], r#","n":2"#)));
+        out
+    };
+    let mut args = vec!["--weights", "nf4"];
+    args.extend(extra);
+    let plain = Server::start(model, &args);
+    let want = ask_all(&plain.base);
+    assert_eq!(plain.stop(), 0);
+    args.extend(["--speculate", "lookup"]);
+    let server = Server::start(model, &args);
+    let got = ask_all(&server.base);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i} differs with speculation");
+    }
+    // Streamed, the text arrives whole and the same.
+    let (_, sse) = curl(&[
+        "-sN",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body(prompts[0], r#","stream":true"#),
+        &format!("{}/v1/completions", server.base),
+    ]);
+    let streamed: String = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(String::from))
+        .collect();
+    assert_eq!(streamed, want[0][0]["text"].as_str().unwrap(), "{sse}");
+    // A sampled answer with drafts: whole, max_tokens long.
+    let v: serde_json::Value = serde_json::from_str(
+        &post_json(
+            &server.base,
+            "/v1/completions",
+            &body(prompts[0], r#","temperature":0.8,"seed":3"#).replace(r#""temperature":0,"#, ""),
+        )
+        .1,
+    )
+    .unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 64, "{v}");
+    let (_, metrics) = curl(&[&format!("{}/metrics", server.base)]);
+    let count = |name: &str| metric(&metrics, name);
+    assert!(count("ringlm_speculative_steps_total") > 0.0, "{metrics}");
+    assert!(
+        count("ringlm_speculative_accepted_tokens_total") > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(server.stop(), 0);
+}
+
+#[test]
+fn prompt_lookup_changes_no_answer_smollm2() {
+    let Some(model) = smollm2() else { return };
+    let prompts = [
+        "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox jumps over",
+        "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,",
+    ];
+    speculation_changes_no_answer(&model, &prompts, &[]);
 }

@@ -9,13 +9,14 @@ use model::arch::{Chunk, Logits, State};
 use crate::protocol::{Pick, Plan};
 use crate::runtime::Job;
 
-/// What a step gives each chunk that asked for a pick, in the plan's order.
+/// What a step gives each chunk that asked for a pick, in the plan's order: one token or row, or with
+/// `verify` one per token of the chunk.
 #[derive(Debug)]
 pub enum Picked {
-    /// The greedy token (every rank).
-    Token(u32),
-    /// The full logits row (rank 0; empty elsewhere).
-    Row(Vec<f32>),
+    /// The greedy tokens (every rank).
+    Tokens(Vec<u32>),
+    /// The full logits rows (rank 0; empty elsewhere).
+    Rows(Vec<Vec<f32>>),
 }
 
 /// Every running sequence's caches on this rank, and the stored prompt beginnings (prefix reuse).
@@ -28,6 +29,13 @@ pub struct Batch {
 impl Batch {
     /// Runs one step; every rank calls it with the same plan.
     pub fn step(&mut self, job: &mut Job, plan: &Plan) -> Result<Vec<Picked>> {
+        for &(seq, pos) in &plan.rewind {
+            let state = self
+                .states
+                .get_mut(&seq)
+                .with_context(|| format!("rank {}: no sequence {seq} to take back", job.rank()))?;
+            state.rewind(pos as usize)?;
+        }
         for seq in &plan.free {
             self.states.remove(seq);
         }
@@ -62,13 +70,16 @@ impl Batch {
                 let state = states.remove(&c.seq).with_context(|| {
                     format!("rank {}: no sequence {} to run", job.rank(), c.seq)
                 })?;
+                if c.verify {
+                    state.mark();
+                }
                 chunks.push(Chunk {
                     state,
                     tokens: &c.tokens,
-                    logits: if c.pick == Pick::None {
-                        Logits::None
-                    } else {
-                        Logits::Last
+                    logits: match c.pick {
+                        Pick::None => Logits::None,
+                        _ if c.verify => Logits::Verify,
+                        _ => Logits::Last,
                     },
                 });
             }
@@ -84,35 +95,41 @@ impl Batch {
         // The rows come in the plan's order; greedy ones are settled with one allgather, sampled ones
         // gathered whole.
         let v = job.model.vocab_range().len();
-        let picks: Vec<Pick> = plan
+        let picks: Vec<(Pick, usize)> = plan
             .chunks
             .iter()
-            .map(|c| c.pick)
-            .filter(|&p| p != Pick::None)
+            .filter(|c| c.pick != Pick::None)
+            .map(|c| (c.pick, if c.verify { c.tokens.len() } else { 1 }))
             .collect();
-        let rows_of = |want: Pick| -> Vec<f32> {
-            // A stage before the last has no logits, only the collectives to join.
-            let last = logits.is_empty();
+        // A stage before the last has no logits, only the collectives to join.
+        let last = !logits.is_empty();
+        let mut rows_of = [Vec::new(), Vec::new()];
+        let mut at = 0;
+        for &(p, n) in &picks {
+            if last {
+                rows_of[usize::from(p == Pick::Sample)]
+                    .extend_from_slice(&logits[at * v..(at + n) * v]);
+            }
+            at += n;
+        }
+        let count = |want: Pick| -> usize {
             picks
                 .iter()
-                .enumerate()
-                .filter(|(_, &p)| p == want && !last)
-                .flat_map(|(i, _)| logits[i * v..(i + 1) * v].iter().copied())
-                .collect()
+                .filter(|(p, _)| *p == want)
+                .map(|(_, n)| n)
+                .sum()
         };
-        let greedy_n = picks.iter().filter(|&&p| p == Pick::Greedy).count();
-        let sample_n = picks.len() - greedy_n;
-        let (greedy_rows, sample_rows) = (rows_of(Pick::Greedy), rows_of(Pick::Sample));
+        let (greedy_n, sample_n) = (count(Pick::Greedy), count(Pick::Sample));
         let mut greedy = if greedy_n > 0 {
             job.model
-                .greedy_rows(&mut job.comm, &greedy_rows, greedy_n)?
+                .greedy_rows(&mut job.comm, &rows_of[0], greedy_n)?
                 .into_iter()
         } else {
             Vec::new().into_iter()
         };
         let full = if sample_n > 0 {
             job.model
-                .gather_logits(&mut job.comm, &sample_rows, sample_n)?
+                .gather_logits(&mut job.comm, &rows_of[1], sample_n)?
         } else {
             Vec::new()
         };
@@ -120,9 +137,9 @@ impl Batch {
         let mut sampled = full.chunks_exact(vocab.max(1));
         Ok(picks
             .iter()
-            .map(|p| match p {
-                Pick::Greedy => Picked::Token(greedy.next().expect("a token per greedy row")),
-                _ => Picked::Row(sampled.next().map(<[f32]>::to_vec).unwrap_or_default()),
+            .map(|&(p, n)| match p {
+                Pick::Greedy => Picked::Tokens(greedy.by_ref().take(n).collect()),
+                _ => Picked::Rows(sampled.by_ref().take(n).map(<[f32]>::to_vec).collect()),
             })
             .collect())
     }

@@ -32,6 +32,9 @@ pub struct Plan {
     pub forget: Vec<u32>,
     /// The step's chunks.
     pub chunks: Vec<PlanChunk>,
+    /// Sequences taken back to a position before the step: the drafted tokens the model did not agree
+    /// with in the previous step (speculative decoding).
+    pub rewind: Vec<(u32, u32)>,
 }
 
 /// One sequence's part of a step.
@@ -47,8 +50,12 @@ pub struct PlanChunk {
     pub keep: Option<u32>,
     /// Its new tokens.
     pub tokens: Vec<u32>,
-    /// What the ranks compute from the last token's logits.
+    /// What the ranks compute from the last token's logits, or with `verify` from every token's.
     pub pick: Pick,
+    /// A speculative step: the tokens after the first are drafts, every row gets logits computed as a
+    /// decode step computes them, and the sequence is marked so that the next plan can take back the
+    /// drafts the model did not agree with.
+    pub verify: bool,
 }
 
 /// What a chunk's last logits row is for.
@@ -107,7 +114,9 @@ mod tests {
                 keep: None,
                 tokens: vec![5, 6, 7],
                 pick: Pick::Sample,
+                verify: true,
             }],
+            rewind: vec![(4, 17)],
         });
         for o in [o, step, Order::Quit] {
             let bytes = bincode::serialize(&o).unwrap();

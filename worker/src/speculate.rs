@@ -112,7 +112,7 @@ impl SpecStats {
 /// (1 + α + … + α^k) / (k · draft time + step time of k + 1 rows), from a decaying count of accepted
 /// drafts (α) and the step times measured so far.
 #[derive(Debug)]
-struct Tuner {
+pub struct Tuner {
     /// Decayed counts of accepted drafts and of drafts examined.
     hits: f64,
     tries: f64,
@@ -125,7 +125,8 @@ struct Tuner {
 }
 
 impl Tuner {
-    fn new(most: usize) -> Tuner {
+    /// A tuner for up to `most` drafts per step.
+    pub fn new(most: usize) -> Tuner {
         // A prior of 0.6 over a few drafts: speculation starts on and the counts soon speak.
         Tuner {
             hits: 1.8,
@@ -152,7 +153,13 @@ impl Tuner {
         }
     }
 
-    fn choose(&mut self, most: usize) -> usize {
+    /// The most drafts it was made for.
+    pub fn most(&self) -> usize {
+        self.step.len() - 1
+    }
+
+    /// How many tokens to draft, `most` at the most.
+    pub fn choose(&mut self, most: usize) -> usize {
         let most = most.min(self.step.len() - 1);
         if most == 0 {
             return 0;
@@ -178,7 +185,16 @@ impl Tuner {
         0
     }
 
-    fn record(&mut self, rows: usize, secs: f64, drafted: usize, accepted: usize, draft_s: f64) {
+    /// A step of `rows` rows took `secs`, after `drafted` drafts (taking `draft_s`) of which `accepted`
+    /// were kept.
+    pub fn record(
+        &mut self,
+        rows: usize,
+        secs: f64,
+        drafted: usize,
+        accepted: usize,
+        draft_s: f64,
+    ) {
         let ema = |old: f64, new: f64| {
             if old > 0.0 {
                 0.8 * old + 0.2 * new
@@ -381,7 +397,7 @@ impl Speculator {
 /// with probability min(1, p/q) (q = 1 for a looked-up draft), the first rejected one replaced by a draw
 /// from max(0, p − q), or after all were kept a draw from the last row. Returns how many were kept and
 /// the next token.
-fn verify_sampled(
+pub fn verify_sampled(
     full: &[f32],
     draft: &[u32],
     qs: Option<&[Dist]>,

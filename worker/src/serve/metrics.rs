@@ -31,6 +31,10 @@ pub struct Metrics {
     pub prefix_tokens: u64,
     /// Cache positions the stored prompt beginnings hold.
     pub prefix_positions: usize,
+    /// Speculative steps, the tokens they drafted and those the model kept.
+    pub spec_steps: u64,
+    pub spec_drafted: u64,
+    pub spec_accepted: u64,
     /// Seconds from queueing to the first token, and per further token.
     pub ttft: Histogram,
     pub tpot: Histogram,
@@ -97,7 +101,7 @@ impl Metrics {
         let p = &self.profile;
         let total = p.total().max(1) as f64;
         let (c, g) = ("counter", "gauge");
-        let rows: [(&str, &str, &str, String); 20] = [
+        let rows: [(&str, &str, &str, String); 23] = [
             (
                 "ringlm_requests_total",
                 c,
@@ -211,6 +215,24 @@ impl Metrics {
                 g,
                 "Cache positions the KV memory holds.",
                 self.kv_total.to_string(),
+            ),
+            (
+                "ringlm_speculative_steps_total",
+                c,
+                "Steps that verified drafted tokens (prompt lookup, while a sequence runs alone).",
+                self.spec_steps.to_string(),
+            ),
+            (
+                "ringlm_speculative_drafted_tokens_total",
+                c,
+                "Tokens drafted by prompt lookup.",
+                self.spec_drafted.to_string(),
+            ),
+            (
+                "ringlm_speculative_accepted_tokens_total",
+                c,
+                "Drafted tokens the model agreed with: each one a token without a step of its own.",
+                self.spec_accepted.to_string(),
             ),
             (
                 "ringlm_uptime_seconds",

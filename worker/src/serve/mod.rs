@@ -73,6 +73,15 @@ pub struct Args {
     /// after its last answer).
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
     idle_timeout: f64,
+    /// Speculative decoding while a single sequence runs: lookup drafts from where the prompt and the
+    /// answer so far repeat themselves, and one step checks the drafts (greedy answers stay the same bit
+    /// for bit; sampled ones keep the model's distribution). With several sequences the step's weight
+    /// pass is already shared, and the server decodes plainly.
+    #[arg(long, value_enum, default_value = "off")]
+    speculate: crate::speculate::Mode,
+    /// Most tokens drafted per step (fewer where the acceptance rate and the step times say so).
+    #[arg(long, default_value_t = 8, value_name = "K")]
+    draft_tokens: usize,
     /// Name reported by /v1/models and in responses (default: the model path's last component).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -175,6 +184,21 @@ pub fn run(a: Args) -> Result<()> {
     if a.max_seqs == 0 || a.max_batch_tokens == 0 || a.prefill_chunk == 0 {
         anyhow::bail!("--max-seqs, --max-batch-tokens and --prefill-chunk must be at least 1");
     }
+    let speculate = match a.speculate {
+        crate::speculate::Mode::Off => None,
+        crate::speculate::Mode::Lookup if (1..=64).contains(&a.draft_tokens) => {
+            Some(a.draft_tokens)
+        }
+        crate::speculate::Mode::Lookup => {
+            anyhow::bail!(
+                "--draft-tokens {}: give 1 to 64 tokens per step",
+                a.draft_tokens
+            )
+        }
+        crate::speculate::Mode::Draft => anyhow::bail!(
+            "the server speculates with --speculate lookup; a draft model runs in generate and chat"
+        ),
+    };
     let kv_bytes = kv_memory(&a.kv_memory)?;
     let mut job = Job::start(&a.model)?;
     // Rank 0's share of a position, times the ranks: the job's whole cache for one position.
@@ -184,6 +208,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch_tokens: a.max_batch_tokens,
         prefill_chunk: a.prefill_chunk,
         prefix_cache: !a.no_prefix_cache,
+        speculate,
         kv_positions: (kv_bytes / per_position.max(1) as u64) as usize,
     };
     shared.metrics.lock().unwrap().kv_total = limits.kv_positions;

@@ -19,6 +19,7 @@ use crate::batch::{Batch, Picked};
 use crate::engine::{self, SamplingArgs, TextStream};
 use crate::protocol::{Order, Pick, Plan, PlanChunk};
 use crate::runtime::Job;
+use crate::speculate::{lookup, verify_sampled, Tuner};
 
 /// What a request's channel receives: pieces of text, then `Done` when the answer is whole, or `Failed`
 /// when it was cut short by the server (a channel that closes with neither was cut short too).
@@ -85,6 +86,9 @@ pub struct Limits {
     pub kv_positions: usize,
     /// Whether prompt beginnings are kept for reuse ([`Prefixes`]).
     pub prefix_cache: bool,
+    /// Prompt lookup's most drafted tokens per step, when the server speculates (only while a single
+    /// sequence runs: in a batch the step's weight pass is already shared).
+    pub speculate: Option<usize>,
 }
 
 /// A request being answered.
@@ -100,6 +104,10 @@ struct Live<'t> {
     next: Option<u32>,
     /// Tokens generated.
     tokens: usize,
+    /// Their ids (the text prompt lookup drafts from is the prompt and these).
+    out: Vec<u32>,
+    /// In a speculative step: the position before it and the drafted tokens.
+    verify: Option<(usize, Vec<u32>)>,
     text: TextStream<'t>,
     reply: Reply,
     rng: Rng,
@@ -124,6 +132,9 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
     let mut next_seq = 0u32;
     let mut used = 0usize;
     let mut prefixes = Prefixes::new(lim.prefill_chunk);
+    let mut tuner = lim.speculate.map(Tuner::new);
+    // Sequences to take back to a position before the next step (rejected drafts).
+    let mut rewind = Vec::new();
     loop {
         if engine::INTERRUPTED.load(Ordering::SeqCst) {
             eprintln!("ringlm serve: stopping");
@@ -200,6 +211,8 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
                 from: hit.map(|h| h.0),
                 next: None,
                 tokens: 0,
+                out: Vec::new(),
+                verify: None,
                 text: TextStream::new(&sh.tok),
                 positions: need,
                 first: None,
@@ -224,8 +237,20 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
             false
         });
         let room = lim.kv_positions.saturating_sub(used);
-        let (plan, owners) = plan_step(&live, &mut free, lim, &mut prefixes, room);
-        if plan.chunks.is_empty() && plan.free.is_empty() && plan.forget.is_empty() {
+        let (mut plan, owners) = plan_step(
+            &mut live,
+            &mut free,
+            lim,
+            &mut prefixes,
+            room,
+            tuner.as_mut(),
+        );
+        plan.rewind = std::mem::take(&mut rewind);
+        if plan.chunks.is_empty()
+            && plan.free.is_empty()
+            && plan.forget.is_empty()
+            && plan.rewind.is_empty()
+        {
             continue;
         }
         gauges(sh, live.len(), &held, used, prefixes.positions);
@@ -244,10 +269,11 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
             }
         };
         let rows: usize = plan.chunks.iter().map(|c| c.tokens.len()).sum();
+        let secs = t.elapsed().as_secs_f64();
         sh.metrics
             .lock()
             .unwrap()
-            .step(rows, t.elapsed().as_secs_f64(), job.model.profile);
+            .step(rows, secs, job.model.profile);
         for c in &plan.chunks {
             if let Some(l) = live.iter_mut().find(|l| l.seq == c.seq) {
                 if l.next.is_none() {
@@ -257,24 +283,29 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
         }
         // Each pick moves its sequence on, or ends it.
         let mut ended = Vec::new();
+        // The tuner learns from steps of this sequence alone: verify steps and plain decode steps.
+        let alone = plan.chunks.len() == 1;
+        let plain = alone && plan.chunks[0].tokens.len() == 1;
         for (&i, p) in owners.iter().zip(picked) {
             let l = &mut live[i];
-            let (id, row) = match p {
-                Picked::Token(t) => (t, None),
-                Picked::Row(row) if l.req.sampling.temperature <= 0.0 => {
-                    // The first of the largest, as the distributed argmax picks.
-                    (model::arch::argmax(&row) as u32, Some(row))
+            let verify = l.verify.take();
+            let (kept, finish) =
+                take_picks(l, p, verify.as_ref().map(|v| &v.1[..]), stop_token, sh)?;
+            if let Some((at, draft)) = verify {
+                let mut m = sh.metrics.lock().unwrap();
+                m.spec_steps += 1;
+                m.spec_drafted += draft.len() as u64;
+                m.spec_accepted += kept as u64;
+                if let (Some(t), true) = (tuner.as_mut(), alone) {
+                    t.record(draft.len() + 1, secs, draft.len(), kept, 0.0);
                 }
-                Picked::Row(row) => (engine::sample(&row, &l.req.sampling, &mut l.rng), Some(row)),
-            };
-            let lp = match (l.req.logprobs, row) {
-                (Some(top), Some(row)) => {
-                    let name = |t: u32| sh.tok.decode(&[t]).unwrap_or_default();
-                    Some(logprobs_of(&row, id, top, &name))
+                if finish.is_none() && kept < draft.len() {
+                    rewind.push((l.seq, (at + 1 + kept) as u32));
                 }
-                _ => None,
-            };
-            if let Some(finish) = advance(l, id, stop_token, lp)? {
+            } else if let (Some(t), true) = (tuner.as_mut(), plain) {
+                t.record(1, secs, 0, 0, 0.0);
+            }
+            if let Some(finish) = finish {
                 ended.push((i, finish));
             }
         }
@@ -303,11 +334,12 @@ fn gauges(sh: &AppState, running: usize, held: &Option<Req>, used: usize, stored
 /// order while the step's token budget allows (at least one). Returns the plan and, for each chunk that
 /// picks a token, its sequence's index in `live`.
 fn plan_step(
-    live: &[Live],
+    live: &mut [Live],
     free: &mut Vec<u32>,
     lim: Limits,
     prefixes: &mut Prefixes,
     room: usize,
+    tuner: Option<&mut Tuner>,
 ) -> (Plan, Vec<usize>) {
     let pick = |l: &Live| {
         // Log-probabilities need the whole row, as sampling does.
@@ -321,17 +353,33 @@ fn plan_step(
         free: std::mem::take(free),
         forget: Vec::new(),
         chunks: Vec::new(),
+        rewind: Vec::new(),
     };
     let mut owners = Vec::new();
     let mut rows = 0;
-    for (i, l) in live.iter().enumerate() {
+    // Speculation only for a sequence that runs alone.
+    let mut tuner = tuner.filter(|_| live.len() == 1);
+    for (i, l) in live.iter_mut().enumerate() {
         if let Some(id) = l.next {
+            let mut tokens = vec![id];
+            if let Some(t) = tuner.as_deref_mut() {
+                // Drafts the answer can still take: each kept one and the model's next token count.
+                let most = l.req.sampling.max_tokens.saturating_sub(l.tokens + 1);
+                let text: Vec<u32> = l.req.ids.iter().chain(&l.out).copied().collect();
+                let k = t.choose(lookup(&text, most.min(t.most())).len());
+                let draft = lookup(&text, k);
+                if !draft.is_empty() {
+                    tokens.extend(&draft);
+                    l.verify = Some((l.req.ids.len() + l.tokens - 1, draft));
+                }
+            }
             plan.chunks.push(PlanChunk {
                 seq: l.seq,
                 new: None,
                 from: None,
                 keep: None,
-                tokens: vec![id],
+                verify: tokens.len() > 1,
+                tokens,
                 pick: pick(l),
             });
             owners.push(i);
@@ -365,6 +413,7 @@ fn plan_step(
             keep,
             tokens: l.req.ids[l.fed..end].to_vec(),
             pick: if last { pick(l) } else { Pick::None },
+            verify: false,
         });
         if last {
             owners.push(i);
@@ -403,7 +452,56 @@ fn advance(
         return Ok(Some("length"));
     }
     l.next = Some(id);
+    l.out.push(id);
     Ok(None)
+}
+
+/// Takes a step's picks for one sequence: its next token, or after a speculative step (`draft`) every
+/// drafted token the model agrees with and then the model's own. Greedy keeps a draft equal to the
+/// argmax; sampling keeps it with the probability the model gives it, else draws from the rest of the
+/// distribution ([`verify_sampled`]), so the answer follows the model's distribution either way. Returns
+/// how many drafts were kept and how the answer ended, if it did.
+fn take_picks(
+    l: &mut Live,
+    p: Picked,
+    draft: Option<&[u32]>,
+    stop_token: u32,
+    sh: &AppState,
+) -> Result<(usize, Option<&'static str>)> {
+    let draft = draft.unwrap_or(&[]);
+    let matching = |ids: &[u32]| draft.iter().zip(ids).take_while(|(d, t)| d == t).count();
+    let (ids, rows, kept): (Vec<u32>, Vec<Vec<f32>>, usize) = match p {
+        Picked::Tokens(ids) => {
+            let kept = matching(&ids);
+            (ids, Vec::new(), kept)
+        }
+        Picked::Rows(rows) if l.req.sampling.temperature <= 0.0 => {
+            // The first of the largest, as the distributed argmax picks.
+            let ids: Vec<u32> = rows.iter().map(|r| model::arch::argmax(r) as u32).collect();
+            let kept = matching(&ids);
+            (ids, rows, kept)
+        }
+        Picked::Rows(rows) => {
+            let full: Vec<f32> = rows.concat();
+            let (kept, next) = verify_sampled(&full, draft, None, &l.req.sampling, &mut l.rng);
+            let ids = draft[..kept].iter().copied().chain([next]).collect();
+            (ids, rows, kept)
+        }
+    };
+    // The kept drafts, then the model's token after them.
+    for (i, &id) in ids.iter().enumerate().take(kept + 1) {
+        let lp = match (l.req.logprobs, rows.get(i)) {
+            (Some(top), Some(row)) => {
+                let name = |t: u32| sh.tok.decode(&[t]).unwrap_or_default();
+                Some(logprobs_of(row, id, top, &name))
+            }
+            _ => None,
+        };
+        if let Some(finish) = advance(l, id, stop_token, lp)? {
+            return Ok((i.min(kept), Some(finish)));
+        }
+    }
+    Ok((kept, None))
 }
 
 /// Ends an answer: the text held back, then `Done`; the counters.

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prompt lookup on editing tasks (docs/bench/speculate/*.txt: the model asked to repeat a passage with a
+# small change), SmolLM2-135M-Instruct from its Q4_1 GGUF kept in NF4, greedy, 400 tokens at most: each
+# prompt without and with --speculate lookup in turn (the order alternating by round), ROUNDS rounds, at
+# np 1 (2 threads) and np 2. One JSON line per run: decode tokens/s from the summary line, the answer's
+# length, and whether the text equals the plain run's.
+#
+#   docs/bench/speculate-smollm2.sh [ROUNDS] > docs/bench/speculate-<machine>-<date>.jsonl
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+rounds=${1:-3}
+gguf=$(scripts/fetch-smollm2)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+run() {  # NP MODE PROMPT
+  target/release/ringlm generate --model "$gguf" --weights nf4 --np "$1" --raw --prompt "$(cat "$3")" \
+    --max-tokens 400 --speculate "$2" >"$tmp/$1-$2.txt" 2>"$tmp/err"
+  local tps tokens
+  tps=$(grep -o 'answer [0-9]* tokens at [0-9.]*' "$tmp/err" | awk '{print $5}')
+  tokens=$(grep -o 'answer [0-9]* tokens' "$tmp/err" | awk '{print $2}')
+  echo "{\"round\":$r,\"np\":$1,\"speculate\":\"$2\",\"prompt\":\"$(basename "$3")\",\"tokens\":$tokens,\"decode_tokens_per_s\":$tps}"
+}
+for r in $(seq "$rounds"); do
+  for np in 1 2; do
+    for p in docs/bench/speculate/*.txt; do
+      if [ $((r % 2)) = 1 ]; then modes="off lookup"; else modes="lookup off"; fi
+      for m in $modes; do run "$np" "$m" "$p"; done
+      cmp -s "$tmp/$np-off.txt" "$tmp/$np-lookup.txt" || echo "{\"round\":$r,\"np\":$np,\"prompt\":\"$(basename "$p")\",\"error\":\"texts differ\"}"
+    done
+  done
+done
