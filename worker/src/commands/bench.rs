@@ -300,16 +300,7 @@ pub fn run(a: Args) -> Result<()> {
     drop(buf);
     let spec = if kd > 0 {
         let decode_prof = model.profile;
-        let head_ms = decode_prof.head as f64 * 1e-6 / a.gen.max(1) as f64;
-        let t = time_speculation(
-            &a,
-            &pool,
-            &mut comm,
-            &mut model,
-            &mut states[0],
-            next[0],
-            head_ms,
-        );
+        let t = time_speculation(&a, &pool, &mut comm, &mut model, &mut states[0], next[0]);
         model.profile = decode_prof;
         Some(t?)
     } else {
@@ -594,17 +585,18 @@ fn time_speculation(
     model: &mut Model,
     state: &mut State,
     mut next: u32,
-    head_ms: f64,
 ) -> Result<SpecTimes> {
     let k = a.draft_tokens;
     let vocab = model.config.vocab as u32;
-    let (mut step, mut verify, mut vhead) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut step, mut head, mut verify, mut vhead) = (vec![], vec![], vec![], vec![]);
     for i in 0..a.gen {
         comm.0.barrier()?;
+        model.profile = Profile::default();
         let t = Instant::now();
         let logits = model.forward(pool, comm, state, &[next], false)?;
         next = model.greedy(comm, &logits)?;
         step.push(t.elapsed().as_secs_f64() * 1e3);
+        head.push(model.profile.head as f64 * 1e-6);
         let mut tokens = vec![next];
         tokens.extend((0..k as u32).map(|j| (next + 31 * (j + i as u32) + 1) % vocab));
         let start = state.pos;
@@ -668,7 +660,7 @@ fn time_speculation(
     Ok(SpecTimes {
         step: median(&step),
         verify: median(&verify),
-        head: head_ms,
+        head: median(&head),
         verify_head: median(&vhead),
         draft,
         draft_layers,

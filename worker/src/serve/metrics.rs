@@ -35,6 +35,9 @@ pub struct Metrics {
     pub spec_steps: u64,
     pub spec_drafted: u64,
     pub spec_accepted: u64,
+    /// Seconds spent drafting, and in the steps that verified the drafts.
+    pub spec_draft_s: f64,
+    pub spec_step_s: f64,
     /// Seconds from queueing to the first token, and per further token.
     pub ttft: Histogram,
     pub tpot: Histogram,
@@ -101,7 +104,7 @@ impl Metrics {
         let p = &self.profile;
         let total = p.total().max(1) as f64;
         let (c, g) = ("counter", "gauge");
-        let rows: [(&str, &str, &str, String); 23] = [
+        let rows: [(&str, &str, &str, String); 25] = [
             (
                 "ringlm_requests_total",
                 c,
@@ -233,6 +236,18 @@ impl Metrics {
                 c,
                 "Drafted tokens the model agreed with: each one a token without a step of its own.",
                 self.spec_accepted.to_string(),
+            ),
+            (
+                "ringlm_speculative_draft_seconds_total",
+                c,
+                "Seconds spent drafting (looking the text up).",
+                format!("{:.6}", self.spec_draft_s),
+            ),
+            (
+                "ringlm_speculative_step_seconds_total",
+                c,
+                "Seconds in the steps that verified drafts (part of ringlm_step_seconds_total).",
+                format!("{:.6}", self.spec_step_s),
             ),
             (
                 "ringlm_uptime_seconds",

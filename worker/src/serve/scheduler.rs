@@ -106,8 +106,8 @@ struct Live<'t> {
     tokens: usize,
     /// Their ids (the text prompt lookup drafts from is the prompt and these).
     out: Vec<u32>,
-    /// In a speculative step: the position before it and the drafted tokens.
-    verify: Option<(usize, Vec<u32>)>,
+    /// In a speculative step: the position before it, the drafted tokens and the seconds drafting took.
+    verify: Option<(usize, Vec<u32>, f64)>,
     text: TextStream<'t>,
     reply: Reply,
     rng: Rng,
@@ -291,13 +291,15 @@ fn serve_queue(job: &mut Job, sh: &AppState) -> Result<()> {
             let verify = l.verify.take();
             let (kept, finish) =
                 take_picks(l, p, verify.as_ref().map(|v| &v.1[..]), stop_token, sh)?;
-            if let Some((at, draft)) = verify {
+            if let Some((at, draft, draft_s)) = verify {
                 let mut m = sh.metrics.lock().unwrap();
                 m.spec_steps += 1;
                 m.spec_drafted += draft.len() as u64;
                 m.spec_accepted += kept as u64;
+                m.spec_draft_s += draft_s;
+                m.spec_step_s += secs;
                 if let (Some(t), true) = (tuner.as_mut(), alone) {
-                    t.record(draft.len() + 1, secs, draft.len(), kept, 0.0);
+                    t.record(draft.len() + 1, secs, draft.len(), kept, draft_s);
                 }
                 if finish.is_none() && kept < draft.len() {
                     rewind.push((l.seq, (at + 1 + kept) as u32));
@@ -363,6 +365,7 @@ fn plan_step(
         if let Some(id) = l.next {
             let mut tokens = vec![id];
             if let Some(t) = tuner.as_deref_mut() {
+                let start = Instant::now();
                 // Drafts the answer can still take: each kept one and the model's next token count.
                 let most = l.req.sampling.max_tokens.saturating_sub(l.tokens + 1);
                 let text: Vec<u32> = l.req.ids.iter().chain(&l.out).copied().collect();
@@ -370,7 +373,8 @@ fn plan_step(
                 let draft = lookup(&text, k);
                 if !draft.is_empty() {
                     tokens.extend(&draft);
-                    l.verify = Some((l.req.ids.len() + l.tokens - 1, draft));
+                    let at = l.req.ids.len() + l.tokens - 1;
+                    l.verify = Some((at, draft, start.elapsed().as_secs_f64()));
                 }
             }
             plan.chunks.push(PlanChunk {
