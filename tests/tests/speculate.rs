@@ -165,7 +165,10 @@ fn wrong_speculation_settings_are_clear_errors() {
     );
     let d = tmp.0.join("draft");
     let d = d.to_str().unwrap();
-    expect(&["--speculate", "lookup", "--draft-model", d], "not lookup");
+    expect(
+        &["--speculate", "lookup", "--draft-model", d],
+        "is for --speculate draft",
+    );
     expect(
         &["--speculate", "draft", "--draft-model", "/nonexistent"],
         "/nonexistent",

@@ -55,6 +55,27 @@ pub struct SpecArgs {
     pub draft_model: Option<PathBuf>,
 }
 
+impl SpecArgs {
+    /// What can be checked before any rank starts: the options together, and a draft model's tokenizer
+    /// against `model`'s.
+    pub fn check(&self, model: &std::path::Path) -> Result<()> {
+        if self.draft_tokens == 0 || self.draft_tokens > 64 {
+            bail!(
+                "--draft-tokens {}: give 1 to 64 tokens per step",
+                self.draft_tokens
+            );
+        }
+        match (self.speculate, &self.draft_model) {
+            (Mode::Draft, None) => bail!("--speculate draft needs --draft-model PATH"),
+            (Mode::Lookup | Mode::Off, Some(_)) => {
+                bail!("--draft-model is for --speculate draft")
+            }
+            (Mode::Draft, Some(path)) => same_tokenizer(model, path),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The longest n-gram lookup tries first, and the shortest it accepts.
 const NGRAM: std::ops::RangeInclusive<usize> = 2..=4;
 
@@ -230,25 +251,16 @@ impl Speculator {
     /// None for `--speculate off`; with `draft`, loads the draft model's slice for this rank and checks
     /// that its tokenizer is the model's.
     pub fn new(a: &SpecArgs, m: &ModelArgs, job: &Job) -> Result<Option<Speculator>> {
-        if a.draft_tokens == 0 || a.draft_tokens > 64 {
-            bail!(
-                "--draft-tokens {}: give 1 to 64 tokens per step",
-                a.draft_tokens
-            );
+        if a.speculate == Mode::Off {
+            return Ok(None);
         }
-        let draft = match (a.speculate, &a.draft_model) {
-            (Mode::Off, _) => return Ok(None),
-            (Mode::Draft, None) => bail!("--speculate draft needs --draft-model PATH"),
-            (Mode::Lookup, Some(_)) => {
-                bail!("--draft-model is for --speculate draft, not lookup")
-            }
-            (Mode::Lookup, None) => None,
-            (Mode::Draft, Some(path)) => {
-                same_tokenizer(&m.model, path)?;
+        let draft = match &a.draft_model {
+            Some(path) if a.speculate == Mode::Draft => {
                 let model =
                     crate::runtime::load_model(m, path, job.model.shard, job.model.kernels)?;
                 Some(Draft { model, state: None })
             }
+            _ => None,
         };
         Ok(Some(Speculator {
             mode: a.speculate,

@@ -163,6 +163,14 @@ fn sum_stage_profiles(all: &[Vec<u8>], tp: usize) -> Result<Profile> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Before any rank starts: one line, not one per rank.
+    let kd = a.draft_tokens;
+    if kd > 0 && (a.batch > 1 || a.pp > 1 || kd > 64 || !(0.0..1.0).contains(&a.accept)) {
+        anyhow::bail!(
+            "--draft-tokens measures one sequence without pipeline stages, 1 to 64 tokens, at an \
+             --accept in [0, 1): drop --batch and --pp"
+        );
+    }
     if let (Some(np), "none") = (a.np, collective::JobEnv::from_env()?.launcher) {
         let pp = a.pp.max(1);
         Config::preset(&a.shape.preset, a.shape.layers)?.check_np(np / pp)?;
@@ -245,12 +253,6 @@ pub fn run(a: Args) -> Result<()> {
         anyhow::bail!("--batch must be at least 1");
     }
     let kd = a.draft_tokens;
-    if kd > 0 && (b > 1 || a.pp > 1 || kd > 64 || !(0.0..1.0).contains(&a.accept)) {
-        anyhow::bail!(
-            "--draft-tokens measures one sequence without pipeline stages, 1 to 64 tokens, at an \
-             --accept in [0, 1): drop --batch and --pp"
-        );
-    }
     // Each sequence its own prompt: the batch shares weights, not caches.
     let prompts: Vec<Vec<u32>> = (0..b as u64)
         .map(|s| {

@@ -25,6 +25,7 @@ impl AnswerArgs {
     /// Starts the job: under `--np` this process only waits for the ranks and exits with their code;
     /// otherwise it checks the settings, loads the model (and any draft model) and returns them.
     pub fn start(&self) -> Result<(Job, Option<Speculator>)> {
+        self.spec.check(&self.model.model)?;
         if let Some(code) = self.model.relaunch()? {
             std::process::exit(code);
         }

@@ -124,6 +124,22 @@ impl Drop for OpenResponse {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Checked before any rank starts: one line, not one per rank.
+    let speculate = match a.speculate {
+        crate::speculate::Mode::Off => None,
+        crate::speculate::Mode::Lookup if (1..=64).contains(&a.draft_tokens) => {
+            Some(a.draft_tokens)
+        }
+        crate::speculate::Mode::Lookup => {
+            anyhow::bail!(
+                "--draft-tokens {}: give 1 to 64 tokens per step",
+                a.draft_tokens
+            )
+        }
+        crate::speculate::Mode::Draft => anyhow::bail!(
+            "the server speculates with --speculate lookup; a draft model runs in generate and chat"
+        ),
+    };
     if let Some(code) = a.model.relaunch()? {
         std::process::exit(code);
     }
@@ -184,21 +200,6 @@ pub fn run(a: Args) -> Result<()> {
     if a.max_seqs == 0 || a.max_batch_tokens == 0 || a.prefill_chunk == 0 {
         anyhow::bail!("--max-seqs, --max-batch-tokens and --prefill-chunk must be at least 1");
     }
-    let speculate = match a.speculate {
-        crate::speculate::Mode::Off => None,
-        crate::speculate::Mode::Lookup if (1..=64).contains(&a.draft_tokens) => {
-            Some(a.draft_tokens)
-        }
-        crate::speculate::Mode::Lookup => {
-            anyhow::bail!(
-                "--draft-tokens {}: give 1 to 64 tokens per step",
-                a.draft_tokens
-            )
-        }
-        crate::speculate::Mode::Draft => anyhow::bail!(
-            "the server speculates with --speculate lookup; a draft model runs in generate and chat"
-        ),
-    };
     let kv_bytes = kv_memory(&a.kv_memory)?;
     let mut job = Job::start(&a.model)?;
     // Rank 0's share of a position, times the ranks: the job's whole cache for one position.
