@@ -107,8 +107,16 @@ impl Kernels {
                 });
             }
             (Weight::F32(w), _) => {
-                one_by_one(pool, rows, 4 * cols, m, y, &|t, y, r| {
-                    reference::gemv_f32_rows(w, xs[t], y, r)
+                let group = crate::kernels::vecops::DOT_MANY;
+                grouped(pool, rows, 4 * cols, m, group, y, &|ts, ys, r| {
+                    let bs = &xs[ts];
+                    let mut out = [0f32; crate::kernels::vecops::DOT_MANY];
+                    for row in r.clone() {
+                        crate::kernels::vecops::dot_many(w.row(row), bs, &mut out[..bs.len()]);
+                        for (y, v) in ys.iter_mut().zip(&out) {
+                            y[row - r.start] = *v;
+                        }
+                    }
                 });
             }
         }
@@ -191,10 +199,16 @@ mod tests {
     fn every_token_gets_the_gemvs_bits() {
         let mut rng = crate::rng::Rng::new(17);
         // 200 rows: blocks and thread shares that end inside a tile; 384 columns: whole 128-value chunks,
-        // 320: a last half chunk (and a bf16 row tail).
-        for (rows, cols) in [(200, 384), (200, 320)] {
+        // 320: a last half chunk.
+        // 100 (bf16 and f32 only): rows that end past the last whole vector.
+        for (rows, cols) in [(200, 384), (200, 320), (37, 100)] {
             let values: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.1).collect();
-            for format in [Format::Nf4, Format::Bf16, Format::F32] {
+            let formats: &[Format] = if cols % 64 == 0 {
+                &[Format::Nf4, Format::Bf16, Format::F32]
+            } else {
+                &[Format::Bf16, Format::F32]
+            };
+            for &format in formats {
                 let w = Weight::new(values.clone(), rows, cols, format).unwrap();
                 for m in [2, 3, 5, 8, 13] {
                     let x: Vec<f32> = (0..m * cols).map(|_| rng.uniform() * 2.0).collect();

@@ -880,6 +880,48 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     unsafe { pick()(a, b) }
 }
 
+/// [`dot`] of `a` with each of `bs` into `out`, every one the bits `dot` gives it: with AVX-512, up to
+/// [`DOT_MANY`] at a time from one load of `a` each (the multi-token GEMV of f32 weights).
+pub fn dot_many(a: &[f32], bs: &[&[f32]], out: &mut [f32]) {
+    if is_x86_feature_detected!("avx512f") && !bs.is_empty() && bs.len() <= DOT_MANY {
+        unsafe {
+            match bs.len() {
+                1 => out[0] = dot_avx512(a, bs[0]),
+                2 => dot_many_avx512::<2>(a, bs, out),
+                3 => dot_many_avx512::<3>(a, bs, out),
+                _ => dot_many_avx512::<4>(a, bs, out),
+            }
+        }
+        return;
+    }
+    for (o, b) in out.iter_mut().zip(bs) {
+        *o = dot(a, b);
+    }
+}
+
+/// Most vectors [`dot_many`] takes at once.
+pub const DOT_MANY: usize = 4;
+
+/// [`dot_avx512`] for `T` vectors at once: the same products and sums, lane by lane, per vector.
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_many_avx512<const T: usize>(a: &[f32], bs: &[&[f32]], out: &mut [f32]) {
+    let n = bs.iter().fold(a.len(), |n, b| n.min(b.len()));
+    let full = n / 16 * 16;
+    let mut acc = [_mm512_setzero_ps(); T];
+    for k in (0..full).step_by(16) {
+        let va = _mm512_loadu_ps(a.as_ptr().add(k));
+        for j in 0..T {
+            let p = _mm512_mul_ps(va, _mm512_loadu_ps(bs[j].as_ptr().add(k)));
+            acc[j] = _mm512_add_ps(acc[j], p);
+        }
+    }
+    for j in 0..T {
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[j]);
+        out[j] = finish(&lanes, &a[..n], &bs[j][..n], full);
+    }
+}
+
 /// The definition: 16 running sums over chunks of 16, added in order, then the tail.
 pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
