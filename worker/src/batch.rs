@@ -70,8 +70,12 @@ impl Batch {
                 let state = states.remove(&c.seq).with_context(|| {
                     format!("rank {}: no sequence {} to run", job.rank(), c.seq)
                 })?;
+                // A verify step marks the sequence so that the next plan can take back its rejected drafts;
+                // any other step ends the mark, whose LFA trail would otherwise grow with every token.
                 if c.verify {
                     state.mark();
+                } else {
+                    state.unmark();
                 }
                 chunks.push(Chunk {
                     state,
