@@ -284,8 +284,6 @@ pub fn join(env: collective::JobEnv, pp: usize) -> Result<(Comm, Shard)> {
     Ok((Comm(comm, pipe), shard))
 }
 
-/// `--np N` outside a launcher: starts N ranks of this same command under ringrun (found next to this
-/// binary, else on PATH) and returns its exit code. Under a launcher, checks that N matches the job.
 /// The launcher started for `--np`, for [`forward_term`].
 static JOB_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
@@ -297,6 +295,8 @@ extern "C" fn forward_term(_: libc::c_int) {
     }
 }
 
+/// `--np N` outside a launcher: starts N ranks of this same command under ringrun (found next to this
+/// binary, else on PATH) and returns its exit code. Under a launcher, checks that N matches the job.
 pub fn relaunch_with_np(np: Option<usize>) -> Result<Option<i32>> {
     let Some(np) = np else { return Ok(None) };
     let env = collective::JobEnv::from_env()?;

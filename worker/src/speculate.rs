@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use model::arch::{Chunk, Logits, Model, State};
+use model::arch::{Model, State};
 use model::rng::Rng;
 
 use crate::engine::{Dist, SamplingArgs};
@@ -282,7 +282,7 @@ impl Speculator {
     /// for `room` more tokens in the sequence and the answer.
     pub fn plan(&mut self, text: &[u32], room: usize) -> usize {
         let most = match self.mode {
-            Mode::Lookup => lookup(text, room.min(self.tuner.step.len() - 1)).len(),
+            Mode::Lookup => lookup(text, room.min(self.tuner.most())).len(),
             _ => room,
         };
         self.tuner.choose(most)
@@ -312,14 +312,7 @@ impl Speculator {
         let mut tokens = vec![*text.last().context("speculation needs a token to run")?];
         tokens.extend(&draft);
         state.mark();
-        let logits = {
-            let mut c = [Chunk {
-                state: &mut *state,
-                tokens: &tokens,
-                logits: Logits::Verify,
-            }];
-            job.model.forward_batch(&job.pool, &mut job.comm, &mut c)?
-        };
+        let logits = job.model.verify(&job.pool, &mut job.comm, state, &tokens)?;
         let (kept, next) = if s.temperature <= 0.0 {
             let ids = job
                 .model
@@ -373,19 +366,16 @@ impl Speculator {
         let state = d.state.as_mut().context("a draft step before start")?;
         let (mut out, mut qs) = (Vec::with_capacity(k), Vec::new());
         let mut feed = text[state.pos..].to_vec();
+        // The last round's rewind is done: what of the text the draft catches up on stays.
+        state.unmark();
         for i in 0..k {
-            if i == 1 {
+            let logits = d
+                .model
+                .forward(&job.pool, &mut job.comm, state, &feed, false)?;
+            if i == 0 {
                 // The text is in; from here on the draft's own tokens may be rejected.
                 state.mark();
             }
-            let logits = {
-                let mut c = [Chunk {
-                    state: &mut *state,
-                    tokens: &feed,
-                    logits: Logits::Last,
-                }];
-                d.model.forward_batch(&job.pool, &mut job.comm, &mut c)?
-            };
             let id = if s.temperature <= 0.0 {
                 d.model.greedy(&mut job.comm, &logits)?
             } else {
@@ -397,9 +387,6 @@ impl Speculator {
             };
             out.push(id);
             feed = vec![id];
-        }
-        if k == 1 {
-            state.mark();
         }
         Ok((out, (s.temperature > 0.0).then_some(qs)))
     }

@@ -284,15 +284,36 @@ impl Model {
         } else {
             Logits::Last
         };
-        self.forward_batch(
-            pool,
-            comm,
-            &mut [Chunk {
-                state,
-                tokens,
-                logits,
-            }],
-        )
+        self.forward_one(pool, comm, state, tokens, logits)
+    }
+
+    /// Runs `tokens` (appended at `state.pos`) and returns this rank's logits slice for every one of
+    /// them, each row the bits a one-token decode step would give it: a speculative verify step.
+    pub fn verify(
+        &mut self,
+        pool: &Pool,
+        comm: &mut dyn Collective,
+        state: &mut State,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>> {
+        self.forward_one(pool, comm, state, tokens, Logits::Verify)
+    }
+
+    /// [`Model::forward_batch`] of one chunk.
+    fn forward_one(
+        &mut self,
+        pool: &Pool,
+        comm: &mut dyn Collective,
+        state: &mut State,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let chunk = Chunk {
+            state,
+            tokens,
+            logits,
+        };
+        self.forward_batch(pool, comm, &mut [chunk])
     }
 
     /// One step of several sequences: each chunk's tokens appended to its own state, all of them through

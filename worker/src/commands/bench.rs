@@ -191,19 +191,10 @@ pub fn run(a: Args) -> Result<()> {
         None => Pool::from_env(),
     };
     let kernels = Kernels::from_choice_or_env(a.kernels)?;
-    let fmt = |s: &str| s.parse::<Format>().map_err(anyhow::Error::from);
     let build = Instant::now();
-    let mut model = Model::random(
-        config.clone(),
-        shard,
-        fmt(&a.quant)?,
-        fmt(&a.lm_head)?,
-        kernels,
-        a.seed,
-    )
-    .with_context(|| format!("rank {}: building {}", shard.rank, a.shape.preset))?;
+    let mut model = random_model(&a, config.clone(), shard, kernels, a.seed)
+        .with_context(|| format!("rank {}: building {}", shard.rank, a.shape.preset))?;
     let build_s = build.elapsed().as_secs_f64();
-    model.kv_cache = a.kv_cache;
 
     // The memory's streaming rate, by every rank at once with its own threads, over twice the last-level cache
     // and from the same kind of memory (huge-page mappings) as the weights. On a shared machine the bandwidth
@@ -252,7 +243,6 @@ pub fn run(a: Args) -> Result<()> {
     if b == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
-    let kd = a.draft_tokens;
     // Each sequence its own prompt: the batch shares weights, not caches.
     let prompts: Vec<Vec<u32>> = (0..b as u64)
         .map(|s| {
@@ -578,6 +568,28 @@ impl SpecTimes {
     }
 }
 
+/// This rank's slice of `config` with random weights from `seed`, kept as `--quant`, `--lm-head` and
+/// `--kv-cache` say.
+fn random_model(
+    a: &Args,
+    config: Config,
+    shard: model::arch::Shard,
+    kernels: Kernels,
+    seed: u64,
+) -> Result<Model> {
+    let fmt = |s: &str| s.parse::<Format>().map_err(anyhow::Error::from);
+    let mut m = Model::random(
+        config,
+        shard,
+        fmt(&a.quant)?,
+        fmt(&a.lm_head)?,
+        kernels,
+        seed,
+    )?;
+    m.kv_cache = a.kv_cache;
+    Ok(m)
+}
+
 /// Times one-token steps and verify steps of `--draft-tokens` + 1 rows in turn on `state` (each verify
 /// step taken back to one position on), then the draft model's one-token step if `--draft-preset` asks.
 fn time_speculation(
@@ -606,14 +618,7 @@ fn time_speculation(
         comm.0.barrier()?;
         model.profile = Profile::default();
         let t = Instant::now();
-        let logits = {
-            let mut c = [Chunk {
-                state: &mut *state,
-                tokens: &tokens,
-                logits: Logits::Verify,
-            }];
-            model.forward_batch(pool, comm, &mut c)?
-        };
+        let logits = model.verify(pool, comm, state, &tokens)?;
         next = model.greedy_rows(comm, &logits, k + 1)?[0];
         verify.push(t.elapsed().as_secs_f64() * 1e3);
         vhead.push(model.profile.head as f64 * 1e-6);
@@ -627,22 +632,13 @@ fn time_speculation(
             config.layers,
             Config::preset_layers(preset).unwrap_or(config.layers),
         );
-        let fmt = |s: &str| s.parse::<Format>().map_err(anyhow::Error::from);
-        let mut d = Model::random(
-            config,
-            model.shard,
-            fmt(&a.quant)?,
-            fmt(&a.lm_head)?,
-            model.kernels,
-            a.seed + 1,
-        )
-        .with_context(|| {
-            format!(
-                "rank {}: building the draft model {preset}",
-                model.shard.rank
-            )
-        })?;
-        d.kv_cache = a.kv_cache;
+        let mut d =
+            random_model(a, config, model.shard, model.kernels, a.seed + 1).with_context(|| {
+                format!(
+                    "rank {}: building the draft model {preset}",
+                    model.shard.rank
+                )
+            })?;
         let prompt: Vec<u32> = (0..a.prompt as u32)
             .map(|i| (i * 7919 + 3) % vocab)
             .collect();

@@ -369,8 +369,8 @@ fn plan_step(
                 // Drafts the answer can still take: each kept one and the model's next token count.
                 let most = l.req.sampling.max_tokens.saturating_sub(l.tokens + 1);
                 let text: Vec<u32> = l.req.ids.iter().chain(&l.out).copied().collect();
-                let k = t.choose(lookup(&text, most.min(t.most())).len());
-                let draft = lookup(&text, k);
+                let mut draft = lookup(&text, most.min(t.most()));
+                draft.truncate(t.choose(draft.len()));
                 if !draft.is_empty() {
                     tokens.extend(&draft);
                     let at = l.req.ids.len() + l.tokens - 1;
